@@ -17,6 +17,11 @@ pub struct Input {
     pub kind: String,
     /// The folder holding that stage's outputs (artifacts/<stage>/).
     pub dir: PathBuf,
+    /// The upstream stage's fingerprint (hex), for reports.
+    pub fingerprint: String,
+    /// The upstream stage's resolved params (the pipeline.toml table, overrides applied), for
+    /// reports.
+    pub params: serde_json::Value,
 }
 
 /// Everything a stage needs to run, apart from its typed params.
