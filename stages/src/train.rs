@@ -255,7 +255,7 @@ fn train_epoch(
         let grads = loss.backward()?;
         optimizer.step(&grads)?;
 
-        let batch_loss = loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+        let batch_loss = loss.to_dtype(DType::F32)?.to_scalar::<f32>()? as f64;
         if !batch_loss.is_finite() {
             anyhow::bail!(
                 "training diverged in epoch {} (loss is {batch_loss}); try a smaller learning rate",
@@ -318,7 +318,7 @@ fn evaluate(
         let (images, labels) = set.batch(indices, norm, device)?;
         let logits = model.forward(&images)?;
         let loss = candle_nn::loss::cross_entropy(&logits, &labels)?;
-        loss_sum += loss.to_dtype(DType::F64)?.to_scalar::<f64>()? * indices.len() as f64;
+        loss_sum += loss.to_dtype(DType::F32)?.to_scalar::<f32>()? as f64 * indices.len() as f64;
         correct += count_correct(&logits, &labels)?;
     }
     let n = set.len().max(1) as f64;

@@ -91,7 +91,7 @@ impl Baseline {
             h = dropout(&h, DROPOUT_CONV, r)?;
         }
         let mut h = self.fc1.forward(&h.flatten_from(1)?)?.relu()?;
-        if let Some(r) = rng.as_deref_mut() {
+        if let Some(r) = rng {
             h = dropout(&h, DROPOUT_FC, r)?;
         }
         self.fc2.forward(&h)

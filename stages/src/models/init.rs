@@ -34,7 +34,7 @@ impl<'a> SeededInit<'a> {
                 .map(|_| uniform(&mut *rng, lo as f32, up as f32))
                 .collect(),
             Init::Randn { mean, stdev } => (0..count)
-                .map(|_| (mean + stdev * standard_normal(&mut *rng)) as f32)
+                .map(|_| (mean + stdev * standard_normal(&mut rng)) as f32)
                 .collect(),
             Init::Kaiming { .. } => candle_core::bail!(
                 "seeded init: pass explicit Uniform/Randn bounds instead of Init::Kaiming"
