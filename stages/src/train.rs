@@ -18,6 +18,7 @@ use crate::data::{Dataset, Normalization, Split, IMAGE_SIDE, PIXELS};
 use crate::device;
 use crate::models::{self, Classifier, ModelKind, DROPOUT_STREAM};
 use crate::optim::{Optimizer, OptimizerConfig};
+use crate::plot::{self, Series};
 
 /// Bump when outputs would change for the same params.
 pub const VERSION: u32 = 1;
@@ -512,8 +513,39 @@ fn write_json(path: &Path, value: &serde_json::Value) -> anyhow::Result<()> {
     std::fs::write(path, text).with_context(|| format!("writing {}", path.display()))
 }
 
-/// loss.png and accuracy.png: per-epoch training (and test) curves.
+/// loss.png and accuracy.png: per-epoch training (and, where measured, test) curves.
 fn write_curves(out: &Path, kind: ModelKind, history: &[EpochRecord]) -> anyhow::Result<()> {
-    let _ = (out, kind, history);
+    let points = |f: &dyn Fn(&EpochRecord) -> Option<f64>| -> Vec<(f64, f64)> {
+        history
+            .iter()
+            .filter_map(|r| f(r).map(|v| (r.epoch as f64, v)))
+            .collect()
+    };
+    let with_test = |train: Vec<(f64, f64)>, test: Vec<(f64, f64)>| {
+        let mut series = vec![Series::new("train", train)];
+        if !test.is_empty() {
+            series.push(Series::new("test", test));
+        }
+        series
+    };
+    let loss = with_test(points(&|r| Some(r.train_loss)), points(&|r| r.test_loss));
+    plot::line_chart(
+        &out.join("loss.png"),
+        &format!("{kind}: cross-entropy loss"),
+        "epoch",
+        "loss",
+        &loss,
+    )?;
+    let accuracy = with_test(
+        points(&|r| Some(100.0 * r.train_accuracy)),
+        points(&|r| r.test_accuracy.map(|a| 100.0 * a)),
+    );
+    plot::line_chart(
+        &out.join("accuracy.png"),
+        &format!("{kind}: accuracy"),
+        "epoch",
+        "accuracy (%)",
+        &accuracy,
+    )?;
     Ok(())
 }
