@@ -322,14 +322,14 @@ impl Fetcher<'_> {
     fn fetch(&self, source: &str, pinned: &PinnedFile) -> Result<(), FetchError> {
         let source = source.trim();
         if source.starts_with("http://") || source.starts_with("https://") {
-            self.from_url(source, pinned)
+            self.fetch_from_url(source, pinned)
         } else {
             let folder = source.strip_prefix("file://").unwrap_or(source);
-            self.from_folder(Path::new(folder), pinned)
+            self.fetch_from_folder(Path::new(folder), pinned)
         }
     }
 
-    fn from_folder(&self, folder: &Path, pinned: &PinnedFile) -> Result<(), FetchError> {
+    fn fetch_from_folder(&self, folder: &Path, pinned: &PinnedFile) -> Result<(), FetchError> {
         if !folder.is_dir() {
             return Err(FetchError::SourceUnavailable(format!(
                 "folder {} does not exist",
@@ -353,7 +353,7 @@ impl Fetcher<'_> {
         self.install_verified(file, len, pinned, &path.display().to_string())
     }
 
-    fn from_url(&self, base: &str, pinned: &PinnedFile) -> Result<(), FetchError> {
+    fn fetch_from_url(&self, base: &str, pinned: &PinnedFile) -> Result<(), FetchError> {
         let base = base.trim_end_matches('/');
         // Upstream publishes .gz files; a mirror of plain files is accepted too.
         let gz_url = format!("{base}/{}.gz", pinned.name);
@@ -450,7 +450,11 @@ impl Fetcher<'_> {
                     t.kind(),
                     ureq::ErrorKind::InvalidUrl | ureq::ErrorKind::UnknownScheme
                 );
-                let why = t.to_string();
+                // Transport's Display repeats the URL, which the caller already names.
+                let why = match t.message() {
+                    Some(m) => format!("{}: {m}", t.kind()),
+                    None => t.kind().to_string(),
+                };
                 return Err(if permanent {
                     Attempt::Permanent(FetchError::SourceUnavailable(why))
                 } else {
