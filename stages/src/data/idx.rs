@@ -29,6 +29,74 @@ const UBYTE: u8 = 0x08;
 impl IdxArray {
     /// Parses IDX bytes; `name` is used in error messages only.
     pub fn parse(bytes: &[u8], name: &str) -> Result<Self, IdxError> {
+        let dims = Self::parse_header(bytes, bytes.len() as u64, name)?;
+        let header = 4 + 4 * dims.len();
+        Self::element_count(&dims, header as u64, bytes.len() as u64, name)?;
+        Ok(IdxArray {
+            dims,
+            data: bytes[header..].to_vec(),
+        })
+    }
+
+    /// Reads and parses an IDX file (uncompressed, or gzip when it starts with the gzip
+    /// magic bytes, whatever its name). A plain file is read straight into the result
+    /// without an intermediate copy: loading the 47 MB training images is one `read`.
+    pub fn read(path: &Path) -> Result<Self, IdxError> {
+        use std::io::Read;
+        let file = path.display().to_string();
+        let io = |source| IdxError::Io {
+            file: file.clone(),
+            source,
+        };
+        let mut f = std::fs::File::open(path).map_err(io)?;
+        let len = f.metadata().map_err(io)?.len();
+        let mut magic = [0u8; 2];
+        let got = read_up_to(&mut f, &mut magic).map_err(io)?;
+        if got == 2 && magic == [0x1f, 0x8b] {
+            let mut raw = Vec::with_capacity(len as usize);
+            raw.extend_from_slice(&magic);
+            f.read_to_end(&mut raw).map_err(io)?;
+            let mut out = Vec::new();
+            // The decompressed size is unknown up front; let the Vec grow rather than trust
+            // a size that a corrupt file could make huge.
+            flate2::read::MultiGzDecoder::new(&raw[..])
+                .read_to_end(&mut out)
+                .map_err(|e| IdxError::Malformed {
+                    file: file.clone(),
+                    reason: format!("corrupt gzip data: {e}"),
+                })?;
+            return Self::parse_owned(out, &file);
+        }
+        // Plain: read the header, check it against the file length, then read the body
+        // into a buffer of exactly the right size.
+        let mut header = magic[..got].to_vec();
+        header.resize(4, 0);
+        let in_header = read_up_to(&mut f, &mut header[got..]).map_err(io)? + got;
+        header.truncate(in_header);
+        let dims = Self::parse_header(&header, len, &file)?;
+        let rank = dims.len();
+        let mut dim_bytes = vec![0u8; 4 * rank];
+        f.read_exact(&mut dim_bytes).map_err(io)?;
+        header.extend_from_slice(&dim_bytes);
+        let dims = Self::parse_header(&header, len, &file)?;
+        let count = Self::element_count(&dims, header.len() as u64, len, &file)?;
+        let mut data = vec![0u8; count];
+        f.read_exact(&mut data).map_err(io)?;
+        Ok(IdxArray { dims, data })
+    }
+
+    /// Parses IDX bytes already in memory, reusing the buffer for the elements.
+    pub fn parse_owned(mut bytes: Vec<u8>, name: &str) -> Result<Self, IdxError> {
+        let dims = Self::parse_header(&bytes, bytes.len() as u64, name)?;
+        let header = 4 + 4 * dims.len();
+        Self::element_count(&dims, header as u64, bytes.len() as u64, name)?;
+        bytes.drain(..header);
+        Ok(IdxArray { dims, data: bytes })
+    }
+
+    /// Checks magic and element type; returns the dimensions when the header is complete
+    /// in `bytes` (an empty Vec when only the 4-byte prefix is there and `rank` > 0).
+    fn parse_header(bytes: &[u8], file_len: u64, name: &str) -> Result<Vec<usize>, IdxError> {
         let bad = |reason: String| IdxError::Malformed {
             file: name.to_string(),
             reason,
@@ -56,53 +124,64 @@ impl IdxArray {
             return Err(bad("rank 0: no dimensions".into()));
         }
         let header = 4 + 4 * rank;
-        if bytes.len() < header {
+        if file_len < header as u64 {
             return Err(bad(format!(
-                "truncated header: rank {rank} needs {header} bytes, file has {}",
-                bytes.len()
+                "truncated header: rank {rank} needs {header} bytes, file has {file_len}"
             )));
         }
-        let dims: Vec<usize> = (0..rank)
+        if bytes.len() < header {
+            return Ok(vec![0; rank]);
+        }
+        Ok((0..rank)
             .map(|i| {
                 let b = &bytes[4 + 4 * i..8 + 4 * i];
                 u32::from_be_bytes([b[0], b[1], b[2], b[3]]) as usize
             })
-            .collect();
+            .collect())
+    }
+
+    /// The number of elements `dims` announce, checked against the bytes after the header.
+    fn element_count(
+        dims: &[usize],
+        header_len: u64,
+        file_len: u64,
+        name: &str,
+    ) -> Result<usize, IdxError> {
+        let bad = |reason: String| IdxError::Malformed {
+            file: name.to_string(),
+            reason,
+        };
         let count = dims
             .iter()
             .try_fold(1usize, |acc, &d| acc.checked_mul(d))
             .ok_or_else(|| bad(format!("dimensions {dims:?} overflow")))?;
-        let body = bytes.len() - header;
-        if body != count {
+        let body = file_len - header_len;
+        if body != count as u64 {
             return Err(bad(format!(
                 "dimensions {dims:?} need {count} data bytes, file has {body}{}",
-                if body < count { " (truncated)" } else { "" }
+                if body < count as u64 {
+                    " (truncated)"
+                } else {
+                    ""
+                }
             )));
         }
-        Ok(IdxArray {
-            dims,
-            data: bytes[header..].to_vec(),
-        })
+        Ok(count)
     }
+}
 
-    /// Reads and parses an IDX file (uncompressed, or gzip when the name ends in .gz).
-    pub fn read(path: &Path) -> Result<Self, IdxError> {
-        let file = path.display().to_string();
-        let io = |source| IdxError::Io {
-            file: file.clone(),
-            source,
-        };
-        let raw = std::fs::read(path).map_err(io)?;
-        let bytes = if path.extension().is_some_and(|e| e == "gz") {
-            let mut out = Vec::with_capacity(raw.len() * 4);
-            std::io::Read::read_to_end(&mut flate2::read::GzDecoder::new(&raw[..]), &mut out)
-                .map_err(io)?;
-            out
-        } else {
-            raw
-        };
-        Self::parse(&bytes, &file)
+/// Reads until `buf` is full or the input ends; returns how many bytes were read.
+fn read_up_to(reader: &mut impl std::io::Read, buf: &mut [u8]) -> std::io::Result<usize> {
+    let mut filled = 0;
+    while filled < buf.len() {
+        match reader.read(&mut buf[filled..]) {
+            Ok(0) => break,
+            Ok(n) => filled += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        }
     }
+    Ok(filled)
 }
 
 #[cfg(test)]
