@@ -55,8 +55,8 @@ impl Optimizer for Adadelta {
             let acc_delta =
                 ((&self.acc_delta[i] * self.rho)? + (delta.sqr()? * (1.0 - self.rho))?)?;
             var.set(&(param - (delta * self.lr)?)?)?;
-            self.square_avg[i] = square_avg;
-            self.acc_delta[i] = acc_delta;
+            self.square_avg[i] = square_avg.detach();
+            self.acc_delta[i] = acc_delta.detach();
         }
         Ok(())
     }

@@ -61,8 +61,8 @@ impl Optimizer for Adam {
             let denom = ((exp_avg_sq.sqrt()? / bias_correction2_sqrt)? + self.eps)?;
             let update = ((&exp_avg / denom)? * step_size)?;
             var.set(&(param - update)?)?;
-            self.exp_avg[i] = exp_avg;
-            self.exp_avg_sq[i] = exp_avg_sq;
+            self.exp_avg[i] = exp_avg.detach();
+            self.exp_avg_sq[i] = exp_avg_sq.detach();
         }
         Ok(())
     }

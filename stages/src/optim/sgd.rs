@@ -61,7 +61,7 @@ impl Optimizer for Sgd {
                 } else {
                     buffer.clone()
                 };
-                self.momentum_buffer[i] = Some(buffer);
+                self.momentum_buffer[i] = Some(buffer.detach());
             }
             var.set(&(param - (direction * self.lr)?)?)?;
         }
