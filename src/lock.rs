@@ -38,14 +38,14 @@ pub struct LockEntry {
     #[serde(default)]
     pub seconds: f64,
     /// The hashed params (canonical; unset options omitted).
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "toml::Table::is_empty")]
     pub params: toml::Table,
     /// Upstream stage -> its outs_hash when this stage ran.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub upstream: BTreeMap<String, String>,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "toml::Table::is_empty")]
     pub metrics: toml::Table,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub deps: Vec<FileRecord>,
     #[serde(default)]
     pub outs: Vec<FileRecord>,
