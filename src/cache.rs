@@ -21,7 +21,9 @@ pub struct GcReport {
 
 impl RunCache {
     pub fn new(artifacts: &Path) -> Self {
-        RunCache { dir: artifacts.join(".cache") }
+        RunCache {
+            dir: artifacts.join(".cache"),
+        }
     }
 
     fn object(&self, hash: &str) -> PathBuf {
@@ -65,7 +67,10 @@ impl RunCache {
     pub fn lookup(&self, fingerprint: &str) -> Option<LockEntry> {
         let text = std::fs::read_to_string(self.run_file(fingerprint)).ok()?;
         let entry: LockEntry = toml::from_str(&text).ok()?;
-        let complete = entry.outs.iter().all(|r| r.blake3 == MISSING || self.object(&r.blake3).is_file());
+        let complete = entry
+            .outs
+            .iter()
+            .all(|r| r.blake3 == MISSING || self.object(&r.blake3).is_file());
         (entry.fingerprint == fingerprint && complete).then_some(entry)
     }
 
@@ -85,10 +90,17 @@ impl RunCache {
         if runs.is_dir() {
             for item in std::fs::read_dir(&runs)? {
                 let path = item?.path();
-                let fingerprint = path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
-                let entry = std::fs::read_to_string(&path).ok().and_then(|t| toml::from_str::<LockEntry>(&t).ok());
+                let fingerprint = path
+                    .file_stem()
+                    .map(|s| s.to_string_lossy().into_owned())
+                    .unwrap_or_default();
+                let entry = std::fs::read_to_string(&path)
+                    .ok()
+                    .and_then(|t| toml::from_str::<LockEntry>(&t).ok());
                 match entry {
-                    Some(entry) if keep.contains(&fingerprint) => live.extend(entry.outs.into_iter().map(|r| r.blake3)),
+                    Some(entry) if keep.contains(&fingerprint) => {
+                        live.extend(entry.outs.into_iter().map(|r| r.blake3))
+                    }
                     _ => {
                         std::fs::remove_file(&path)?;
                         report.runs_removed += 1;

@@ -146,7 +146,10 @@ impl std::str::FromStr for Override {
             ))
         };
         let (lhs, rhs) = raw.split_once('=').ok_or_else(|| malformed("no `=`"))?;
-        let (table, key) = lhs.trim().split_once('.').ok_or_else(|| malformed("no `.` between stage and key"))?;
+        let (table, key) = lhs
+            .trim()
+            .split_once('.')
+            .ok_or_else(|| malformed("no `.` between stage and key"))?;
         let key_path: Vec<String> = key.split('.').map(|k| k.trim().to_string()).collect();
         if table.trim().is_empty() || key_path.iter().any(|k| k.is_empty()) {
             return Err(malformed("empty stage or key name"));
@@ -159,7 +162,10 @@ impl std::str::FromStr for Override {
             Ok(mut t) => t.remove("v").ok_or_else(|| malformed("no value"))?,
             // A bare word (`device=cpu`) is taken as a string; anything that looks like it
             // meant to be TOML (quotes, arrays, tables) must parse.
-            Err(_) if !rhs.starts_with(['"', '\'', '[', '{']) && !rhs.contains(char::is_whitespace) => {
+            Err(_)
+                if !rhs.starts_with(['"', '\'', '[', '{'])
+                    && !rhs.contains(char::is_whitespace) =>
+            {
                 toml::Value::String(rhs.to_string())
             }
             Err(e) => return Err(malformed(&format!("value is not TOML: {}", e.message()))),
@@ -197,7 +203,7 @@ impl Source {
 
     fn toml_error(&self, e: &toml::de::Error) -> PipeError {
         let msg = e.message().trim().replace('\n', " ");
-        self.error(e.span().as_ref(), format!("{msg}"))
+        self.error(e.span().as_ref(), msg)
     }
 }
 
@@ -241,7 +247,11 @@ fn entries(table: SpannedTable) -> Entries {
 }
 
 /// Reads, overrides and validates a pipeline file.
-pub fn load(file: &Path, overrides: &[Override], registry: &Registry) -> Result<Pipeline, PipeError> {
+pub fn load(
+    file: &Path,
+    overrides: &[Override],
+    registry: &Registry,
+) -> Result<Pipeline, PipeError> {
     let text = match std::fs::read_to_string(file) {
         Ok(t) => t,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
@@ -262,12 +272,17 @@ pub fn load(file: &Path, overrides: &[Override], registry: &Registry) -> Result<
     };
 
     // Two passes: the first only to name misspelled top-level keys with a line number.
-    let top: BTreeMap<Spanned<String>, toml::Value> = toml::from_str(&src.text).map_err(|e| src.toml_error(&e))?;
+    let top: BTreeMap<Spanned<String>, toml::Value> =
+        toml::from_str(&src.text).map_err(|e| src.toml_error(&e))?;
     for key in top.keys() {
         if !TOP_KEYS.contains(&key.get_ref().as_str()) {
             return Err(src.error(
                 Some(&key.span()),
-                format!("unknown top-level key `{}`{}", key.get_ref(), suggestion(key.get_ref(), TOP_KEYS.iter().copied())),
+                format!(
+                    "unknown top-level key `{}`{}",
+                    key.get_ref(),
+                    suggestion(key.get_ref(), TOP_KEYS.iter().copied())
+                ),
             ));
         }
     }
@@ -288,8 +303,17 @@ pub fn load(file: &Path, overrides: &[Override], registry: &Registry) -> Result<
         } else if let Some((_, _, e)) = stage_tables.iter_mut().find(|(n, _, _)| *n == o.table) {
             e
         } else {
-            let hint = suggestion(&o.table, stage_tables.iter().map(|(n, _, _)| n.as_str()).chain(["pipeline"]));
-            return Err(PipeError::Config(format!("--set `{}`: no stage named `{}`{hint}", o.raw, o.table)));
+            let hint = suggestion(
+                &o.table,
+                stage_tables
+                    .iter()
+                    .map(|(n, _, _)| n.as_str())
+                    .chain(["pipeline"]),
+            );
+            return Err(PipeError::Config(format!(
+                "--set `{}`: no stage named `{}`{hint}",
+                o.raw, o.table
+            )));
         };
         apply_override(target, o)?;
     }
@@ -313,7 +337,10 @@ pub fn load(file: &Path, overrides: &[Override], registry: &Registry) -> Result<
 }
 
 fn apply_override(target: &mut Entries, o: &Override) -> Result<(), PipeError> {
-    let (first, rest) = o.key_path.split_first().ok_or_else(|| PipeError::Config(format!("malformed --set `{}`", o.raw)))?;
+    let (first, rest) = o
+        .key_path
+        .split_first()
+        .ok_or_else(|| PipeError::Config(format!("malformed --set `{}`", o.raw)))?;
     if rest.is_empty() {
         target.insert(
             first.clone(),
@@ -335,10 +362,15 @@ fn apply_override(target: &mut Entries, o: &Override) -> Result<(), PipeError> {
     entry.from_override = Some(o.raw.clone());
     let mut node = &mut entry.value;
     for key in rest {
-        let table = node
-            .as_table_mut()
-            .ok_or_else(|| PipeError::Config(format!("--set `{}`: `{key}`'s parent is not a table", o.raw)))?;
-        node = table.entry(key.clone()).or_insert_with(|| toml::Value::Table(toml::Table::new()));
+        let table = node.as_table_mut().ok_or_else(|| {
+            PipeError::Config(format!(
+                "--set `{}`: `{key}`'s parent is not a table",
+                o.raw
+            ))
+        })?;
+        node = table
+            .entry(key.clone())
+            .or_insert_with(|| toml::Value::Table(toml::Table::new()));
     }
     *node = o.value.clone();
     Ok(())
@@ -354,10 +386,23 @@ fn pipeline_settings(src: &Source, entries: &Entries) -> Result<(String, u64), P
                 device = entry
                     .value
                     .as_str()
-                    .ok_or_else(|| wrong_type(src, entry, "pipeline", key, "a string (auto | cpu | cuda | cuda:N | metal)"))?
+                    .ok_or_else(|| {
+                        wrong_type(
+                            src,
+                            entry,
+                            "pipeline",
+                            key,
+                            "a string (auto | cpu | cuda | cuda:N | metal)",
+                        )
+                    })?
                     .to_string();
-                let known = device == "auto" || device == "cpu" || device == "metal" || device == "cuda"
-                    || device.strip_prefix("cuda:").is_some_and(|n| n.parse::<usize>().is_ok());
+                let known = device == "auto"
+                    || device == "cpu"
+                    || device == "metal"
+                    || device == "cuda"
+                    || device
+                        .strip_prefix("cuda:")
+                        .is_some_and(|n| n.parse::<usize>().is_ok());
                 if !known {
                     return Err(src.error(at, format!("[pipeline] device `{device}` is not one of auto, cpu, cuda, cuda:N, metal")));
                 }
@@ -367,12 +412,17 @@ fn pipeline_settings(src: &Source, entries: &Entries) -> Result<(String, u64), P
                     .value
                     .as_integer()
                     .and_then(|s| u64::try_from(s).ok())
-                    .ok_or_else(|| wrong_type(src, entry, "pipeline", key, "a non-negative integer"))?;
+                    .ok_or_else(|| {
+                        wrong_type(src, entry, "pipeline", key, "a non-negative integer")
+                    })?;
             }
             other => {
                 return Err(src.error(
                     entry.key_span.as_ref(),
-                    format!("unknown key `{other}` in [pipeline]{}", suggestion(other, PIPELINE_KEYS.iter().copied())),
+                    format!(
+                        "unknown key `{other}` in [pipeline]{}",
+                        suggestion(other, PIPELINE_KEYS.iter().copied())
+                    ),
                 ))
             }
         }
@@ -387,29 +437,61 @@ fn wrong_type(src: &Source, entry: &Entry, table: &str, key: &str, expected: &st
     };
     src.error(
         entry.value_span.as_ref(),
-        format!("`{key}` in {table} must be {expected}, found {}{origin}", entry.value.type_str()),
+        format!(
+            "`{key}` in {table} must be {expected}, found {}{origin}",
+            entry.value.type_str()
+        ),
     )
 }
 
-fn string_list(src: &Source, entry: &Entry, stage: &str, key: &str, what: &str) -> Result<Vec<String>, PipeError> {
+fn string_list(
+    src: &Source,
+    entry: &Entry,
+    stage: &str,
+    key: &str,
+    what: &str,
+) -> Result<Vec<String>, PipeError> {
     let expected = format!("an array of {what}");
     let table = format!("stage `{stage}`");
-    let items = entry.value.as_array().ok_or_else(|| wrong_type(src, entry, &table, key, &expected))?;
+    let items = entry
+        .value
+        .as_array()
+        .ok_or_else(|| wrong_type(src, entry, &table, key, &expected))?;
     items
         .iter()
-        .map(|v| v.as_str().map(str::to_string).ok_or_else(|| wrong_type(src, entry, &table, key, &expected)))
+        .map(|v| {
+            v.as_str()
+                .map(str::to_string)
+                .ok_or_else(|| wrong_type(src, entry, &table, key, &expected))
+        })
         .collect()
 }
 
-fn stage_from_entries(src: &Source, registry: &Registry, name: String, span: &Range<usize>, mut e: Entries) -> Result<Stage, PipeError> {
-    if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_') || name == "pipeline" {
+fn stage_from_entries(
+    src: &Source,
+    registry: &Registry,
+    name: String,
+    span: &Range<usize>,
+    mut e: Entries,
+) -> Result<Stage, PipeError> {
+    if name.is_empty()
+        || !name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+        || name == "pipeline"
+    {
         return Err(src.error(
             Some(span),
-            format!("stage name `{name}` must be letters, digits, `-` and `_` (and not `pipeline`)"),
+            format!(
+                "stage name `{name}` must be letters, digits, `-` and `_` (and not `pipeline`)"
+            ),
         ));
     }
     let (needs, needs_at) = match e.remove("needs") {
-        Some(entry) => (string_list(src, &entry, &name, "needs", "stage names")?, src.at(entry.value_span.as_ref())),
+        Some(entry) => (
+            string_list(src, &entry, &name, "needs", "stage names")?,
+            src.at(entry.value_span.as_ref()),
+        ),
         None => (Vec::new(), src.at(Some(span))),
     };
     let has_cmd = e.contains_key("cmd");
@@ -501,25 +583,45 @@ fn stage_from_entries(src: &Source, registry: &Registry, name: String, span: &Ra
 }
 
 /// Places a kind's validation message on the line of the key (or value) it names.
-fn params_error(src: &Source, stage: &str, span: &Range<usize>, e: &Entries, kind: &str, msg: &str) -> PipeError {
+fn params_error(
+    src: &Source,
+    stage: &str,
+    span: &Range<usize>,
+    e: &Entries,
+    kind: &str,
+    msg: &str,
+) -> PipeError {
     let names: Vec<&str> = msg.split('`').skip(1).step_by(2).collect();
     let mut at = Some(span.clone());
     let mut hint = String::new();
     if let Some(first) = names.first() {
         if let Some(entry) = e.get(*first) {
             at = entry.key_span.clone().or(at);
-        } else if let Some(entry) = e.values().find(|v| v.value_span.as_ref().is_some_and(|s| src.text.get(s.clone()).is_some_and(|t| t.contains(first)))) {
+        } else if let Some(entry) = e.values().find(|v| {
+            v.value_span
+                .as_ref()
+                .is_some_and(|s| src.text.get(s.clone()).is_some_and(|t| t.contains(first)))
+        }) {
             at = entry.value_span.clone();
         }
         if msg.starts_with("unknown field") && !msg.contains("did you mean") {
             hint = suggestion(first, names.iter().skip(1).copied());
         }
     }
-    src.error(at.as_ref(), format!("stage `{stage}` (kind `{kind}`): {msg}{hint}"))
+    src.error(
+        at.as_ref(),
+        format!("stage `{stage}` (kind `{kind}`): {msg}{hint}"),
+    )
 }
 
 /// Normalizes workspace-relative paths and rejects ones that leave the workspace.
-fn clean_paths(src: &Source, entry: &Entry, stage: &str, key: &str, paths: Vec<String>) -> Result<Vec<String>, PipeError> {
+fn clean_paths(
+    src: &Source,
+    entry: &Entry,
+    stage: &str,
+    key: &str,
+    paths: Vec<String>,
+) -> Result<Vec<String>, PipeError> {
     paths
         .into_iter()
         .map(|p| {
@@ -560,12 +662,21 @@ pub fn paths_overlap(a: &str, b: &str) -> bool {
 /// Checks `needs`, derives ordering from `deps`, and rejects two stages writing one path.
 fn resolve_links(src: &Source, stages: &mut [Stage]) -> Result<(), PipeError> {
     let names: Vec<String> = stages.iter().map(|s| s.name.clone()).collect();
-    let roots: Vec<(String, Vec<String>)> = stages.iter().map(|s| (s.name.clone(), s.out_roots())).collect();
+    let roots: Vec<(String, Vec<String>)> = stages
+        .iter()
+        .map(|s| (s.name.clone(), s.out_roots()))
+        .collect();
     for (i, (a, a_outs)) in roots.iter().enumerate() {
         for (b, b_outs) in roots.iter().skip(i + 1) {
             for x in a_outs {
                 if let Some(y) = b_outs.iter().find(|y| paths_overlap(x, y)) {
-                    return Err(src.error(None, format!("stages `{a}` and `{b}` both write `{}`", if x.len() > y.len() { x } else { y })));
+                    return Err(src.error(
+                        None,
+                        format!(
+                            "stages `{a}` and `{b}` both write `{}`",
+                            if x.len() > y.len() { x } else { y }
+                        ),
+                    ));
                 }
             }
         }
@@ -574,17 +685,21 @@ fn resolve_links(src: &Source, stages: &mut [Stage]) -> Result<(), PipeError> {
         for need in &stage.needs {
             if !names.contains(need) {
                 return Err(PipeError::Config(format!(
-                        "{}: stage `{}` needs `{need}`, which is no stage{}",
-                        stage.needs_at,
-                        stage.name,
-                        suggestion(need, names.iter().map(String::as_str))
-                    )));
+                    "{}: stage `{}` needs `{need}`, which is no stage{}",
+                    stage.needs_at,
+                    stage.name,
+                    suggestion(need, names.iter().map(String::as_str))
+                )));
             }
         }
         let mut after = Vec::new();
         for dep in stage.deps() {
             for (owner, outs) in &roots {
-                if *owner != stage.name && outs.iter().any(|o| paths_overlap(dep, o)) && !stage.needs.contains(owner) && !after.contains(owner) {
+                if *owner != stage.name
+                    && outs.iter().any(|o| paths_overlap(dep, o))
+                    && !stage.needs.contains(owner)
+                    && !after.contains(owner)
+                {
                     after.push(owner.clone());
                 }
             }

@@ -20,7 +20,9 @@ impl Dag {
     /// Builds the graph; a cycle is a config error that prints it (`a -> b -> a`).
     pub fn build(pipeline: &Pipeline) -> Result<Dag, PipeError> {
         let mut graph = DiGraph::new();
-        let nodes: Vec<NodeIndex> = (0..pipeline.stages.len()).map(|i| graph.add_node(i)).collect();
+        let nodes: Vec<NodeIndex> = (0..pipeline.stages.len())
+            .map(|i| graph.add_node(i))
+            .collect();
         for (i, stage) in pipeline.stages.iter().enumerate() {
             for up in stage.upstream() {
                 if let Some(j) = pipeline.index_of(up) {
@@ -29,22 +31,41 @@ impl Dag {
             }
         }
         if toposort(&graph, None).is_err() {
-            let cycle = find_cycle(&graph).into_iter().map(|i| pipeline.stages[i].name.as_str()).collect::<Vec<_>>();
-            let at = cycle.first().and_then(|n| pipeline.stage(n)).map(|s| s.at.as_str()).unwrap_or("pipeline file");
-            return Err(PipeError::Config(format!("{at}: dependency cycle: {}", cycle.join(" -> "))));
+            let cycle = find_cycle(&graph)
+                .into_iter()
+                .map(|i| pipeline.stages[i].name.as_str())
+                .collect::<Vec<_>>();
+            let at = cycle
+                .first()
+                .and_then(|n| pipeline.stage(n))
+                .map(|s| s.at.as_str())
+                .unwrap_or("pipeline file");
+            return Err(PipeError::Config(format!(
+                "{at}: dependency cycle: {}",
+                cycle.join(" -> ")
+            )));
         }
         let order = stable_topo_order(&graph);
         Ok(Dag { graph, order })
     }
 
     pub fn parents(&self, i: usize) -> Vec<usize> {
-        let mut v: Vec<usize> = self.graph.neighbors_directed(NodeIndex::new(i), Direction::Incoming).map(|n| n.index()).collect();
+        let mut v: Vec<usize> = self
+            .graph
+            .neighbors_directed(NodeIndex::new(i), Direction::Incoming)
+            .map(|n| n.index())
+            .collect();
         v.sort();
         v
     }
 
+    #[cfg(test)]
     pub fn children(&self, i: usize) -> Vec<usize> {
-        let mut v: Vec<usize> = self.graph.neighbors_directed(NodeIndex::new(i), Direction::Outgoing).map(|n| n.index()).collect();
+        let mut v: Vec<usize> = self
+            .graph
+            .neighbors_directed(NodeIndex::new(i), Direction::Outgoing)
+            .map(|n| n.index())
+            .collect();
         v.sort();
         v
     }
@@ -66,12 +87,25 @@ impl Dag {
 
     /// Text: one line per stage in run order, with what it waits for.
     pub fn render_text(&self, pipeline: &Pipeline) -> String {
-        let width = pipeline.stages.iter().map(|s| s.name.len()).max().unwrap_or(0);
+        let width = pipeline
+            .stages
+            .iter()
+            .map(|s| s.name.len())
+            .max()
+            .unwrap_or(0);
         let mut out = String::new();
         for &i in &self.order {
             let s = &pipeline.stages[i];
-            let parents: Vec<&str> = self.parents(i).into_iter().map(|p| pipeline.stages[p].name.as_str()).collect();
-            let arrow = if parents.is_empty() { String::new() } else { format!("  <- {}", parents.join(", ")) };
+            let parents: Vec<&str> = self
+                .parents(i)
+                .into_iter()
+                .map(|p| pipeline.stages[p].name.as_str())
+                .collect();
+            let arrow = if parents.is_empty() {
+                String::new()
+            } else {
+                format!("  <- {}", parents.join(", "))
+            };
             out.push_str(&format!("{:width$}  [{}]{arrow}\n", s.name, s.kind_name()));
         }
         out
@@ -81,11 +115,19 @@ impl Dag {
         let mut out = String::from("digraph pipeline {\n  rankdir=LR;\n  node [shape=box];\n");
         for &i in &self.order {
             let s = &pipeline.stages[i];
-            out.push_str(&format!("  \"{}\" [label=\"{}\\n({})\"];\n", s.name, s.name, s.kind_name()));
+            out.push_str(&format!(
+                "  \"{}\" [label=\"{}\\n({})\"];\n",
+                s.name,
+                s.name,
+                s.kind_name()
+            ));
         }
         for &i in &self.order {
             for p in self.parents(i) {
-                out.push_str(&format!("  \"{}\" -> \"{}\";\n", pipeline.stages[p].name, pipeline.stages[i].name));
+                out.push_str(&format!(
+                    "  \"{}\" -> \"{}\";\n",
+                    pipeline.stages[p].name, pipeline.stages[i].name
+                ));
             }
         }
         out.push_str("}\n");
@@ -111,7 +153,13 @@ impl Dag {
 /// Kahn's algorithm taking the lowest ready index first, so order follows the file.
 fn stable_topo_order(graph: &DiGraph<usize, ()>) -> Vec<usize> {
     let n = graph.node_count();
-    let mut indegree: Vec<usize> = (0..n).map(|i| graph.neighbors_directed(NodeIndex::new(i), Direction::Incoming).count()).collect();
+    let mut indegree: Vec<usize> = (0..n)
+        .map(|i| {
+            graph
+                .neighbors_directed(NodeIndex::new(i), Direction::Incoming)
+                .count()
+        })
+        .collect();
     let mut ready: BTreeSet<usize> = (0..n).filter(|&i| indegree[i] == 0).collect();
     let mut order = Vec::with_capacity(n);
     while let Some(i) = ready.pop_first() {
@@ -145,9 +193,20 @@ fn find_cycle(graph: &DiGraph<usize, ()>) -> Vec<usize> {
     Vec::new()
 }
 
-fn walk(graph: &DiGraph<usize, ()>, members: &BTreeSet<NodeIndex>, start: NodeIndex, path: &mut Vec<NodeIndex>, visited: &mut BTreeSet<NodeIndex>) -> bool {
-    let Some(&here) = path.last() else { return false };
-    let mut next: Vec<NodeIndex> = graph.neighbors(here).filter(|n| members.contains(n)).collect();
+fn walk(
+    graph: &DiGraph<usize, ()>,
+    members: &BTreeSet<NodeIndex>,
+    start: NodeIndex,
+    path: &mut Vec<NodeIndex>,
+    visited: &mut BTreeSet<NodeIndex>,
+) -> bool {
+    let Some(&here) = path.last() else {
+        return false;
+    };
+    let mut next: Vec<NodeIndex> = graph
+        .neighbors(here)
+        .filter(|n| members.contains(n))
+        .collect();
     next.sort();
     for n in next {
         if n == start {
@@ -204,7 +263,11 @@ cmd = "true"
         let dag = Dag::build(&p).unwrap();
         assert_eq!(names(&p, dag.order.clone()), ["a", "b", "c", "d", "e"]);
         assert_eq!(names(&p, dag.parents(3)), ["b", "c"]);
-        assert_eq!(names(&p, dag.children(0)), ["b", "c"], "deps on a's outs imply an edge");
+        assert_eq!(
+            names(&p, dag.children(0)),
+            ["b", "c"],
+            "deps on a's outs imply an edge"
+        );
     }
 
     #[test]
@@ -219,7 +282,8 @@ cmd = "true"
 
     #[test]
     fn cycle_is_printed() {
-        let err = pipeline("[stages.a]\ncmd='x'\nneeds=['b']\n[stages.b]\ncmd='y'\nneeds=['a']\n").map(|p| Dag::build(&p).map(|_| ()));
+        let err = pipeline("[stages.a]\ncmd='x'\nneeds=['b']\n[stages.b]\ncmd='y'\nneeds=['a']\n")
+            .map(|p| Dag::build(&p).map(|_| ()));
         let msg = match err {
             Ok(Err(e)) | Err(e) => e.to_string(),
             Ok(Ok(())) => panic!("cycle accepted"),

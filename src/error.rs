@@ -9,7 +9,9 @@ pub enum PipeError {
     #[error("{0}")]
     Config(String),
     /// Another `run` holds the workspace (exit 2).
-    #[error("a run is already in progress in this workspace ({0} is locked); wait for it to finish")]
+    #[error(
+        "a run is already in progress in this workspace ({0} is locked); wait for it to finish"
+    )]
     Busy(String),
     /// A stage failed; its previous outputs and lock entry were kept (exit 1).
     #[error("{0}")]

@@ -35,7 +35,11 @@ pub struct Workspace {
 }
 
 impl Workspace {
-    pub fn load(file: &Path, overrides: &[crate::config::Override], registry: Registry) -> Result<Workspace, PipeError> {
+    pub fn load(
+        file: &Path,
+        overrides: &[crate::config::Override],
+        registry: Registry,
+    ) -> Result<Workspace, PipeError> {
         let pipeline = crate::config::load(file, overrides, &registry)?;
         let dag = Dag::build(&pipeline)?;
         let lock_path = lock::lock_path(file);
@@ -56,7 +60,11 @@ impl Workspace {
     pub fn targets(&self, names: &[String]) -> Result<Vec<usize>, PipeError> {
         names
             .iter()
-            .map(|n| self.pipeline.index_of(n).ok_or_else(|| self.pipeline.unknown_stage("--stage", n)))
+            .map(|n| {
+                self.pipeline
+                    .index_of(n)
+                    .ok_or_else(|| self.pipeline.unknown_stage("--stage", n))
+            })
             .collect()
     }
 }
@@ -99,9 +107,15 @@ struct Evaluation {
 /// rerun in a dry run).
 type UpstreamHashes = BTreeMap<String, Option<String>>;
 
-fn evaluate(pipeline: &Pipeline, stage: &Stage, entry: Option<&LockEntry>, upstream_hashes: &UpstreamHashes) -> Result<Evaluation, String> {
+fn evaluate(
+    pipeline: &Pipeline,
+    stage: &Stage,
+    entry: Option<&LockEntry>,
+    upstream_hashes: &UpstreamHashes,
+) -> Result<Evaluation, String> {
     let previous_deps = entry.map(|e| e.deps.as_slice()).unwrap_or(&[]);
-    let deps = manifest::scan(&pipeline.root, stage.deps(), previous_deps).map_err(|e| format!("cannot read deps: {e}"))?;
+    let deps = manifest::scan(&pipeline.root, stage.deps(), previous_deps)
+        .map_err(|e| format!("cannot read deps: {e}"))?;
     let mut upstream = BTreeMap::new();
     let mut pending = Vec::new();
     for need in &stage.needs {
@@ -126,37 +140,80 @@ fn evaluate(pipeline: &Pipeline, stage: &Stage, entry: Option<&LockEntry>, upstr
         upstream: &upstream,
         deps_digest: &manifest::digest(&deps),
     });
-    let mut reasons: Vec<String> = pending.iter().map(|p| format!("upstream `{p}` is stale")).collect();
+    let mut reasons: Vec<String> = pending
+        .iter()
+        .map(|p| format!("upstream `{p}` is stale"))
+        .collect();
     let Some(entry) = entry else {
         reasons.push("never run".to_string());
-        return Ok(Evaluation { fingerprint, deps, upstream, reasons, current_outs: None });
+        return Ok(Evaluation {
+            fingerprint,
+            deps,
+            upstream,
+            reasons,
+            current_outs: None,
+        });
     };
     if entry.fingerprint != fingerprint || !pending.is_empty() {
         if entry.fingerprint != fingerprint {
-            reasons.extend(why_fingerprint_changed(pipeline, stage, entry, &upstream, &deps));
+            reasons.extend(why_fingerprint_changed(
+                pipeline, stage, entry, &upstream, &deps,
+            ));
         }
-        return Ok(Evaluation { fingerprint, deps, upstream, reasons, current_outs: None });
+        return Ok(Evaluation {
+            fingerprint,
+            deps,
+            upstream,
+            reasons,
+            current_outs: None,
+        });
     }
-    let outs = scan_outs(pipeline, stage, &entry.outs).map_err(|e| format!("cannot read outputs: {e}"))?;
+    let outs =
+        scan_outs(pipeline, stage, &entry.outs).map_err(|e| format!("cannot read outputs: {e}"))?;
     if manifest::digest(&outs) != entry.outs_hash || outs.iter().any(|r| r.blake3 == MISSING) {
         manifest::diff("output", &entry.outs, &outs, &mut reasons);
         if reasons.is_empty() {
             reasons.push("outputs changed".to_string());
         }
     }
-    Ok(Evaluation { fingerprint, deps, upstream, reasons, current_outs: Some(outs) })
+    Ok(Evaluation {
+        fingerprint,
+        deps,
+        upstream,
+        reasons,
+        current_outs: Some(outs),
+    })
 }
 
-fn why_fingerprint_changed(pipeline: &Pipeline, stage: &Stage, entry: &LockEntry, upstream: &BTreeMap<String, String>, deps: &[FileRecord]) -> Vec<String> {
+fn why_fingerprint_changed(
+    pipeline: &Pipeline,
+    stage: &Stage,
+    entry: &LockEntry,
+    upstream: &BTreeMap<String, String>,
+    deps: &[FileRecord],
+) -> Vec<String> {
     let mut reasons = Vec::new();
     if entry.kind != stage.kind_name() {
         reasons.push(format!("kind: {} -> {}", entry.kind, stage.kind_name()));
     } else if entry.version != stage.version() {
-        reasons.push(format!("kind `{}` version: {} -> {}", entry.kind, entry.version, stage.version()));
+        reasons.push(format!(
+            "kind `{}` version: {} -> {}",
+            entry.kind,
+            entry.version,
+            stage.version()
+        ));
     }
-    fingerprint::diff_params("params", &entry.params_json(), &stage.hashed_params, &mut reasons);
+    fingerprint::diff_params(
+        "params",
+        &entry.params_json(),
+        &stage.hashed_params,
+        &mut reasons,
+    );
     if stage.is_builtin() && entry.seed != Some(pipeline.seed) {
-        let old = entry.seed.map(|s| s.to_string()).unwrap_or_else(|| "(unset)".to_string());
+        let old = entry
+            .seed
+            .map(|s| s.to_string())
+            .unwrap_or_else(|| "(unset)".to_string());
         reasons.push(format!("seed: {old} -> {}", pipeline.seed));
     }
     for (name, hash) in upstream {
@@ -176,7 +233,11 @@ fn why_fingerprint_changed(pipeline: &Pipeline, stage: &Stage, entry: &LockEntry
     reasons
 }
 
-fn scan_outs(pipeline: &Pipeline, stage: &Stage, previous: &[FileRecord]) -> std::io::Result<Vec<FileRecord>> {
+fn scan_outs(
+    pipeline: &Pipeline,
+    stage: &Stage,
+    previous: &[FileRecord],
+) -> std::io::Result<Vec<FileRecord>> {
     manifest::scan(&pipeline.root, &stage.out_roots(), previous)
 }
 
@@ -205,7 +266,11 @@ pub fn status(ws: &Workspace) -> Result<Vec<StageStatus>, PipeError> {
             }
             Ok(ev) => {
                 hashes.insert(stage.name.clone(), None);
-                let state = if entry.is_none() { "never run" } else { "stale" };
+                let state = if entry.is_none() {
+                    "never run"
+                } else {
+                    "stale"
+                };
                 (state, ev.reasons, entry.map(|e| e.fingerprint.clone()))
             }
             Err(e) => {
@@ -258,9 +323,18 @@ struct RunShared<'a> {
 }
 
 /// Runs every stale selected stage. Returns Ok when all of them succeeded (or were up to date).
-pub fn run(ws: &mut Workspace, opts: &RunOptions, console: &Console, cancel: &AtomicBool) -> Result<(), PipeError> {
+pub fn run(
+    ws: &mut Workspace,
+    opts: &RunOptions,
+    console: &Console,
+    cancel: &AtomicBool,
+) -> Result<(), PipeError> {
     let artifacts = ws.pipeline.artifacts();
-    let _guard = if opts.dry_run { None } else { Some(RunGuard::acquire(&artifacts)?) };
+    let _guard = if opts.dry_run {
+        None
+    } else {
+        Some(RunGuard::acquire(&artifacts)?)
+    };
     let selected = ws.dag.select(&opts.targets);
     let force: BTreeSet<usize> = match (opts.force, opts.targets.is_empty()) {
         (false, _) => BTreeSet::new(),
@@ -290,21 +364,39 @@ pub fn run(ws: &mut Workspace, opts: &RunOptions, console: &Console, cancel: &At
     let mut lock_error = None;
 
     let mut published: BTreeMap<String, Published> = BTreeMap::new();
-    let mut waiting: Vec<usize> = shared.ws.dag.order.iter().copied().filter(|i| selected.contains(i)).collect();
+    let mut waiting: Vec<usize> = shared
+        .ws
+        .dag
+        .order
+        .iter()
+        .copied()
+        .filter(|i| selected.contains(i))
+        .collect();
     let (tx, rx) = mpsc::channel::<(usize, Outcome)>();
     pool.in_place_scope(|scope| {
         let mut running = 0usize;
         loop {
-            let stop = !failures.is_empty() || interrupted || lock_error.is_some() || cancel.load(Ordering::Relaxed);
+            let stop = !failures.is_empty()
+                || interrupted
+                || lock_error.is_some()
+                || cancel.load(Ordering::Relaxed);
             if !stop {
                 let (ready, rest): (Vec<usize>, Vec<usize>) = waiting.iter().partition(|&&i| {
-                    shared.ws.dag.parents(i).iter().all(|p| published.contains_key(&shared.ws.pipeline.stages[*p].name))
+                    shared
+                        .ws
+                        .dag
+                        .parents(i)
+                        .iter()
+                        .all(|p| published.contains_key(&shared.ws.pipeline.stages[*p].name))
                 });
                 waiting = rest;
                 for i in ready {
                     let stage = &shared.ws.pipeline.stages[i];
-                    let upstream: BTreeMap<String, Published> =
-                        stage.needs.iter().filter_map(|n| published.get(n).map(|p| (n.clone(), p.clone()))).collect();
+                    let upstream: BTreeMap<String, Published> = stage
+                        .needs
+                        .iter()
+                        .filter_map(|n| published.get(n).map(|p| (n.clone(), p.clone())))
+                        .collect();
                     let entry = lock.stages.get(&stage.name).cloned();
                     let tx = tx.clone();
                     let shared = &shared;
@@ -329,7 +421,13 @@ pub fn run(ws: &mut Workspace, opts: &RunOptions, console: &Console, cancel: &At
             let result = match outcome {
                 Outcome::UpToDate { entry, refreshed } => {
                     console.line(&format!("{name}: up to date"));
-                    published.insert(name.clone(), Published { outs_hash: Some(entry.outs_hash.clone()), fingerprint: entry.fingerprint.clone() });
+                    published.insert(
+                        name.clone(),
+                        Published {
+                            outs_hash: Some(entry.outs_hash.clone()),
+                            fingerprint: entry.fingerprint.clone(),
+                        },
+                    );
                     if refreshed {
                         record(&mut lock, entry)
                     } else {
@@ -338,22 +436,53 @@ pub fn run(ws: &mut Workspace, opts: &RunOptions, console: &Console, cancel: &At
                 }
                 Outcome::Restored(entry) => {
                     console.line(&format!("{name}: restored from cache"));
-                    published.insert(name.clone(), Published { outs_hash: Some(entry.outs_hash.clone()), fingerprint: entry.fingerprint.clone() });
+                    published.insert(
+                        name.clone(),
+                        Published {
+                            outs_hash: Some(entry.outs_hash.clone()),
+                            fingerprint: entry.fingerprint.clone(),
+                        },
+                    );
                     record(&mut lock, entry)
                 }
                 Outcome::Ran { entry, took } => {
-                    let metrics = if entry.metrics.is_empty() { String::new() } else { format!("  {}", compact_metrics(&entry.metrics)) };
-                    console.line(&format!("{name}: done in {}{metrics}", progress::duration(took)));
-                    published.insert(name.clone(), Published { outs_hash: Some(entry.outs_hash.clone()), fingerprint: entry.fingerprint.clone() });
+                    let metrics = if entry.metrics.is_empty() {
+                        String::new()
+                    } else {
+                        format!("  {}", compact_metrics(&entry.metrics))
+                    };
+                    console.line(&format!(
+                        "{name}: done in {}{metrics}",
+                        progress::duration(took)
+                    ));
+                    published.insert(
+                        name.clone(),
+                        Published {
+                            outs_hash: Some(entry.outs_hash.clone()),
+                            fingerprint: entry.fingerprint.clone(),
+                        },
+                    );
                     if let Err(e) = shared.cache.store(&shared.ws.pipeline.root, &entry) {
-                        console.line(&format!("warning: {name}: could not store outputs in the run cache: {e}"));
+                        console.line(&format!(
+                            "warning: {name}: could not store outputs in the run cache: {e}"
+                        ));
                     }
                     record(&mut lock, entry)
                 }
                 Outcome::WouldRun(reasons) => {
                     console.line(&format!("{name}: would run ({})", reasons.join("; ")));
-                    let fingerprint = lock.stages.get(name).map(|e| e.fingerprint.clone()).unwrap_or_default();
-                    published.insert(name.clone(), Published { outs_hash: None, fingerprint });
+                    let fingerprint = lock
+                        .stages
+                        .get(name)
+                        .map(|e| e.fingerprint.clone())
+                        .unwrap_or_default();
+                    published.insert(
+                        name.clone(),
+                        Published {
+                            outs_hash: None,
+                            fingerprint,
+                        },
+                    );
                     Ok(())
                 }
                 Outcome::Failed(message) => {
@@ -380,7 +509,11 @@ pub fn run(ws: &mut Workspace, opts: &RunOptions, console: &Console, cancel: &At
         return Err(PipeError::Interrupted);
     }
     if !failures.is_empty() {
-        let what = if failures.len() == 1 { "stage" } else { "stages" };
+        let what = if failures.len() == 1 {
+            "stage"
+        } else {
+            "stages"
+        };
         return Err(PipeError::StageFailed(format!(
             "{what} failed: {}; their previous outputs and lock entries were kept",
             failures.join(", ")
@@ -398,10 +531,18 @@ fn compact_metrics(metrics: &toml::Table) -> String {
         .join(" ")
 }
 
-fn process_stage(shared: &RunShared, i: usize, entry: Option<LockEntry>, upstream: &BTreeMap<String, Published>) -> Outcome {
+fn process_stage(
+    shared: &RunShared,
+    i: usize,
+    entry: Option<LockEntry>,
+    upstream: &BTreeMap<String, Published>,
+) -> Outcome {
     let ws = shared.ws;
     let stage = &ws.pipeline.stages[i];
-    let hashes: UpstreamHashes = upstream.iter().map(|(k, v)| (k.clone(), v.outs_hash.clone())).collect();
+    let hashes: UpstreamHashes = upstream
+        .iter()
+        .map(|(k, v)| (k.clone(), v.outs_hash.clone()))
+        .collect();
     let ev = match evaluate(&ws.pipeline, stage, entry.as_ref(), &hashes) {
         Ok(ev) => ev,
         Err(e) => return Outcome::Failed(e),
@@ -411,11 +552,18 @@ fn process_stage(shared: &RunShared, i: usize, entry: Option<LockEntry>, upstrea
     if !forced && ev.reasons.is_empty() {
         if let (Some(entry), Some(outs)) = (entry, ev.current_outs) {
             let refreshed = entry.outs != outs;
-            return Outcome::UpToDate { entry: LockEntry { outs, ..entry }, refreshed };
+            return Outcome::UpToDate {
+                entry: LockEntry { outs, ..entry },
+                refreshed,
+            };
         }
     }
     if shared.dry_run {
-        let reasons = if forced && ev.reasons.is_empty() { vec!["forced".to_string()] } else { ev.reasons };
+        let reasons = if forced && ev.reasons.is_empty() {
+            vec!["forced".to_string()]
+        } else {
+            ev.reasons
+        };
         return Outcome::WouldRun(reasons);
     }
     if let Some(missing) = ev.deps.iter().find(|r| r.blake3 == MISSING) {
@@ -425,17 +573,34 @@ fn process_stage(shared: &RunShared, i: usize, entry: Option<LockEntry>, upstrea
         if let Some(cached) = shared.cache.lookup(&ev.fingerprint) {
             match restore(shared, stage, &cached) {
                 Ok(outs) => {
-                    let entry = LockEntry { outs, deps: ev.deps, upstream: ev.upstream, ..cached };
+                    let entry = LockEntry {
+                        outs,
+                        deps: ev.deps,
+                        upstream: ev.upstream,
+                        ..cached
+                    };
                     return Outcome::Restored(entry);
                 }
-                Err(e) => tracing::warn!(stage = %stage.name, "cache restore failed, running instead: {e}"),
+                Err(e) => {
+                    tracing::warn!(stage = %stage.name, "cache restore failed, running instead: {e}")
+                }
             }
         }
     }
-    shared.console.line(&format!("{}: running{}", stage.name, if ev.reasons.is_empty() { String::new() } else { format!(" ({})", ev.reasons.join("; ")) }));
+    shared.console.line(&format!(
+        "{}: running{}",
+        stage.name,
+        if ev.reasons.is_empty() {
+            String::new()
+        } else {
+            format!(" ({})", ev.reasons.join("; "))
+        }
+    ));
     let started = Instant::now();
     let result = match &stage.body {
-        Body::Builtin { kind, table, .. } => run_builtin(shared, stage, kind, table, &ev.fingerprint, upstream),
+        Body::Builtin { kind, table, .. } => {
+            run_builtin(shared, stage, kind, table, &ev.fingerprint, upstream)
+        }
         Body::Command { cmd, outs, .. } => run_command(shared, stage, cmd, outs),
     };
     let (outs, metrics) = match result {
@@ -477,7 +642,9 @@ fn io_fail(what: &str, path: &Path) -> impl FnOnce(std::io::Error) -> StageEnd {
 fn temp_dir(artifacts: &Path, stage: &str, purpose: &str) -> PathBuf {
     static COUNTER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
     let n = COUNTER.fetch_add(1, Ordering::Relaxed);
-    artifacts.join(".tmp").join(format!("{stage}-{purpose}-{}-{n}", std::process::id()))
+    artifacts
+        .join(".tmp")
+        .join(format!("{stage}-{purpose}-{}-{n}", std::process::id()))
 }
 
 fn remove_path(path: &Path) -> std::io::Result<()> {
@@ -520,10 +687,17 @@ fn run_builtin(
 ) -> Result<(Vec<FileRecord>, serde_json::Value), StageEnd> {
     let ws = shared.ws;
     let artifacts = ws.pipeline.artifacts();
-    let implementation = ws.registry.get(kind).ok_or_else(|| StageEnd::Failed(format!("unknown kind `{kind}`")))?;
+    let implementation = ws
+        .registry
+        .get(kind)
+        .ok_or_else(|| StageEnd::Failed(format!("unknown kind `{kind}`")))?;
     let out_dir = temp_dir(&artifacts, &stage.name, "out");
     std::fs::create_dir_all(&out_dir).map_err(io_fail("create", &out_dir))?;
-    let scratch_dir = artifacts.join(".scratch").join(format!("{}-{}", stage.name, &fingerprint[..16.min(fingerprint.len())]));
+    let scratch_dir = artifacts.join(".scratch").join(format!(
+        "{}-{}",
+        stage.name,
+        &fingerprint[..16.min(fingerprint.len())]
+    ));
     std::fs::create_dir_all(&scratch_dir).map_err(io_fail("create", &scratch_dir))?;
     let inputs: Vec<Input> = stage
         .needs
@@ -539,7 +713,10 @@ fn run_builtin(
                 stage: up.name.clone(),
                 kind: up.kind_name().to_string(),
                 dir,
-                fingerprint: upstream.get(need).map(|p| p.fingerprint.clone()).unwrap_or_default(),
+                fingerprint: upstream
+                    .get(need)
+                    .map(|p| p.fingerprint.clone())
+                    .unwrap_or_default(),
                 params: up.full_params.clone(),
             })
         })
@@ -567,9 +744,18 @@ fn run_builtin(
         }
     };
     let shown = format!("{ARTIFACTS_DIR}/{}", stage.name);
-    let staged_rel = out_dir.strip_prefix(&ws.pipeline.root).map(|p| p.to_string_lossy().replace('\\', "/")).unwrap_or_default();
-    let outs = manifest::scan_as(&ws.pipeline.root, [(staged_rel.as_str(), shown.as_str())], &[]).map_err(io_fail("read", &out_dir))?;
-    publish_dir(&artifacts, &stage.name, &out_dir).map_err(io_fail("publish", &artifacts.join(&stage.name)))?;
+    let staged_rel = out_dir
+        .strip_prefix(&ws.pipeline.root)
+        .map(|p| p.to_string_lossy().replace('\\', "/"))
+        .unwrap_or_default();
+    let outs = manifest::scan_as(
+        &ws.pipeline.root,
+        [(staged_rel.as_str(), shown.as_str())],
+        &[],
+    )
+    .map_err(io_fail("read", &out_dir))?;
+    publish_dir(&artifacts, &stage.name, &out_dir)
+        .map_err(io_fail("publish", &artifacts.join(&stage.name)))?;
     let _ = remove_path(&scratch_dir);
     Ok((outs, metrics))
 }
@@ -581,9 +767,17 @@ struct Backup {
 }
 
 impl Backup {
-    fn take(root: &Path, artifacts: &Path, stage: &str, outs: &[String]) -> std::io::Result<Backup> {
+    fn take(
+        root: &Path,
+        artifacts: &Path,
+        stage: &str,
+        outs: &[String],
+    ) -> std::io::Result<Backup> {
         let dir = temp_dir(artifacts, stage, "backup");
-        let mut backup = Backup { dir, moved: Vec::new() };
+        let mut backup = Backup {
+            dir,
+            moved: Vec::new(),
+        };
         for (n, out) in outs.iter().enumerate() {
             let path = root.join(out);
             if std::fs::symlink_metadata(&path).is_ok() {
@@ -613,13 +807,19 @@ impl Backup {
     }
 }
 
-fn run_command(shared: &RunShared, stage: &Stage, cmd: &str, outs: &[String]) -> Result<(Vec<FileRecord>, serde_json::Value), StageEnd> {
+fn run_command(
+    shared: &RunShared,
+    stage: &Stage,
+    cmd: &str,
+    outs: &[String],
+) -> Result<(Vec<FileRecord>, serde_json::Value), StageEnd> {
     let root = &shared.ws.pipeline.root;
     let artifacts = shared.ws.pipeline.artifacts();
     let logs = artifacts.join(".logs");
     std::fs::create_dir_all(&logs).map_err(io_fail("create", &logs))?;
     let log_path = logs.join(format!("{}.log", stage.name));
-    let backup = Backup::take(root, &artifacts, &stage.name, outs).map_err(|e| StageEnd::Failed(format!("cannot move previous outputs aside: {e}")))?;
+    let backup = Backup::take(root, &artifacts, &stage.name, outs)
+        .map_err(|e| StageEnd::Failed(format!("cannot move previous outputs aside: {e}")))?;
     let fail_with = |msg: String| {
         backup.restore();
         StageEnd::Failed(msg)
@@ -629,8 +829,11 @@ fn run_command(shared: &RunShared, stage: &Stage, cmd: &str, outs: &[String]) ->
             let _ = std::fs::create_dir_all(parent);
         }
     }
-    let log = File::create(&log_path).map_err(|e| fail_with(format!("cannot create {}: {e}", log_path.display())))?;
-    let log_err = log.try_clone().map_err(|e| fail_with(format!("cannot open {}: {e}", log_path.display())))?;
+    let log = File::create(&log_path)
+        .map_err(|e| fail_with(format!("cannot create {}: {e}", log_path.display())))?;
+    let log_err = log
+        .try_clone()
+        .map_err(|e| fail_with(format!("cannot open {}: {e}", log_path.display())))?;
     let mut child = Command::new("sh")
         .arg("-c")
         .arg(cmd)
@@ -664,15 +867,24 @@ fn run_command(shared: &RunShared, stage: &Stage, cmd: &str, outs: &[String]) ->
             return Err(StageEnd::Interrupted);
         }
         let tail = log_tail(&log_path, LOG_TAIL_LINES);
-        let code = status.code().map(|c| format!("exit status {c}")).unwrap_or_else(|| "killed by a signal".to_string());
-        return Err(fail_with(format!("command failed ({code}); last lines of {}:\n{tail}", log_path.display())));
+        let code = status
+            .code()
+            .map(|c| format!("exit status {c}"))
+            .unwrap_or_else(|| "killed by a signal".to_string());
+        return Err(fail_with(format!(
+            "command failed ({code}); last lines of {}:\n{tail}",
+            log_path.display()
+        )));
     }
     let records = match manifest::scan(root, outs, &[]) {
         Ok(r) => r,
         Err(e) => return Err(fail_with(format!("cannot read outputs: {e}"))),
     };
     if let Some(missing) = records.iter().find(|r| r.blake3 == MISSING) {
-        return Err(fail_with(format!("the command did not write its declared output `{}`", missing.path)));
+        return Err(fail_with(format!(
+            "the command did not write its declared output `{}`",
+            missing.path
+        )));
     }
     backup.discard();
     Ok((records, serde_json::Value::Null))
@@ -682,11 +894,19 @@ fn log_tail(path: &Path, lines: usize) -> String {
     let text = std::fs::read_to_string(path).unwrap_or_default();
     let all: Vec<&str> = text.lines().collect();
     let start = all.len().saturating_sub(lines);
-    all[start..].iter().map(|l| format!("    {l}")).collect::<Vec<_>>().join("\n")
+    all[start..]
+        .iter()
+        .map(|l| format!("    {l}"))
+        .collect::<Vec<_>>()
+        .join("\n")
 }
 
 /// Puts a cached run's outputs in place; returns their records as now on disk.
-fn restore(shared: &RunShared, stage: &Stage, cached: &LockEntry) -> std::io::Result<Vec<FileRecord>> {
+fn restore(
+    shared: &RunShared,
+    stage: &Stage,
+    cached: &LockEntry,
+) -> std::io::Result<Vec<FileRecord>> {
     let root = &shared.ws.pipeline.root;
     let artifacts = shared.ws.pipeline.artifacts();
     match &stage.body {
@@ -696,10 +916,17 @@ fn restore(shared: &RunShared, stage: &Stage, cached: &LockEntry) -> std::io::Re
             std::fs::create_dir_all(&staged)?;
             let filled = (|| {
                 for r in cached.outs.iter().filter(|r| r.blake3 != MISSING) {
-                    let inner = r.path.strip_prefix(&shown).unwrap_or(&r.path).trim_start_matches('/');
+                    let inner = r
+                        .path
+                        .strip_prefix(&shown)
+                        .unwrap_or(&r.path)
+                        .trim_start_matches('/');
                     shared.cache.materialize(r, &staged.join(inner))?;
                 }
-                let staged_rel = staged.strip_prefix(root).map(|p| p.to_string_lossy().replace('\\', "/")).unwrap_or_default();
+                let staged_rel = staged
+                    .strip_prefix(root)
+                    .map(|p| p.to_string_lossy().replace('\\', "/"))
+                    .unwrap_or_default();
                 manifest::scan_as(root, [(staged_rel.as_str(), shown.as_str())], &[])
             })();
             let outs = match filled {
@@ -739,7 +966,11 @@ fn restore(shared: &RunShared, stage: &Stage, cached: &LockEntry) -> std::io::Re
 pub fn clean(ws: &mut Workspace, targets: &[usize]) -> Result<Vec<String>, PipeError> {
     let artifacts = ws.pipeline.artifacts();
     let _guard = RunGuard::acquire(&artifacts)?;
-    let chosen: Vec<usize> = if targets.is_empty() { (0..ws.pipeline.stages.len()).collect() } else { targets.to_vec() };
+    let chosen: Vec<usize> = if targets.is_empty() {
+        (0..ws.pipeline.stages.len()).collect()
+    } else {
+        targets.to_vec()
+    };
     let mut cleaned = Vec::new();
     for i in chosen {
         let stage = &ws.pipeline.stages[i];
@@ -766,10 +997,18 @@ pub fn clean(ws: &mut Workspace, targets: &[usize]) -> Result<Vec<String>, PipeE
 pub fn gc(ws: &Workspace) -> Result<crate::cache::GcReport, PipeError> {
     let artifacts = ws.pipeline.artifacts();
     let _guard = RunGuard::acquire(&artifacts)?;
-    let keep = ws.lock.stages.values().map(|e| e.fingerprint.clone()).collect();
-    let report = RunCache::new(&artifacts)
-        .gc(&keep)
-        .map_err(|e| PipeError::io(format!("cannot collect {}", artifacts.join(".cache").display()), e))?;
+    let keep = ws
+        .lock
+        .stages
+        .values()
+        .map(|e| e.fingerprint.clone())
+        .collect();
+    let report = RunCache::new(&artifacts).gc(&keep).map_err(|e| {
+        PipeError::io(
+            format!("cannot collect {}", artifacts.join(".cache").display()),
+            e,
+        )
+    })?;
     let tmp = artifacts.join(".tmp");
     remove_path(&tmp).map_err(|e| PipeError::io_at(&tmp, "remove", e))?;
     Ok(report)
@@ -799,14 +1038,23 @@ mod tests {
 
     fn run_echo(params: Params, ctx: &StageContext) -> anyhow::Result<Metrics> {
         use std::io::Write;
-        let mut log = std::fs::OpenOptions::new().create(true).append(true).open(&params.log)?;
+        let mut log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&params.log)?;
         writeln!(log, "{}", ctx.name)?;
         anyhow::ensure!(ctx.scratch_dir.is_dir(), "no scratch dir");
         std::fs::write(ctx.scratch_dir.join("checkpoint"), "state")?;
         let mut body = params.text.clone();
         for input in ctx.inputs {
             let upstream = std::fs::read_to_string(input.dir.join("out.txt"))?;
-            body.push_str(&format!("|{}:{}:{}:{}", input.stage, input.kind, &input.fingerprint[..8], upstream));
+            body.push_str(&format!(
+                "|{}:{}:{}:{}",
+                input.stage,
+                input.kind,
+                &input.fingerprint[..8],
+                upstream
+            ));
         }
         std::fs::write(ctx.out_dir.join("out.txt"), &body)?;
         if params.cancel {
@@ -837,18 +1085,30 @@ mod tests {
         }
 
         fn load(&self, sets: &[&str]) -> Result<Workspace, PipeError> {
-            let overrides: Vec<crate::config::Override> = sets.iter().map(|s| s.parse().unwrap()).collect();
-            Workspace::load(&self.dir.path().join("pipeline.toml"), &overrides, registry())
+            let overrides: Vec<crate::config::Override> =
+                sets.iter().map(|s| s.parse().unwrap()).collect();
+            Workspace::load(
+                &self.dir.path().join("pipeline.toml"),
+                &overrides,
+                registry(),
+            )
         }
 
         fn run(&self, sets: &[&str]) -> Result<(), PipeError> {
             let mut ws = self.load(sets)?;
-            let opts = RunOptions { targets: vec![], force: false, dry_run: false, jobs: 2 };
+            let opts = RunOptions {
+                targets: vec![],
+                force: false,
+                dry_run: false,
+                jobs: 2,
+            };
             run(&mut ws, &opts, &Console::new(), &AtomicBool::new(false))
         }
 
         fn runs(&self) -> usize {
-            std::fs::read_to_string(self.dir.path().join("runs.log")).map(|t| t.lines().count()).unwrap_or(0)
+            std::fs::read_to_string(self.dir.path().join("runs.log"))
+                .map(|t| t.lines().count())
+                .unwrap_or(0)
         }
 
         fn read(&self, rel: &str) -> String {
@@ -864,15 +1124,40 @@ mod tests {
         let ws = s.load(&[]).unwrap();
         let gen = &ws.lock.stages["gen"];
         assert_eq!(s.read("artifacts/gen/out.txt"), "hello");
-        assert_eq!(s.read("artifacts/use/out.txt"), format!("use|gen:echo:{}:hello", &gen.fingerprint[..8]));
+        assert_eq!(
+            s.read("artifacts/use/out.txt"),
+            format!("use|gen:echo:{}:hello", &gen.fingerprint[..8])
+        );
         assert_eq!(gen.device.as_deref(), Some("cpu"));
         assert_eq!(gen.seed, Some(7));
-        assert_eq!(gen.metrics.get("chars").and_then(|v| v.as_integer()), Some(5));
-        assert!(!gen.params.contains_key("log"), "unhashed params are not recorded as hashed");
+        assert_eq!(
+            gen.metrics.get("chars").and_then(|v| v.as_integer()),
+            Some(5)
+        );
+        assert!(
+            !gen.params.contains_key("log"),
+            "unhashed params are not recorded as hashed"
+        );
         assert_eq!(gen.outs.len(), 1);
         assert_eq!(gen.outs[0].path, "artifacts/gen/out.txt");
-        assert!(!s.dir.path().join("artifacts/.scratch").read_dir().unwrap().any(|_| true), "scratch kept after success");
-        assert!(!s.dir.path().join("artifacts/.tmp").read_dir().unwrap().any(|_| true), "temp dirs left behind");
+        assert!(
+            !s.dir
+                .path()
+                .join("artifacts/.scratch")
+                .read_dir()
+                .unwrap()
+                .any(|_| true),
+            "scratch kept after success"
+        );
+        assert!(
+            !s.dir
+                .path()
+                .join("artifacts/.tmp")
+                .read_dir()
+                .unwrap()
+                .any(|_| true),
+            "temp dirs left behind"
+        );
 
         // Up to date, and an unhashed param changes nothing.
         s.run(&["gen.log=\"other.log\""]).unwrap();
@@ -893,8 +1178,18 @@ mod tests {
         assert_eq!(s.read("artifacts/gen/out.txt"), "hello");
         assert_eq!(s.read("pipeline.lock"), lock_before);
         assert_eq!(s.runs(), 3, "downstream ran after a failure");
-        let scratch: Vec<_> = s.dir.path().join("artifacts/.scratch").read_dir().unwrap().collect();
-        assert_eq!(scratch.len(), 1, "scratch of the failed run must survive for resume");
+        let scratch: Vec<_> = s
+            .dir
+            .path()
+            .join("artifacts/.scratch")
+            .read_dir()
+            .unwrap()
+            .collect();
+        assert_eq!(
+            scratch.len(),
+            1,
+            "scratch of the failed run must survive for resume"
+        );
 
         let err = s.run(&["gen.text=\"bye\"", "gen.cancel=true"]).unwrap_err();
         assert_eq!(err.exit_code(), 130, "{err}");
@@ -904,12 +1199,17 @@ mod tests {
     #[test]
     fn builtin_params_are_validated_before_anything_runs() {
         let s = Setup::new("hello");
-        let err = s.run(&["gen.txet=\"x\""]).err().expect("unknown param accepted");
+        let err = s
+            .run(&["gen.txet=\"x\""])
+            .expect_err("unknown param accepted");
         assert_eq!(err.exit_code(), 2);
         assert!(err.to_string().contains("unknown field `txet`"), "{err}");
-        let err = s.run(&["use.fail=3"]).err().expect("wrong type accepted");
+        let err = s.run(&["use.fail=3"]).expect_err("wrong type accepted");
         assert_eq!(err.exit_code(), 2);
-        assert!(err.to_string().contains("stage `use` (kind `echo`)"), "{err}");
+        assert!(
+            err.to_string().contains("stage `use` (kind `echo`)"),
+            "{err}"
+        );
         assert_eq!(s.runs(), 0);
     }
 

@@ -79,7 +79,11 @@ fn write_canonical(value: &serde_json::Value, out: &mut String) {
             out.push(']');
         }
         Value::Object(map) => {
-            let mut keys: Vec<&String> = map.iter().filter(|(_, v)| !v.is_null()).map(|(k, _)| k).collect();
+            let mut keys: Vec<&String> = map
+                .iter()
+                .filter(|(_, v)| !v.is_null())
+                .map(|(k, _)| k)
+                .collect();
             keys.sort();
             out.push('{');
             for (i, key) in keys.iter().enumerate() {
@@ -96,7 +100,12 @@ fn write_canonical(value: &serde_json::Value, out: &mut String) {
 }
 
 /// Differences between two param trees as "path: old -> new" lines.
-pub fn diff_params(prefix: &str, old: &serde_json::Value, new: &serde_json::Value, out: &mut Vec<String>) {
+pub fn diff_params(
+    prefix: &str,
+    old: &serde_json::Value,
+    new: &serde_json::Value,
+    out: &mut Vec<String>,
+) {
     use serde_json::Value;
     match (old, new) {
         (Value::Object(a), Value::Object(b)) => {
@@ -104,14 +113,24 @@ pub fn diff_params(prefix: &str, old: &serde_json::Value, new: &serde_json::Valu
             keys.sort();
             keys.dedup();
             for key in keys {
-                let path = if prefix.is_empty() { key.clone() } else { format!("{prefix}.{key}") };
+                let path = if prefix.is_empty() {
+                    key.clone()
+                } else {
+                    format!("{prefix}.{key}")
+                };
                 let a = a.get(key).unwrap_or(&Value::Null);
                 let b = b.get(key).unwrap_or(&Value::Null);
                 diff_params(&path, a, b, out);
             }
         }
         (a, b) if canonical(a) != canonical(b) => {
-            let show = |v: &Value| if v.is_null() { "(unset)".to_string() } else { v.to_string() };
+            let show = |v: &Value| {
+                if v.is_null() {
+                    "(unset)".to_string()
+                } else {
+                    v.to_string()
+                }
+            };
             out.push(format!("{prefix}: {} -> {}", show(a), show(b)));
         }
         _ => {}
@@ -145,21 +164,38 @@ mod tests {
 
     #[test]
     fn values_and_types_matter() {
-        assert_ne!(recipe_hash(&json!({"lr": 0.1})), recipe_hash(&json!({"lr": 0.01})));
-        assert_ne!(recipe_hash(&json!({"epochs": 1})), recipe_hash(&json!({"epochs": 1.0})));
-        assert_ne!(recipe_hash(&json!({"name": "1"})), recipe_hash(&json!({"name": 1})));
-        assert_ne!(recipe_hash(&json!({"a": [1, 2]})), recipe_hash(&json!({"a": [2, 1]})));
+        assert_ne!(
+            recipe_hash(&json!({"lr": 0.1})),
+            recipe_hash(&json!({"lr": 0.01}))
+        );
+        assert_ne!(
+            recipe_hash(&json!({"epochs": 1})),
+            recipe_hash(&json!({"epochs": 1.0}))
+        );
+        assert_ne!(
+            recipe_hash(&json!({"name": "1"})),
+            recipe_hash(&json!({"name": 1}))
+        );
+        assert_ne!(
+            recipe_hash(&json!({"a": [1, 2]})),
+            recipe_hash(&json!({"a": [2, 1]}))
+        );
     }
 
     #[test]
     fn unset_options_equal_absent_keys() {
-        assert_eq!(canonical(&json!({"a": 1, "b": null})), canonical(&json!({"a": 1})));
+        assert_eq!(
+            canonical(&json!({"a": 1, "b": null})),
+            canonical(&json!({"a": 1}))
+        );
     }
 
     #[test]
     fn toml_formatting_and_comments_do_not_matter() {
         let a: toml::Table = toml::from_str("lr = 1e-4\nepochs = 5\n[opt]\nname = 'adam'").unwrap();
-        let b: toml::Table = toml::from_str("# tuned\nopt = { name = \"adam\" }\nepochs=5\nlr = 0.0001 # small").unwrap();
+        let b: toml::Table =
+            toml::from_str("# tuned\nopt = { name = \"adam\" }\nepochs=5\nlr = 0.0001 # small")
+                .unwrap();
         let a = serde_json::to_value(a).unwrap();
         let b = serde_json::to_value(b).unwrap();
         assert_eq!(recipe_hash(&a), recipe_hash(&b));
@@ -171,23 +207,84 @@ mod tests {
         let none = BTreeMap::new();
         let mut up = BTreeMap::new();
         up.insert("a".to_string(), "00".to_string());
-        let base = Recipe { kind: "k", version: 1, params: &params, seed: Some(1), upstream: &none, deps_digest: "" };
+        let base = Recipe {
+            kind: "k",
+            version: 1,
+            params: &params,
+            seed: Some(1),
+            upstream: &none,
+            deps_digest: "",
+        };
         let h = fingerprint(&base);
         assert_ne!(h, fingerprint(&Recipe { kind: "j", ..base }));
-        let base = Recipe { kind: "k", version: 1, params: &params, seed: Some(1), upstream: &none, deps_digest: "" };
+        let base = Recipe {
+            kind: "k",
+            version: 1,
+            params: &params,
+            seed: Some(1),
+            upstream: &none,
+            deps_digest: "",
+        };
         assert_ne!(h, fingerprint(&Recipe { version: 2, ..base }));
-        let base = Recipe { kind: "k", version: 1, params: &params, seed: Some(1), upstream: &none, deps_digest: "" };
-        assert_ne!(h, fingerprint(&Recipe { seed: Some(2), ..base }));
-        let base = Recipe { kind: "k", version: 1, params: &params, seed: Some(1), upstream: &none, deps_digest: "" };
-        assert_ne!(h, fingerprint(&Recipe { upstream: &up, ..base }));
-        let base = Recipe { kind: "k", version: 1, params: &params, seed: Some(1), upstream: &none, deps_digest: "" };
-        assert_ne!(h, fingerprint(&Recipe { deps_digest: "x", ..base }));
+        let base = Recipe {
+            kind: "k",
+            version: 1,
+            params: &params,
+            seed: Some(1),
+            upstream: &none,
+            deps_digest: "",
+        };
+        assert_ne!(
+            h,
+            fingerprint(&Recipe {
+                seed: Some(2),
+                ..base
+            })
+        );
+        let base = Recipe {
+            kind: "k",
+            version: 1,
+            params: &params,
+            seed: Some(1),
+            upstream: &none,
+            deps_digest: "",
+        };
+        assert_ne!(
+            h,
+            fingerprint(&Recipe {
+                upstream: &up,
+                ..base
+            })
+        );
+        let base = Recipe {
+            kind: "k",
+            version: 1,
+            params: &params,
+            seed: Some(1),
+            upstream: &none,
+            deps_digest: "",
+        };
+        assert_ne!(
+            h,
+            fingerprint(&Recipe {
+                deps_digest: "x",
+                ..base
+            })
+        );
     }
 
     #[test]
     fn diff_names_changed_paths() {
         let mut out = Vec::new();
-        diff_params("params", &json!({"lr": 0.0001, "opt": {"name": "adam"}}), &json!({"lr": 0.001, "opt": {"name": "adam"}, "x": 1}), &mut out);
-        assert_eq!(out, vec!["params.lr: 0.0001 -> 0.001", "params.x: (unset) -> 1"]);
+        diff_params(
+            "params",
+            &json!({"lr": 0.0001, "opt": {"name": "adam"}}),
+            &json!({"lr": 0.001, "opt": {"name": "adam"}, "x": 1}),
+            &mut out,
+        );
+        assert_eq!(
+            out,
+            vec!["params.lr: 0.0001 -> 0.001", "params.x: (unset) -> 1"]
+        );
     }
 }

@@ -68,7 +68,15 @@ pub fn read(path: &Path) -> (LockFile, Option<String>) {
     let text = match std::fs::read_to_string(path) {
         Ok(t) => t,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return (LockFile::default(), None),
-        Err(e) => return (LockFile::default(), Some(format!("cannot read {}: {e}; treating every stage as stale", path.display()))),
+        Err(e) => {
+            return (
+                LockFile::default(),
+                Some(format!(
+                    "cannot read {}: {e}; treating every stage as stale",
+                    path.display()
+                )),
+            )
+        }
     };
     match toml::from_str::<LockFile>(&text) {
         Ok(lock) if lock.format == LOCK_FORMAT => (lock, None),
@@ -93,7 +101,12 @@ pub fn read(path: &Path) -> (LockFile, Option<String>) {
 
 /// Writes the lock atomically (temp file + rename), so a crash never leaves half a lock.
 pub fn write(path: &Path, lock: &LockFile) -> Result<(), PipeError> {
-    let body = toml::to_string(lock).map_err(|e| PipeError::io(format!("cannot encode {}", path.display()), std::io::Error::other(e)))?;
+    let body = toml::to_string(lock).map_err(|e| {
+        PipeError::io(
+            format!("cannot encode {}", path.display()),
+            std::io::Error::other(e),
+        )
+    })?;
     let tmp = path.with_extension("lock.tmp");
     let result = (|| {
         let mut f = std::fs::File::create(&tmp)?;
@@ -129,6 +142,10 @@ fn json_to_toml(value: &serde_json::Value) -> Option<toml::Value> {
         },
         Value::String(s) => toml::Value::String(s.clone()),
         Value::Array(items) => toml::Value::Array(items.iter().filter_map(json_to_toml).collect()),
-        Value::Object(map) => toml::Value::Table(map.iter().filter_map(|(k, v)| Some((k.clone(), json_to_toml(v)?))).collect()),
+        Value::Object(map) => toml::Value::Table(
+            map.iter()
+                .filter_map(|(k, v)| Some((k.clone(), json_to_toml(v)?)))
+                .collect(),
+        ),
     })
 }

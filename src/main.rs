@@ -26,7 +26,11 @@ use crate::progress::Console;
 use crate::registry::Registry;
 
 #[derive(Parser)]
-#[command(name = "fmnist-pipe", version, about = "Declarative, incremental pipeline orchestrator for a Fashion-MNIST study")]
+#[command(
+    name = "fmnist-pipe",
+    version,
+    about = "Declarative, incremental pipeline orchestrator for a Fashion-MNIST study"
+)]
 struct Cli {
     /// The pipeline file; its folder is the workspace (artifacts/, pipeline.lock).
     #[arg(long, short = 'f', global = true, default_value = "pipeline.toml")]
@@ -96,7 +100,9 @@ fn main() {
     };
     if cli.verbose {
         tracing_subscriber::fmt()
-            .with_env_filter(tracing_subscriber::EnvFilter::new("fmnist_pipe=debug,fmnist_stages=debug"))
+            .with_env_filter(tracing_subscriber::EnvFilter::new(
+                "fmnist_pipe=debug,fmnist_stages=debug",
+            ))
             .with_writer(std::io::stderr)
             .init();
     }
@@ -115,7 +121,8 @@ fn dispatch(cli: Cli) -> Result<(), PipeError> {
             sets,
             jobs,
         } => {
-            let overrides: Vec<Override> = sets.iter().map(|s| s.parse()).collect::<Result<_, _>>()?;
+            let overrides: Vec<Override> =
+                sets.iter().map(|s| s.parse()).collect::<Result<_, _>>()?;
             let mut ws = Workspace::load(&cli.file, &overrides, Registry::builtins())?;
             let targets = ws.targets(&stages)?;
             let cancel = Arc::new(AtomicBool::new(false));
@@ -126,7 +133,11 @@ fn dispatch(cli: Cli) -> Result<(), PipeError> {
                     std::process::exit(130);
                 }
             });
-            let jobs = jobs.unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1));
+            let jobs = jobs.unwrap_or_else(|| {
+                std::thread::available_parallelism()
+                    .map(|n| n.get())
+                    .unwrap_or(1)
+            });
             if jobs == 0 {
                 return Err(PipeError::Config("-j must be at least 1".to_string()));
             }

@@ -45,7 +45,12 @@ fn mtime_ns(meta: &std::fs::Metadata) -> i64 {
 
 /// Lists the files under `rel` (a file or a folder) as records, sorted; `shown_as` is the
 /// workspace-relative name the records carry (differs from `rel` for a staging folder).
-fn list(root: &Path, rel: &str, shown_as: &str, out: &mut Vec<(String, u64, i64)>) -> std::io::Result<bool> {
+fn list(
+    root: &Path,
+    rel: &str,
+    shown_as: &str,
+    out: &mut Vec<(String, u64, i64)>,
+) -> std::io::Result<bool> {
     let path = root.join(rel);
     let meta = match std::fs::metadata(&path) {
         Ok(m) => m,
@@ -58,7 +63,12 @@ fn list(root: &Path, rel: &str, shown_as: &str, out: &mut Vec<(String, u64, i64)
             .collect::<Result<_, _>>()?;
         children.sort();
         for child in children {
-            list(root, &format!("{rel}/{child}"), &format!("{shown_as}/{child}"), out)?;
+            list(
+                root,
+                &format!("{rel}/{child}"),
+                &format!("{shown_as}/{child}"),
+                out,
+            )?;
         }
     } else {
         out.push((shown_as.to_string(), meta.len(), mtime_ns(&meta)));
@@ -69,12 +79,24 @@ fn list(root: &Path, rel: &str, shown_as: &str, out: &mut Vec<(String, u64, i64)
 /// Records for every file under each of `paths` (workspace-relative). A path that does not
 /// exist gives one record with hash [`MISSING`]. Files whose size and mtime match `previous`
 /// keep their recorded hash.
-pub fn scan(root: &Path, paths: &[String], previous: &[FileRecord]) -> std::io::Result<Vec<FileRecord>> {
-    scan_as(root, paths.iter().map(|p| (p.as_str(), p.as_str())), previous)
+pub fn scan(
+    root: &Path,
+    paths: &[String],
+    previous: &[FileRecord],
+) -> std::io::Result<Vec<FileRecord>> {
+    scan_as(
+        root,
+        paths.iter().map(|p| (p.as_str(), p.as_str())),
+        previous,
+    )
 }
 
 /// Like [`scan`] for pairs (where the files are now, the name they are recorded under).
-pub fn scan_as<'a>(root: &Path, paths: impl IntoIterator<Item = (&'a str, &'a str)>, previous: &[FileRecord]) -> std::io::Result<Vec<FileRecord>> {
+pub fn scan_as<'a>(
+    root: &Path,
+    paths: impl IntoIterator<Item = (&'a str, &'a str)>,
+    previous: &[FileRecord],
+) -> std::io::Result<Vec<FileRecord>> {
     let mut found = Vec::new();
     let mut missing = Vec::new();
     let mut locations = HashMap::new();
@@ -93,10 +115,17 @@ pub fn scan_as<'a>(root: &Path, paths: impl IntoIterator<Item = (&'a str, &'a st
         .into_par_iter()
         .map(|(path, size, mtime_ns)| {
             let blake3 = match known.get(path.as_str()) {
-                Some(r) if r.size == size && r.mtime_ns == mtime_ns && r.blake3 != MISSING => r.blake3.clone(),
+                Some(r) if r.size == size && r.mtime_ns == mtime_ns && r.blake3 != MISSING => {
+                    r.blake3.clone()
+                }
                 _ => hash_file(&root.join(&locations[&path]))?,
             };
-            Ok(FileRecord { path, size, mtime_ns, blake3 })
+            Ok(FileRecord {
+                path,
+                size,
+                mtime_ns,
+                blake3,
+            })
         })
         .collect::<std::io::Result<_>>()?;
     records.extend(missing.into_iter().map(|path| FileRecord {

@@ -16,7 +16,9 @@ pub struct Console {
 
 impl Console {
     pub fn new() -> Self {
-        let multi = std::io::stdout().is_terminal().then(|| MultiProgress::with_draw_target(ProgressDrawTarget::stdout()));
+        let multi = std::io::stdout()
+            .is_terminal()
+            .then(|| MultiProgress::with_draw_target(ProgressDrawTarget::stdout()));
         Console { multi }
     }
 
@@ -91,7 +93,11 @@ impl Progress for StageProgress<'_> {
                 ..PhaseState::default()
             };
             if let Some(multi) = &self.console.multi {
-                let bar = if total > 0 { ProgressBar::new(total) } else { ProgressBar::new_spinner() };
+                let bar = if total > 0 {
+                    ProgressBar::new(total)
+                } else {
+                    ProgressBar::new_spinner()
+                };
                 let template = if total > 0 {
                     "[{prefix}] {wide_msg} {bar:30} {pos}/{len} {unit} ({eta})"
                 } else {
@@ -117,9 +123,20 @@ impl Progress for StageProgress<'_> {
                 bar.inc(done);
             } else if s.last_line.is_none_or(|t| t.elapsed() >= PLAIN_INTERVAL) {
                 s.last_line = Some(Instant::now());
-                let of = if s.total > 0 { format!("/{}", s.total) } else { String::new() };
-                let msg = if s.message.is_empty() { String::new() } else { format!(" {}", s.message) };
-                line = Some(format!("[{}] {} {}{of} {}{msg}", self.name, s.phase, s.done, s.unit));
+                let of = if s.total > 0 {
+                    format!("/{}", s.total)
+                } else {
+                    String::new()
+                };
+                let msg = if s.message.is_empty() {
+                    String::new()
+                } else {
+                    format!(" {}", s.message)
+                };
+                line = Some(format!(
+                    "[{}] {} {}{of} {}{msg}",
+                    self.name, s.phase, s.done, s.unit
+                ));
             }
         });
         if let Some(line) = line {

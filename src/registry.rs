@@ -31,6 +31,8 @@ pub struct Validated {
 /// Wires a stage module (`VERSION`, `Params`, `run`) as a kind. The stage's table (minus
 /// `kind` and `needs`) is deserialized into `P`, so unknown or wrong-typed params are config
 /// errors before anything runs, and the resolved `P` (defaults included) is what gets hashed.
+// Unused until the stage kinds are registered in `Registry::builtins`.
+#[allow(dead_code)]
 pub fn builtin<P>(
     name: &'static str,
     version: u32,
@@ -45,6 +47,7 @@ where
 
 /// Like [`builtin`], with a check of the deserialized params (value ranges, combinations)
 /// whose error is reported as a config error.
+#[allow(dead_code)]
 pub fn builtin_checked<P, E>(
     name: &'static str,
     version: u32,
@@ -72,8 +75,10 @@ where
     }
 }
 
+#[allow(dead_code)]
 fn parse<P: DeserializeOwned>(table: &toml::Table) -> Result<P, String> {
-    P::deserialize(toml::Value::Table(table.clone())).map_err(|e| e.message().trim().replace('\n', " "))
+    P::deserialize(toml::Value::Table(table.clone()))
+        .map_err(|e| e.message().trim().replace('\n', " "))
 }
 
 impl Kind {

@@ -46,7 +46,11 @@ impl Workspace {
     }
 
     fn pipe(&self, args: &[&str]) -> Output {
-        Command::new(BIN).args(args).current_dir(self.dir.path()).output().expect("run fmnist-pipe")
+        Command::new(BIN)
+            .args(args)
+            .current_dir(self.dir.path())
+            .output()
+            .expect("run fmnist-pipe")
     }
 
     /// Runs and returns the stages executed by this call, in order.
@@ -78,7 +82,11 @@ impl Workspace {
 }
 
 fn text(out: &Output) -> String {
-    format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr))
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
 }
 
 fn sorted(mut v: Vec<String>) -> Vec<String> {
@@ -99,7 +107,12 @@ fn diamond_runs_each_stage_once_then_nothing() {
     let out = ws.pipe(&["run"]);
     assert_eq!(out.status.code(), Some(0));
     assert_eq!(ws.runs().len(), 4, "second run executed something");
-    assert_eq!(text(&out).matches("up to date").count(), 4, "{}", text(&out));
+    assert_eq!(
+        text(&out).matches("up to date").count(),
+        4,
+        "{}",
+        text(&out)
+    );
 }
 
 #[test]
@@ -134,10 +147,18 @@ fn deleted_output_reruns_only_its_stage() {
     ws.run_ok(&[]);
     std::fs::remove_file(ws.path("d.txt")).expect("remove d.txt");
     let status = ws.pipe(&["status"]);
-    assert!(text(&status).contains("output missing: d.txt"), "{}", text(&status));
+    assert!(
+        text(&status).contains("output missing: d.txt"),
+        "{}",
+        text(&status)
+    );
     // The cache holds d's outputs for this very fingerprint, so it comes back without work.
     let out = ws.pipe(&["run"]);
-    assert!(text(&out).contains("d: restored from cache"), "{}", text(&out));
+    assert!(
+        text(&out).contains("d: restored from cache"),
+        "{}",
+        text(&out)
+    );
     assert_eq!(ws.runs().len(), 4);
     assert_eq!(ws.read("d.txt"), "A\nB\nA\n");
 
@@ -153,21 +174,35 @@ fn failing_stage_keeps_previous_outputs_and_lock_entry() {
     let ws = Workspace::new(DIAMOND);
     ws.run_ok(&[]);
     let lock_before = ws.read("pipeline.lock");
-    ws.edit("cat b.txt c/out.txt > d.txt", "echo half > d.txt; echo boom >&2; exit 3");
+    ws.edit(
+        "cat b.txt c/out.txt > d.txt",
+        "echo half > d.txt; echo boom >&2; exit 3",
+    );
     let out = ws.pipe(&["run"]);
     assert_eq!(out.status.code(), Some(1), "{}", text(&out));
     let shown = text(&out);
     assert!(shown.contains("boom"), "log tail not shown:\n{shown}");
     assert!(shown.contains("exit status 3"), "{shown}");
-    assert_eq!(ws.read("d.txt"), "A\nB\nA\n", "previous output not restored");
-    assert_eq!(ws.read("pipeline.lock"), lock_before, "lock changed after a failure");
+    assert_eq!(
+        ws.read("d.txt"),
+        "A\nB\nA\n",
+        "previous output not restored"
+    );
+    assert_eq!(
+        ws.read("pipeline.lock"),
+        lock_before,
+        "lock changed after a failure"
+    );
     assert!(ws.read("artifacts/.logs/d.log").contains("boom"));
 }
 
 #[test]
 fn failure_stops_downstream() {
     let ws = Workspace::new(DIAMOND);
-    ws.edit("echo a >> runs.log; echo A > a.txt", "echo a >> runs.log; exit 1");
+    ws.edit(
+        "echo a >> runs.log; echo A > a.txt",
+        "echo a >> runs.log; exit 1",
+    );
     let out = ws.pipe(&["run"]);
     assert_eq!(out.status.code(), Some(1));
     assert_eq!(ws.runs(), ["a"]);
@@ -179,7 +214,11 @@ fn missing_declared_output_is_a_failure() {
     let ws = Workspace::new("[stages.x]\ncmd = 'true'\nouts = ['never.txt']\n");
     let out = ws.pipe(&["run"]);
     assert_eq!(out.status.code(), Some(1));
-    assert!(text(&out).contains("did not write its declared output `never.txt`"), "{}", text(&out));
+    assert!(
+        text(&out).contains("did not write its declared output `never.txt`"),
+        "{}",
+        text(&out)
+    );
 }
 
 #[test]
@@ -193,8 +232,18 @@ fn reverting_a_change_restores_from_cache() {
     let before = ws.runs().len();
     let out = ws.pipe(&["run"]);
     assert_eq!(out.status.code(), Some(0), "{}", text(&out));
-    assert_eq!(ws.runs().len(), before, "a reverted stage was executed:\n{}", text(&out));
-    assert_eq!(text(&out).matches("restored from cache").count(), 4, "{}", text(&out));
+    assert_eq!(
+        ws.runs().len(),
+        before,
+        "a reverted stage was executed:\n{}",
+        text(&out)
+    );
+    assert_eq!(
+        text(&out).matches("restored from cache").count(),
+        4,
+        "{}",
+        text(&out)
+    );
     assert_eq!(ws.read("d.txt"), "A\nB\nA\n");
     assert_eq!(ws.read("c/out.txt"), "A\n");
     // And the restored state is recorded: nothing left to do.
@@ -238,13 +287,24 @@ fn status_explains_staleness() {
     std::fs::write(ws.path("a.txt"), "edited\n").expect("edit a.txt");
     let shown = text(&ws.pipe(&["status"]));
     assert!(shown.contains("output modified: a.txt"), "{shown}");
-    assert!(shown.contains(r#"params.cmd: "echo b >> runs.log; cat a.txt > b.txt; echo B >> b.txt" -> "#), "{shown}");
+    assert!(
+        shown.contains(
+            r#"params.cmd: "echo b >> runs.log; cat a.txt > b.txt; echo B >> b.txt" -> "#
+        ),
+        "{shown}"
+    );
     assert!(shown.contains("dep modified: a.txt"), "{shown}");
     assert!(shown.contains("upstream `a` is stale"), "{shown}");
 
     let json = ws.pipe(&["status", "--json"]);
-    let report: serde_json::Value = serde_json::from_slice(&json.stdout).expect("status --json is JSON");
-    let states: Vec<&str> = report.as_array().expect("array").iter().filter_map(|s| s["state"].as_str()).collect();
+    let report: serde_json::Value =
+        serde_json::from_slice(&json.stdout).expect("status --json is JSON");
+    let states: Vec<&str> = report
+        .as_array()
+        .expect("array")
+        .iter()
+        .filter_map(|s| s["state"].as_str())
+        .collect();
     assert_eq!(states, ["stale", "stale", "stale", "stale"]);
 }
 
@@ -252,7 +312,8 @@ fn status_explains_staleness() {
 fn damaged_lock_warns_and_reruns() {
     let ws = Workspace::new(DIAMOND);
     ws.run_ok(&[]);
-    std::fs::write(ws.path("pipeline.lock"), "format = 1\n[stages.a\ngarbage").expect("damage lock");
+    std::fs::write(ws.path("pipeline.lock"), "format = 1\n[stages.a\ngarbage")
+        .expect("damage lock");
     let out = ws.pipe(&["run"]);
     assert_eq!(out.status.code(), Some(0), "{}", text(&out));
     assert!(text(&out).contains("warning: "), "{}", text(&out));
@@ -271,7 +332,11 @@ fn second_run_is_refused_while_one_holds_the_workspace() {
     assert!(held.try_lock_exclusive().expect("lock"));
     let out = ws.pipe(&["run"]);
     assert_eq!(out.status.code(), Some(2));
-    assert!(text(&out).contains("a run is already in progress"), "{}", text(&out));
+    assert!(
+        text(&out).contains("a run is already in progress"),
+        "{}",
+        text(&out)
+    );
     assert!(ws.runs().is_empty());
 }
 
@@ -281,9 +346,15 @@ fn dag_formats() {
     let textual = text(&ws.pipe(&["dag"]));
     assert!(textual.contains("d  [cmd]  <- b, c"), "{textual}");
     let dot = text(&ws.pipe(&["dag", "--format", "dot"]));
-    assert!(dot.starts_with("digraph pipeline {") && dot.contains("\"a\" -> \"c\";"), "{dot}");
+    assert!(
+        dot.starts_with("digraph pipeline {") && dot.contains("\"a\" -> \"c\";"),
+        "{dot}"
+    );
     let mermaid = text(&ws.pipe(&["dag", "--format", "mermaid"]));
-    assert!(mermaid.starts_with("flowchart TD") && mermaid.contains("s0 --> s1"), "{mermaid}");
+    assert!(
+        mermaid.starts_with("flowchart TD") && mermaid.contains("s0 --> s1"),
+        "{mermaid}"
+    );
 }
 
 #[test]
@@ -294,7 +365,11 @@ fn clean_removes_outputs_and_run_restores_them() {
     assert_eq!(out.status.code(), Some(0), "{}", text(&out));
     assert!(!ws.path("c").exists());
     let out = ws.pipe(&["run"]);
-    assert!(text(&out).contains("c: restored from cache"), "{}", text(&out));
+    assert!(
+        text(&out).contains("c: restored from cache"),
+        "{}",
+        text(&out)
+    );
     assert_eq!(ws.runs().len(), 4);
     let out = ws.pipe(&["gc"]);
     assert_eq!(out.status.code(), Some(0), "{}", text(&out));
@@ -304,35 +379,106 @@ fn clean_removes_outputs_and_run_restores_them() {
 #[test]
 fn bad_input_exits_2_with_one_clear_message() {
     let cases: &[(&str, &[&str], &[&str])] = &[
-        ("[stages.a]\ncmd = 'true'\nout = ['x']\n", &["run"], &["pipeline.toml:3", "unknown key `out`", "did you mean `outs`"]),
-        ("[stages.a]\ncmd = 'true'\nneeds = ['nope']\n", &["run"], &["pipeline.toml:3", "needs `nope`, which is no stage"]),
+        (
+            "[stages.a]\ncmd = 'true'\nout = ['x']\n",
+            &["run"],
+            &[
+                "pipeline.toml:3",
+                "unknown key `out`",
+                "did you mean `outs`",
+            ],
+        ),
+        (
+            "[stages.a]\ncmd = 'true'\nneeds = ['nope']\n",
+            &["run"],
+            &["pipeline.toml:3", "needs `nope`, which is no stage"],
+        ),
         (
             "[stages.a]\ncmd = 'true'\nneeds = ['b']\n[stages.b]\ncmd = 'true'\nneeds = ['a']\n",
             &["run"],
             &["dependency cycle: a -> b -> a"],
         ),
-        ("[stages.a]\ncmd = 'true'\nkind = 'train'\n", &["run"], &["pipeline.toml:1", "both `kind` and `cmd`"]),
-        ("[stages.a]\nouts = ['x']\n", &["run"], &["pipeline.toml:1", "neither `kind` nor `cmd`"]),
-        ("[stages.a]\nkind = 'trian'\n", &["run"], &["pipeline.toml:2", "unknown kind `trian`", "known kinds"]),
-        ("[stages.a]\ncmd = 'true'\nouts = 'x'\n", &["run"], &["pipeline.toml:3", "`outs`", "must be an array"]),
-        ("[pipeline]\nseed = 'x'\n[stages.a]\ncmd = 'true'\n", &["run"], &["pipeline.toml:2", "`seed`", "non-negative integer"]),
-        ("[pipeline]\nsede = 1\n[stages.a]\ncmd = 'true'\n", &["run"], &["unknown key `sede`", "did you mean `seed`"]),
-        ("[stages.a]\ncmd = 'true'\n", &["run", "--stage", "b"], &["--stage: no stage named `b`"]),
-        ("[stages.alpha]\ncmd = 'true'\n", &["run", "--set", "alpah.cmd=x"], &["no stage named `alpah`", "did you mean `alpha`"]),
-        ("[stages.a]\ncmd = 'true'\n", &["run", "--set", "a.cmd"], &["malformed --set `a.cmd`"]),
-        ("[stages.a]\ncmd = 'true'\n", &["run", "--set", "cmd=x"], &["malformed --set `cmd=x`"]),
-        ("[stages.a]\ncmd = 'true'\n", &["run", "--set", "a.cmd=1"], &["`cmd`", "must be a string", "--set `a.cmd=1`"]),
+        (
+            "[stages.a]\ncmd = 'true'\nkind = 'train'\n",
+            &["run"],
+            &["pipeline.toml:1", "both `kind` and `cmd`"],
+        ),
+        (
+            "[stages.a]\nouts = ['x']\n",
+            &["run"],
+            &["pipeline.toml:1", "neither `kind` nor `cmd`"],
+        ),
+        (
+            "[stages.a]\nkind = 'trian'\n",
+            &["run"],
+            &["pipeline.toml:2", "unknown kind `trian`", "known kinds"],
+        ),
+        (
+            "[stages.a]\ncmd = 'true'\nouts = 'x'\n",
+            &["run"],
+            &["pipeline.toml:3", "`outs`", "must be an array"],
+        ),
+        (
+            "[pipeline]\nseed = 'x'\n[stages.a]\ncmd = 'true'\n",
+            &["run"],
+            &["pipeline.toml:2", "`seed`", "non-negative integer"],
+        ),
+        (
+            "[pipeline]\nsede = 1\n[stages.a]\ncmd = 'true'\n",
+            &["run"],
+            &["unknown key `sede`", "did you mean `seed`"],
+        ),
+        (
+            "[stages.a]\ncmd = 'true'\n",
+            &["run", "--stage", "b"],
+            &["--stage: no stage named `b`"],
+        ),
+        (
+            "[stages.alpha]\ncmd = 'true'\n",
+            &["run", "--set", "alpah.cmd=x"],
+            &["no stage named `alpah`", "did you mean `alpha`"],
+        ),
+        (
+            "[stages.a]\ncmd = 'true'\n",
+            &["run", "--set", "a.cmd"],
+            &["malformed --set `a.cmd`"],
+        ),
+        (
+            "[stages.a]\ncmd = 'true'\n",
+            &["run", "--set", "cmd=x"],
+            &["malformed --set `cmd=x`"],
+        ),
+        (
+            "[stages.a]\ncmd = 'true'\n",
+            &["run", "--set", "a.cmd=1"],
+            &["`cmd`", "must be a string", "--set `a.cmd=1`"],
+        ),
         ("[stages.a\ncmd = 'true'\n", &["run"], &["pipeline.toml:1"]),
-        ("[stages.a]\ncmd = 'true'\n", &["run", "--file", "missing.toml"], &["missing.toml not found"]),
-        ("[stages.a]\ncmd = 'true'\n", &["run", "--bogus"], &["--bogus"]),
+        (
+            "[stages.a]\ncmd = 'true'\n",
+            &["run", "--file", "missing.toml"],
+            &["missing.toml not found"],
+        ),
+        (
+            "[stages.a]\ncmd = 'true'\n",
+            &["run", "--bogus"],
+            &["--bogus"],
+        ),
     ];
     for (pipeline, args, fragments) in cases {
         let ws = Workspace::new(pipeline);
         let out = ws.pipe(args);
         let shown = text(&out);
-        assert_eq!(out.status.code(), Some(2), "{args:?} on {pipeline:?}:\n{shown}");
+        assert_eq!(
+            out.status.code(),
+            Some(2),
+            "{args:?} on {pipeline:?}:\n{shown}"
+        );
         for fragment in *fragments {
-            assert!(shown.contains(fragment), "{args:?} on {pipeline:?}: no `{fragment}` in:\n{shown}");
+            assert!(
+                shown.contains(fragment),
+                "{args:?} on {pipeline:?}: no `{fragment}` in:\n{shown}"
+            );
         }
         assert!(!shown.contains("panicked"), "{shown}");
         assert!(ws.runs().is_empty());
@@ -356,10 +502,15 @@ fn interrupt_exits_130_and_keeps_previous_outputs() {
     while ws.runs().is_empty() && started.elapsed() < std::time::Duration::from_secs(10) {
         std::thread::sleep(std::time::Duration::from_millis(20));
     }
-    let status = Command::new("kill").args(["-INT", &child.id().to_string()]).status().expect("kill");
+    let status = Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .expect("kill");
     assert!(status.success());
     let out = child.wait_with_output().expect("wait");
     assert_eq!(out.status.code(), Some(130), "{}", text(&out));
     assert_eq!(ws.read("out.txt"), "old\n");
-    assert!(!ws.path("pipeline.lock").exists() || !ws.read("pipeline.lock").contains("[stages.slow]"));
+    assert!(
+        !ws.path("pipeline.lock").exists() || !ws.read("pipeline.lock").contains("[stages.slow]")
+    );
 }
