@@ -862,7 +862,12 @@ fn run_command(
         pause = (pause * 2).min(Duration::from_millis(50));
     };
     if !status.success() {
-        if shared.cancel.load(Ordering::Relaxed) {
+        // Ctrl-C on a terminal reaches the command too; it may die before our flag is set.
+        let killed_by_sigint = {
+            use std::os::unix::process::ExitStatusExt;
+            status.signal() == Some(2)
+        };
+        if killed_by_sigint || shared.cancel.load(Ordering::Relaxed) {
             backup.restore();
             return Err(StageEnd::Interrupted);
         }
