@@ -898,6 +898,9 @@ fn run_command(
 fn log_tail(path: &Path, lines: usize) -> String {
     let text = std::fs::read_to_string(path).unwrap_or_default();
     let all: Vec<&str> = text.lines().collect();
+    if all.is_empty() {
+        return "    (the command printed nothing)".to_string();
+    }
     let start = all.len().saturating_sub(lines);
     all[start..]
         .iter()

@@ -514,3 +514,34 @@ fn interrupt_exits_130_and_keeps_previous_outputs() {
         !ws.path("pipeline.lock").exists() || !ws.read("pipeline.lock").contains("[stages.slow]")
     );
 }
+
+/// b and c each wait for the other's marker: they only both succeed when run at once.
+#[test]
+fn independent_stages_run_in_parallel() {
+    let wait_for = |me: &str, other: &str| {
+        format!(
+            "touch {me}.started; i=0; while [ ! -e {other}.started ] && [ $i -lt 100 ]; do sleep 0.05; i=$((i+1)); done; test -e {other}.started && echo {me} > {me}.txt"
+        )
+    };
+    let pipeline = format!(
+        "[stages.b]\ncmd = '{}'\nouts = ['b.txt']\n[stages.c]\ncmd = '{}'\nouts = ['c.txt']\n",
+        wait_for("b", "c"),
+        wait_for("c", "b")
+    );
+    let ws = Workspace::new(&pipeline);
+    let out = ws.pipe(&["run", "-j", "2"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    assert_eq!(ws.read("b.txt"), "b\n");
+    assert_eq!(ws.read("c.txt"), "c\n");
+}
+
+#[test]
+fn status_names_changed_upstream_outputs() {
+    let ws = Workspace::new(DIAMOND);
+    ws.run_ok(&[]);
+    ws.edit("cat a.txt > c/out.txt", "echo other > c/out.txt");
+    assert_eq!(ws.run_ok(&["--stage", "c"]), ["c"]);
+    let shown = text(&ws.pipe(&["status"]));
+    assert!(shown.contains("input changed: outputs of `c`"), "{shown}");
+    assert_eq!(shown.matches("up to date").count(), 3, "{shown}");
+}
