@@ -335,6 +335,10 @@ pub fn run(
     } else {
         Some(RunGuard::acquire(&artifacts)?)
     };
+    if !opts.dry_run {
+        // Holding the run lock, anything in .tmp is a leftover of a crashed run.
+        let _ = remove_path(&artifacts.join(".tmp"));
+    }
     let selected = ws.dag.select(&opts.targets);
     let force: BTreeSet<usize> = match (opts.force, opts.targets.is_empty()) {
         (false, _) => BTreeSet::new(),
