@@ -1,1 +1,199 @@
-fn main() {}
+//! fmnist-pipe: the command line. Parses arguments, loads the workspace and hands over to the
+//! executor; maps every error class to its exit code (0 ok, 1 stage failed, 2 bad usage or
+//! pipeline file or a run in progress, 130 interrupted).
+
+mod cache;
+mod config;
+mod dag;
+mod error;
+mod executor;
+mod fingerprint;
+mod lock;
+mod manifest;
+mod progress;
+mod registry;
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use clap::{Parser, Subcommand, ValueEnum};
+
+use crate::config::Override;
+use crate::error::PipeError;
+use crate::executor::{RunOptions, Workspace};
+use crate::progress::Console;
+use crate::registry::Registry;
+
+#[derive(Parser)]
+#[command(
+    name = "fmnist-pipe",
+    version,
+    about = "Declarative, incremental pipeline orchestrator for a Fashion-MNIST study"
+)]
+struct Cli {
+    /// The pipeline file; its folder is the workspace (artifacts/, pipeline.lock).
+    #[arg(long, short = 'f', global = true, default_value = "pipeline.toml")]
+    file: PathBuf,
+    /// More detail (fingerprints, decisions) on stderr.
+    #[arg(long, short = 'v', global = true)]
+    verbose: bool,
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run every stale stage (or the named ones and what they need).
+    Run {
+        /// Run only this stage and its stale upstream stages (repeatable).
+        #[arg(long = "stage", short = 's', value_name = "NAME")]
+        stages: Vec<String>,
+        /// Run even if up to date (the named stages, or every stage when none is named).
+        #[arg(long)]
+        force: bool,
+        /// Show what would run, and why, without running anything.
+        #[arg(long = "dry-run", short = 'n')]
+        dry_run: bool,
+        /// Override a value of the pipeline file for this run, e.g. train.epochs=3.
+        #[arg(long = "set", value_name = "STAGE.KEY=VALUE")]
+        sets: Vec<String>,
+        /// How many independent stages may run at once (default: number of CPUs).
+        #[arg(long, short = 'j', value_name = "N")]
+        jobs: Option<usize>,
+    },
+    /// Show which stages are up to date and why the others are not.
+    Status {
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print the stage graph.
+    Dag {
+        #[arg(long, value_enum, default_value_t = DagFormat::Text)]
+        format: DagFormat,
+    },
+    /// Delete stage outputs and their lock entries (the run cache keeps a copy).
+    Clean {
+        #[arg(long = "stage", short = 's', value_name = "NAME")]
+        stages: Vec<String>,
+    },
+    /// Drop cached runs the lock no longer refers to.
+    Gc,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum DagFormat {
+    Text,
+    Dot,
+    Mermaid,
+}
+
+fn main() {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            let code = if e.use_stderr() { 2 } else { 0 };
+            let _ = e.print();
+            std::process::exit(code);
+        }
+    };
+    if cli.verbose {
+        tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::new(
+                "fmnist_pipe=debug,fmnist_stages=debug",
+            ))
+            .with_writer(std::io::stderr)
+            .init();
+    }
+    if let Err(e) = dispatch(cli) {
+        eprintln!("error: {e}");
+        std::process::exit(e.exit_code());
+    }
+}
+
+fn dispatch(cli: Cli) -> Result<(), PipeError> {
+    match cli.command {
+        Cmd::Run {
+            stages,
+            force,
+            dry_run,
+            sets,
+            jobs,
+        } => {
+            let overrides: Vec<Override> =
+                sets.iter().map(|s| s.parse()).collect::<Result<_, _>>()?;
+            let mut ws = Workspace::load(&cli.file, &overrides, Registry::builtins())?;
+            let targets = ws.targets(&stages)?;
+            let cancel = Arc::new(AtomicBool::new(false));
+            let flag = Arc::clone(&cancel);
+            // First Ctrl-C: ask stages to stop and keep what finished; second: leave now.
+            let _ = ctrlc::set_handler(move || {
+                if flag.swap(true, Ordering::SeqCst) {
+                    std::process::exit(130);
+                }
+            });
+            let jobs = jobs.unwrap_or_else(|| {
+                std::thread::available_parallelism()
+                    .map(|n| n.get())
+                    .unwrap_or(1)
+            });
+            if jobs == 0 {
+                return Err(PipeError::Config("-j must be at least 1".to_string()));
+            }
+            let opts = RunOptions {
+                targets,
+                force,
+                dry_run,
+                jobs,
+            };
+            executor::run(&mut ws, &opts, &Console::new(), &cancel)
+        }
+        Cmd::Status { json } => {
+            let ws = Workspace::load(&cli.file, &[], Registry::builtins())?;
+            let report = executor::status(&ws)?;
+            if json {
+                let text = serde_json::to_string_pretty(&report)
+                    .map_err(|e| PipeError::io("cannot encode status", std::io::Error::other(e)))?;
+                println!("{text}");
+            } else {
+                let width = report.iter().map(|s| s.stage.len()).max().unwrap_or(0);
+                for s in &report {
+                    println!("{:width$}  {}", s.stage, s.state);
+                    for reason in &s.reasons {
+                        println!("{:width$}    - {reason}", "");
+                    }
+                }
+            }
+            Ok(())
+        }
+        Cmd::Dag { format } => {
+            let ws = Workspace::load(&cli.file, &[], Registry::builtins())?;
+            let text = match format {
+                DagFormat::Text => ws.dag.render_text(&ws.pipeline),
+                DagFormat::Dot => ws.dag.render_dot(&ws.pipeline),
+                DagFormat::Mermaid => ws.dag.render_mermaid(&ws.pipeline),
+            };
+            print!("{text}");
+            Ok(())
+        }
+        Cmd::Clean { stages } => {
+            let mut ws = Workspace::load(&cli.file, &[], Registry::builtins())?;
+            let targets = ws.targets(&stages)?;
+            let cleaned = executor::clean(&mut ws, &targets)?;
+            println!("cleaned: {}", cleaned.join(", "));
+            Ok(())
+        }
+        Cmd::Gc => {
+            let ws = Workspace::load(&cli.file, &[], Registry::builtins())?;
+            let report = executor::gc(&ws)?;
+            println!(
+                "removed {} cached runs and {} files ({:.1} MB)",
+                report.runs_removed,
+                report.objects_removed,
+                report.bytes_freed as f64 / 1e6
+            );
+            Ok(())
+        }
+    }
+}

@@ -1,0 +1,131 @@
+//! The run cache in artifacts/.cache/: output files stored by content (objects/) and, per
+//! fingerprint, the lock entry of the run that produced them (runs/). Going back to a
+//! fingerprint seen before restores its outputs without running the stage.
+
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+
+use crate::lock::LockEntry;
+use crate::manifest::{FileRecord, MISSING};
+
+pub struct RunCache {
+    dir: PathBuf,
+}
+
+#[derive(Debug, Default)]
+pub struct GcReport {
+    pub runs_removed: usize,
+    pub objects_removed: usize,
+    pub bytes_freed: u64,
+}
+
+impl RunCache {
+    pub fn new(artifacts: &Path) -> Self {
+        RunCache {
+            dir: artifacts.join(".cache"),
+        }
+    }
+
+    fn object(&self, hash: &str) -> PathBuf {
+        let (prefix, rest) = hash.split_at(2.min(hash.len()));
+        self.dir.join("objects").join(prefix).join(rest)
+    }
+
+    fn run_file(&self, fingerprint: &str) -> PathBuf {
+        self.dir.join("runs").join(format!("{fingerprint}.toml"))
+    }
+
+    /// Keeps a copy of every output file and the entry describing them. Copies, not hard
+    /// links: a user editing a published file in place must not corrupt the cache.
+    pub fn store(&self, root: &Path, entry: &LockEntry) -> std::io::Result<()> {
+        for r in &entry.outs {
+            if r.blake3 == MISSING {
+                continue;
+            }
+            let object = self.object(&r.blake3);
+            if object.exists() {
+                continue;
+            }
+            if let Some(parent) = object.parent() {
+                std::fs::create_dir_all(parent)?;
+            }
+            let tmp = object.with_extension(format!("tmp{}", std::process::id()));
+            std::fs::copy(root.join(&r.path), &tmp)?;
+            std::fs::rename(&tmp, &object)?;
+        }
+        let run = self.run_file(&entry.fingerprint);
+        if let Some(parent) = run.parent() {
+            std::fs::create_dir_all(parent)?;
+        }
+        let text = toml::to_string(entry).map_err(std::io::Error::other)?;
+        let tmp = run.with_extension("toml.tmp");
+        std::fs::write(&tmp, text)?;
+        std::fs::rename(&tmp, &run)
+    }
+
+    /// The entry of an earlier run with this fingerprint, if all its objects are still here.
+    pub fn lookup(&self, fingerprint: &str) -> Option<LockEntry> {
+        let text = std::fs::read_to_string(self.run_file(fingerprint)).ok()?;
+        let entry: LockEntry = toml::from_str(&text).ok()?;
+        let complete = entry
+            .outs
+            .iter()
+            .all(|r| r.blake3 == MISSING || self.object(&r.blake3).is_file());
+        (entry.fingerprint == fingerprint && complete).then_some(entry)
+    }
+
+    /// Copies a cached file to `dest` (parents created).
+    pub fn materialize(&self, record: &FileRecord, dest: &Path) -> std::io::Result<()> {
+        if let Some(parent) = dest.parent() {
+            std::fs::create_dir_all(parent)?;
+        }
+        std::fs::copy(self.object(&record.blake3), dest).map(|_| ())
+    }
+
+    /// Deletes every run not in `keep` and every object no kept run references.
+    pub fn gc(&self, keep: &HashSet<String>) -> std::io::Result<GcReport> {
+        let mut report = GcReport::default();
+        let mut live = HashSet::new();
+        let runs = self.dir.join("runs");
+        if runs.is_dir() {
+            for item in std::fs::read_dir(&runs)? {
+                let path = item?.path();
+                let fingerprint = path
+                    .file_stem()
+                    .map(|s| s.to_string_lossy().into_owned())
+                    .unwrap_or_default();
+                let entry = std::fs::read_to_string(&path)
+                    .ok()
+                    .and_then(|t| toml::from_str::<LockEntry>(&t).ok());
+                match entry {
+                    Some(entry) if keep.contains(&fingerprint) => {
+                        live.extend(entry.outs.into_iter().map(|r| r.blake3))
+                    }
+                    _ => {
+                        std::fs::remove_file(&path)?;
+                        report.runs_removed += 1;
+                    }
+                }
+            }
+        }
+        let objects = self.dir.join("objects");
+        if objects.is_dir() {
+            for prefix in std::fs::read_dir(&objects)? {
+                let prefix = prefix?;
+                let prefix_name = prefix.file_name().to_string_lossy().into_owned();
+                for item in std::fs::read_dir(prefix.path())? {
+                    let item = item?;
+                    let hash = format!("{prefix_name}{}", item.file_name().to_string_lossy());
+                    if !live.contains(&hash) {
+                        report.bytes_freed += item.metadata().map(|m| m.len()).unwrap_or(0);
+                        std::fs::remove_file(item.path())?;
+                        report.objects_removed += 1;
+                    }
+                }
+                // Only succeeds once the prefix folder is empty, which is what we want.
+                let _ = std::fs::remove_dir(prefix.path());
+            }
+        }
+        Ok(report)
+    }
+}

@@ -1,0 +1,710 @@
+//! pipeline.toml: the schema (a `[pipeline]` table and `[stages.NAME]` tables), `--set`
+//! overrides, and validation with file:line messages. Everything a user can get wrong in the
+//! file is reported here, before anything runs.
+
+use std::collections::BTreeMap;
+use std::ops::Range;
+use std::path::{Component, Path, PathBuf};
+
+use serde::Deserialize;
+use toml::Spanned;
+
+use crate::error::{suggestion, PipeError};
+use crate::registry::Registry;
+
+const TOP_KEYS: &[&str] = &["pipeline", "stages"];
+const PIPELINE_KEYS: &[&str] = &["device", "seed"];
+const COMMAND_KEYS: &[&str] = &["cmd", "deps", "outs", "needs"];
+/// Keys of a built-in stage's table that belong to the engine, not to the kind's params.
+const BUILTIN_ENGINE_KEYS: &[&str] = &["kind", "needs"];
+/// The folder (beside pipeline.toml) that holds every built-in stage's outputs.
+pub const ARTIFACTS_DIR: &str = "artifacts";
+
+/// The parsed, validated pipeline with overrides applied.
+#[derive(Debug)]
+pub struct Pipeline {
+    /// The workspace root: the folder holding pipeline.toml. Commands run here.
+    pub root: PathBuf,
+    pub device: String,
+    pub seed: u64,
+    /// In file order.
+    pub stages: Vec<Stage>,
+}
+
+#[derive(Debug)]
+pub struct Stage {
+    pub name: String,
+    /// Stages whose outputs this one reads as a whole (`needs`): their output hashes enter
+    /// the fingerprint and a built-in stage gets them as `Input`s.
+    pub needs: Vec<String>,
+    /// Stages that must finish first because a `deps` path lies in their outputs; those
+    /// paths are hashed as deps, so only ordering comes from here.
+    pub after: Vec<String>,
+    pub body: Body,
+    /// The params that enter the fingerprint, as canonical JSON.
+    pub hashed_params: serde_json::Value,
+    /// Every resolved param (defaults filled in), handed to downstream stages.
+    pub full_params: serde_json::Value,
+    /// "pipeline.toml:LINE" of the stage's header, for messages about the whole stage.
+    pub at: String,
+    /// "pipeline.toml:LINE" of its `needs`.
+    needs_at: String,
+}
+
+#[derive(Debug)]
+pub enum Body {
+    Builtin {
+        kind: String,
+        version: u32,
+        /// The stage's table minus `kind` and `needs`, overrides applied.
+        table: toml::Table,
+    },
+    Command {
+        cmd: String,
+        deps: Vec<String>,
+        outs: Vec<String>,
+    },
+}
+
+impl Stage {
+    /// The kind name as recorded in the lock and shown to stages: "cmd" for command stages.
+    pub fn kind_name(&self) -> &str {
+        match &self.body {
+            Body::Builtin { kind, .. } => kind,
+            Body::Command { .. } => "cmd",
+        }
+    }
+
+    pub fn version(&self) -> u32 {
+        match &self.body {
+            Body::Builtin { version, .. } => *version,
+            Body::Command { .. } => 0,
+        }
+    }
+
+    pub fn is_builtin(&self) -> bool {
+        matches!(self.body, Body::Builtin { .. })
+    }
+
+    /// The workspace-relative paths this stage writes.
+    pub fn out_roots(&self) -> Vec<String> {
+        match &self.body {
+            Body::Builtin { .. } => vec![format!("{ARTIFACTS_DIR}/{}", self.name)],
+            Body::Command { outs, .. } => outs.clone(),
+        }
+    }
+
+    pub fn deps(&self) -> &[String] {
+        match &self.body {
+            Body::Builtin { .. } => &[],
+            Body::Command { deps, .. } => deps,
+        }
+    }
+
+    /// Every stage that must finish before this one.
+    pub fn upstream(&self) -> impl Iterator<Item = &String> {
+        self.needs.iter().chain(self.after.iter())
+    }
+}
+
+impl Pipeline {
+    pub fn stage(&self, name: &str) -> Option<&Stage> {
+        self.stages.iter().find(|s| s.name == name)
+    }
+
+    pub fn index_of(&self, name: &str) -> Option<usize> {
+        self.stages.iter().position(|s| s.name == name)
+    }
+
+    pub fn artifacts(&self) -> PathBuf {
+        self.root.join(ARTIFACTS_DIR)
+    }
+
+    /// A `Config` error for a name given on the command line that is not a stage.
+    pub fn unknown_stage(&self, what: &str, name: &str) -> PipeError {
+        let hint = suggestion(name, self.stages.iter().map(|s| s.name.as_str()));
+        PipeError::Config(format!("{what}: no stage named `{name}`{hint}"))
+    }
+}
+
+/// One `--set STAGE.KEY=VALUE` (or `--set pipeline.KEY=VALUE`).
+#[derive(Debug, Clone)]
+pub struct Override {
+    pub raw: String,
+    pub table: String,
+    pub key_path: Vec<String>,
+    pub value: toml::Value,
+}
+
+impl std::str::FromStr for Override {
+    type Err = PipeError;
+
+    fn from_str(raw: &str) -> Result<Self, PipeError> {
+        let malformed = |why: &str| {
+            PipeError::Config(format!(
+                "malformed --set `{raw}`: {why} (expected STAGE.KEY=VALUE, e.g. train.epochs=3)"
+            ))
+        };
+        let (lhs, rhs) = raw.split_once('=').ok_or_else(|| malformed("no `=`"))?;
+        let (table, key) = lhs
+            .trim()
+            .split_once('.')
+            .ok_or_else(|| malformed("no `.` between stage and key"))?;
+        let key_path: Vec<String> = key.split('.').map(|k| k.trim().to_string()).collect();
+        if table.trim().is_empty() || key_path.iter().any(|k| k.is_empty()) {
+            return Err(malformed("empty stage or key name"));
+        }
+        let rhs = rhs.trim();
+        if rhs.is_empty() {
+            return Err(malformed("no value after `=`"));
+        }
+        let value = match toml::from_str::<toml::Table>(&format!("v = {rhs}")) {
+            Ok(mut t) => t.remove("v").ok_or_else(|| malformed("no value"))?,
+            // A bare word (`device=cpu`) is taken as a string; anything that looks like it
+            // meant to be TOML (quotes, arrays, tables) must parse.
+            Err(_)
+                if !rhs.starts_with(['"', '\'', '[', '{'])
+                    && !rhs.contains(char::is_whitespace) =>
+            {
+                toml::Value::String(rhs.to_string())
+            }
+            Err(e) => return Err(malformed(&format!("value is not TOML: {}", e.message()))),
+        };
+        Ok(Override {
+            raw: raw.to_string(),
+            table: table.trim().to_string(),
+            key_path,
+            value,
+        })
+    }
+}
+
+/// The text of pipeline.toml, kept to turn byte spans into line numbers.
+struct Source {
+    shown: String,
+    text: String,
+}
+
+impl Source {
+    fn at(&self, span: Option<&Range<usize>>) -> String {
+        match span {
+            Some(span) => {
+                let start = span.start.min(self.text.len());
+                let line = self.text[..start].bytes().filter(|b| *b == b'\n').count() + 1;
+                format!("{}:{line}", self.shown)
+            }
+            None => self.shown.clone(),
+        }
+    }
+
+    fn error(&self, span: Option<&Range<usize>>, msg: impl std::fmt::Display) -> PipeError {
+        PipeError::Config(format!("{}: {msg}", self.at(span)))
+    }
+
+    fn toml_error(&self, e: &toml::de::Error) -> PipeError {
+        let msg = e.message().trim().replace('\n', " ");
+        self.error(e.span().as_ref(), msg)
+    }
+}
+
+type SpannedTable = BTreeMap<Spanned<String>, Spanned<toml::Value>>;
+
+#[derive(Deserialize)]
+struct RawDoc {
+    #[serde(default)]
+    pipeline: Option<SpannedTable>,
+    #[serde(default)]
+    stages: Option<BTreeMap<Spanned<String>, SpannedTable>>,
+}
+
+/// A value with where it was written (None for a value from `--set`).
+struct Entry {
+    value: toml::Value,
+    key_span: Option<Range<usize>>,
+    value_span: Option<Range<usize>>,
+    from_override: Option<String>,
+}
+
+type Entries = BTreeMap<String, Entry>;
+
+fn entries(table: SpannedTable) -> Entries {
+    table
+        .into_iter()
+        .map(|(k, v)| {
+            let key_span = Some(k.span());
+            let value_span = Some(v.span());
+            (
+                k.into_inner(),
+                Entry {
+                    value: v.into_inner(),
+                    key_span,
+                    value_span,
+                    from_override: None,
+                },
+            )
+        })
+        .collect()
+}
+
+/// Reads, overrides and validates a pipeline file.
+pub fn load(
+    file: &Path,
+    overrides: &[Override],
+    registry: &Registry,
+) -> Result<Pipeline, PipeError> {
+    let text = match std::fs::read_to_string(file) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return Err(PipeError::Config(format!(
+                "pipeline file {} not found (run in a folder with pipeline.toml, or pass --file PATH)",
+                file.display()
+            )))
+        }
+        Err(e) => return Err(PipeError::io_at(file, "read", e)),
+    };
+    let src = Source {
+        shown: file.display().to_string(),
+        text,
+    };
+    let root = match file.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+
+    // Two passes: the first only to name misspelled top-level keys with a line number.
+    let top: BTreeMap<Spanned<String>, toml::Value> =
+        toml::from_str(&src.text).map_err(|e| src.toml_error(&e))?;
+    for key in top.keys() {
+        if !TOP_KEYS.contains(&key.get_ref().as_str()) {
+            return Err(src.error(
+                Some(&key.span()),
+                format!(
+                    "unknown top-level key `{}`{}",
+                    key.get_ref(),
+                    suggestion(key.get_ref(), TOP_KEYS.iter().copied())
+                ),
+            ));
+        }
+    }
+    let doc: RawDoc = toml::from_str(&src.text).map_err(|e| src.toml_error(&e))?;
+
+    let mut pipeline_entries = doc.pipeline.map(entries).unwrap_or_default();
+    let mut stage_tables: Vec<(String, Range<usize>, Entries)> = doc
+        .stages
+        .unwrap_or_default()
+        .into_iter()
+        .map(|(k, v)| (k.get_ref().clone(), k.span(), entries(v)))
+        .collect();
+    stage_tables.sort_by_key(|(_, span, _)| span.start);
+
+    for o in overrides {
+        let target = if o.table == "pipeline" {
+            &mut pipeline_entries
+        } else if let Some((_, _, e)) = stage_tables.iter_mut().find(|(n, _, _)| *n == o.table) {
+            e
+        } else {
+            let hint = suggestion(
+                &o.table,
+                stage_tables
+                    .iter()
+                    .map(|(n, _, _)| n.as_str())
+                    .chain(["pipeline"]),
+            );
+            return Err(PipeError::Config(format!(
+                "--set `{}`: no stage named `{}`{hint}",
+                o.raw, o.table
+            )));
+        };
+        apply_override(target, o)?;
+    }
+
+    let (device, seed) = pipeline_settings(&src, &pipeline_entries)?;
+
+    let mut stages = Vec::with_capacity(stage_tables.len());
+    for (name, span, e) in stage_tables {
+        stages.push(stage_from_entries(&src, registry, name, &span, e)?);
+    }
+    if stages.is_empty() {
+        return Err(src.error(None, "no stages: add a [stages.NAME] table"));
+    }
+    resolve_links(&src, &mut stages)?;
+    Ok(Pipeline {
+        root,
+        device,
+        seed,
+        stages,
+    })
+}
+
+fn apply_override(target: &mut Entries, o: &Override) -> Result<(), PipeError> {
+    let (first, rest) = o
+        .key_path
+        .split_first()
+        .ok_or_else(|| PipeError::Config(format!("malformed --set `{}`", o.raw)))?;
+    if rest.is_empty() {
+        target.insert(
+            first.clone(),
+            Entry {
+                value: o.value.clone(),
+                key_span: None,
+                value_span: None,
+                from_override: Some(o.raw.clone()),
+            },
+        );
+        return Ok(());
+    }
+    let entry = target.entry(first.clone()).or_insert_with(|| Entry {
+        value: toml::Value::Table(toml::Table::new()),
+        key_span: None,
+        value_span: None,
+        from_override: Some(o.raw.clone()),
+    });
+    entry.from_override = Some(o.raw.clone());
+    let mut node = &mut entry.value;
+    for key in rest {
+        let table = node.as_table_mut().ok_or_else(|| {
+            PipeError::Config(format!(
+                "--set `{}`: `{key}`'s parent is not a table",
+                o.raw
+            ))
+        })?;
+        node = table
+            .entry(key.clone())
+            .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+    }
+    *node = o.value.clone();
+    Ok(())
+}
+
+fn pipeline_settings(src: &Source, entries: &Entries) -> Result<(String, u64), PipeError> {
+    let mut device = "auto".to_string();
+    let mut seed = 42u64;
+    for (key, entry) in entries {
+        let at = entry.value_span.as_ref();
+        match key.as_str() {
+            "device" => {
+                device = entry
+                    .value
+                    .as_str()
+                    .ok_or_else(|| {
+                        wrong_type(
+                            src,
+                            entry,
+                            "pipeline",
+                            key,
+                            "a string (auto | cpu | cuda | cuda:N | metal)",
+                        )
+                    })?
+                    .to_string();
+                let known = device == "auto"
+                    || device == "cpu"
+                    || device == "metal"
+                    || device == "cuda"
+                    || device
+                        .strip_prefix("cuda:")
+                        .is_some_and(|n| n.parse::<usize>().is_ok());
+                if !known {
+                    return Err(src.error(at, format!("[pipeline] device `{device}` is not one of auto, cpu, cuda, cuda:N, metal")));
+                }
+            }
+            "seed" => {
+                seed = entry
+                    .value
+                    .as_integer()
+                    .and_then(|s| u64::try_from(s).ok())
+                    .ok_or_else(|| {
+                        wrong_type(src, entry, "pipeline", key, "a non-negative integer")
+                    })?;
+            }
+            other => {
+                return Err(src.error(
+                    entry.key_span.as_ref(),
+                    format!(
+                        "unknown key `{other}` in [pipeline]{}",
+                        suggestion(other, PIPELINE_KEYS.iter().copied())
+                    ),
+                ))
+            }
+        }
+    }
+    Ok((device, seed))
+}
+
+fn wrong_type(src: &Source, entry: &Entry, table: &str, key: &str, expected: &str) -> PipeError {
+    let origin = match &entry.from_override {
+        Some(raw) => format!(" (from --set `{raw}`)"),
+        None => String::new(),
+    };
+    src.error(
+        entry.value_span.as_ref(),
+        format!(
+            "`{key}` in {table} must be {expected}, found {}{origin}",
+            entry.value.type_str()
+        ),
+    )
+}
+
+fn string_list(
+    src: &Source,
+    entry: &Entry,
+    stage: &str,
+    key: &str,
+    what: &str,
+) -> Result<Vec<String>, PipeError> {
+    let expected = format!("an array of {what}");
+    let table = format!("stage `{stage}`");
+    let items = entry
+        .value
+        .as_array()
+        .ok_or_else(|| wrong_type(src, entry, &table, key, &expected))?;
+    items
+        .iter()
+        .map(|v| {
+            v.as_str()
+                .map(str::to_string)
+                .ok_or_else(|| wrong_type(src, entry, &table, key, &expected))
+        })
+        .collect()
+}
+
+fn stage_from_entries(
+    src: &Source,
+    registry: &Registry,
+    name: String,
+    span: &Range<usize>,
+    mut e: Entries,
+) -> Result<Stage, PipeError> {
+    if name.is_empty()
+        || !name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+        || name == "pipeline"
+    {
+        return Err(src.error(
+            Some(span),
+            format!(
+                "stage name `{name}` must be letters, digits, `-` and `_` (and not `pipeline`)"
+            ),
+        ));
+    }
+    let (needs, needs_at) = match e.remove("needs") {
+        Some(entry) => (
+            string_list(src, &entry, &name, "needs", "stage names")?,
+            src.at(entry.value_span.as_ref()),
+        ),
+        None => (Vec::new(), src.at(Some(span))),
+    };
+    let has_cmd = e.contains_key("cmd");
+    let kind_entry = e.remove("kind");
+    let (body, hashed_params, full_params) = match (kind_entry, has_cmd) {
+        (Some(_), true) => {
+            return Err(src.error(Some(span), format!("stage `{name}` has both `kind` and `cmd`; a stage is either built-in (kind) or a command (cmd)")))
+        }
+        (None, false) => {
+            return Err(src.error(
+                Some(span),
+                format!(
+                    "stage `{name}` has neither `kind` nor `cmd`; set `kind` to one of {} or give a `cmd`",
+                    registry.known_kinds()
+                ),
+            ))
+        }
+        (Some(kind_entry), false) => {
+            let kind = kind_entry
+                .value
+                .as_str()
+                .ok_or_else(|| wrong_type(src, &kind_entry, &format!("stage `{name}`"), "kind", "a string"))?
+                .to_string();
+            let implementation = registry.get(&kind).ok_or_else(|| {
+                src.error(
+                    kind_entry.value_span.as_ref(),
+                    format!("unknown kind `{kind}` in stage `{name}`; known kinds: {}", registry.known_kinds()),
+                )
+            })?;
+            let table: toml::Table = e.iter().map(|(k, v)| (k.clone(), v.value.clone())).collect();
+            let validated = implementation
+                .validate(&table)
+                .map_err(|msg| params_error(src, &name, span, &e, &kind, &msg))?;
+            let body = Body::Builtin {
+                kind,
+                version: implementation.version,
+                table,
+            };
+            (body, validated.hashed, validated.full)
+        }
+        (None, true) => {
+            let mut cmd = None;
+            let mut deps = Vec::new();
+            let mut outs = Vec::new();
+            for (key, entry) in &e {
+                match key.as_str() {
+                    "cmd" => {
+                        cmd = Some(
+                            entry
+                                .value
+                                .as_str()
+                                .ok_or_else(|| wrong_type(src, entry, &format!("stage `{name}`"), key, "a string"))?
+                                .to_string(),
+                        )
+                    }
+                    "deps" => deps = clean_paths(src, entry, &name, key, string_list(src, entry, &name, key, "paths")?)?,
+                    "outs" => outs = clean_paths(src, entry, &name, key, string_list(src, entry, &name, key, "paths")?)?,
+                    other => {
+                        let candidates = COMMAND_KEYS.iter().chain(BUILTIN_ENGINE_KEYS).copied();
+                        return Err(src.error(
+                            entry.key_span.as_ref(),
+                            format!("unknown key `{other}` in command stage `{name}`{}", suggestion(other, candidates)),
+                        ));
+                    }
+                }
+            }
+            let cmd = cmd.unwrap_or_default();
+            if cmd.trim().is_empty() {
+                return Err(src.error(Some(span), format!("stage `{name}`: `cmd` is empty")));
+            }
+            let mut sorted_deps = deps.clone();
+            sorted_deps.sort();
+            let mut sorted_outs = outs.clone();
+            sorted_outs.sort();
+            let params = serde_json::json!({ "cmd": cmd, "deps": sorted_deps, "outs": sorted_outs });
+            (Body::Command { cmd, deps, outs }, params.clone(), params)
+        }
+    };
+    Ok(Stage {
+        name,
+        needs,
+        after: Vec::new(),
+        body,
+        hashed_params,
+        full_params,
+        at: src.at(Some(span)),
+        needs_at,
+    })
+}
+
+/// Places a kind's validation message on the line of the key (or value) it names.
+fn params_error(
+    src: &Source,
+    stage: &str,
+    span: &Range<usize>,
+    e: &Entries,
+    kind: &str,
+    msg: &str,
+) -> PipeError {
+    let names: Vec<&str> = msg.split('`').skip(1).step_by(2).collect();
+    let mut at = Some(span.clone());
+    let mut hint = String::new();
+    if let Some(first) = names.first() {
+        if let Some(entry) = e.get(*first) {
+            at = entry.key_span.clone().or(at);
+        } else if let Some(entry) = e.values().find(|v| {
+            v.value_span
+                .as_ref()
+                .is_some_and(|s| src.text.get(s.clone()).is_some_and(|t| t.contains(first)))
+        }) {
+            at = entry.value_span.clone();
+        }
+        if msg.starts_with("unknown field") && !msg.contains("did you mean") {
+            hint = suggestion(first, names.iter().skip(1).copied());
+        }
+    }
+    src.error(
+        at.as_ref(),
+        format!("stage `{stage}` (kind `{kind}`): {msg}{hint}"),
+    )
+}
+
+/// Normalizes workspace-relative paths and rejects ones that leave the workspace.
+fn clean_paths(
+    src: &Source,
+    entry: &Entry,
+    stage: &str,
+    key: &str,
+    paths: Vec<String>,
+) -> Result<Vec<String>, PipeError> {
+    paths
+        .into_iter()
+        .map(|p| {
+            let path = Path::new(&p);
+            let mut parts = Vec::new();
+            for c in path.components() {
+                match c {
+                    Component::Normal(s) => parts.push(s.to_string_lossy().into_owned()),
+                    Component::CurDir => {}
+                    _ => {
+                        return Err(src.error(
+                            entry.value_span.as_ref(),
+                            format!("`{key}` of stage `{stage}`: `{p}` must be a relative path inside the workspace"),
+                        ))
+                    }
+                }
+            }
+            if parts.is_empty() {
+                return Err(src.error(entry.value_span.as_ref(), format!("`{key}` of stage `{stage}`: empty path")));
+            }
+            let joined = parts.join("/");
+            if key == "outs" && (joined == ARTIFACTS_DIR || joined.starts_with(&format!("{ARTIFACTS_DIR}/."))) {
+                return Err(src.error(
+                    entry.value_span.as_ref(),
+                    format!("`outs` of stage `{stage}`: `{p}` is reserved for the engine"),
+                ));
+            }
+            Ok(joined)
+        })
+        .collect()
+}
+
+/// True when one path is the other or lies inside it.
+pub fn paths_overlap(a: &str, b: &str) -> bool {
+    a == b || a.starts_with(&format!("{b}/")) || b.starts_with(&format!("{a}/"))
+}
+
+/// Checks `needs`, derives ordering from `deps`, and rejects two stages writing one path.
+fn resolve_links(src: &Source, stages: &mut [Stage]) -> Result<(), PipeError> {
+    let names: Vec<String> = stages.iter().map(|s| s.name.clone()).collect();
+    let roots: Vec<(String, Vec<String>)> = stages
+        .iter()
+        .map(|s| (s.name.clone(), s.out_roots()))
+        .collect();
+    for (i, (a, a_outs)) in roots.iter().enumerate() {
+        for (b, b_outs) in roots.iter().skip(i + 1) {
+            for x in a_outs {
+                if let Some(y) = b_outs.iter().find(|y| paths_overlap(x, y)) {
+                    return Err(src.error(
+                        None,
+                        format!(
+                            "stages `{a}` and `{b}` both write `{}`",
+                            if x.len() > y.len() { x } else { y }
+                        ),
+                    ));
+                }
+            }
+        }
+    }
+    for stage in stages.iter_mut() {
+        for need in &stage.needs {
+            if !names.contains(need) {
+                return Err(PipeError::Config(format!(
+                    "{}: stage `{}` needs `{need}`, which is no stage{}",
+                    stage.needs_at,
+                    stage.name,
+                    suggestion(need, names.iter().map(String::as_str))
+                )));
+            }
+        }
+        let mut after = Vec::new();
+        for dep in stage.deps() {
+            for (owner, outs) in &roots {
+                if *owner != stage.name
+                    && outs.iter().any(|o| paths_overlap(dep, o))
+                    && !stage.needs.contains(owner)
+                    && !after.contains(owner)
+                {
+                    after.push(owner.clone());
+                }
+            }
+        }
+        stage.after = after;
+    }
+    Ok(())
+}

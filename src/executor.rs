@@ -1,0 +1,1239 @@
+//! Running a pipeline: decide per stage whether it is up to date, restorable from the run
+//! cache, or must run; run stale stages in dependency order with independent ones in
+//! parallel; publish outputs atomically and record each success in pipeline.lock.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use fmnist_stages::{Cancelled, Input, StageContext};
+
+use crate::cache::RunCache;
+use crate::config::{Body, Pipeline, Stage, ARTIFACTS_DIR};
+use crate::dag::Dag;
+use crate::error::PipeError;
+use crate::fingerprint::{self, Recipe};
+use crate::lock::{self, LockEntry, LockFile};
+use crate::manifest::{self, FileRecord, MISSING};
+use crate::progress::{self, Console};
+use crate::registry::Registry;
+
+/// How many lines of a failed command's log are shown.
+const LOG_TAIL_LINES: usize = 15;
+
+/// A loaded workspace: the validated pipeline, its graph and the lock as last written.
+pub struct Workspace {
+    pub pipeline: Pipeline,
+    pub dag: Dag,
+    pub lock_path: PathBuf,
+    pub lock: LockFile,
+    pub registry: Registry,
+}
+
+impl Workspace {
+    pub fn load(
+        file: &Path,
+        overrides: &[crate::config::Override],
+        registry: Registry,
+    ) -> Result<Workspace, PipeError> {
+        let pipeline = crate::config::load(file, overrides, &registry)?;
+        let dag = Dag::build(&pipeline)?;
+        let lock_path = lock::lock_path(file);
+        let (lock, warning) = lock::read(&lock_path);
+        if let Some(warning) = warning {
+            eprintln!("warning: {warning}");
+        }
+        Ok(Workspace {
+            pipeline,
+            dag,
+            lock_path,
+            lock,
+            registry,
+        })
+    }
+
+    /// Stage indices for names given on the command line.
+    pub fn targets(&self, names: &[String]) -> Result<Vec<usize>, PipeError> {
+        names
+            .iter()
+            .map(|n| {
+                self.pipeline
+                    .index_of(n)
+                    .ok_or_else(|| self.pipeline.unknown_stage("--stage", n))
+            })
+            .collect()
+    }
+}
+
+/// Holds artifacts/.run.lock for as long as it lives, so two runs never share a workspace.
+pub struct RunGuard {
+    _file: File,
+}
+
+impl RunGuard {
+    pub fn acquire(artifacts: &Path) -> Result<RunGuard, PipeError> {
+        std::fs::create_dir_all(artifacts).map_err(|e| PipeError::io_at(artifacts, "create", e))?;
+        let path = artifacts.join(".run.lock");
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .map_err(|e| PipeError::io_at(&path, "open", e))?;
+        match fs4::fs_std::FileExt::try_lock_exclusive(&file) {
+            Ok(true) => Ok(RunGuard { _file: file }),
+            Ok(false) => Err(PipeError::Busy(path.display().to_string())),
+            Err(e) => Err(PipeError::io_at(&path, "lock", e)),
+        }
+    }
+}
+
+/// What a stage's inputs and recorded state say about it.
+struct Evaluation {
+    fingerprint: String,
+    deps: Vec<FileRecord>,
+    upstream: BTreeMap<String, String>,
+    /// Why it must run; empty when it is up to date.
+    reasons: Vec<String>,
+    /// The outputs as found on disk, when the fingerprint matched the lock.
+    current_outs: Option<Vec<FileRecord>>,
+}
+
+/// Upstream stage -> the content hash of its outputs (None: not known yet, e.g. it would
+/// rerun in a dry run).
+type UpstreamHashes = BTreeMap<String, Option<String>>;
+
+fn evaluate(
+    pipeline: &Pipeline,
+    stage: &Stage,
+    entry: Option<&LockEntry>,
+    upstream_hashes: &UpstreamHashes,
+) -> Result<Evaluation, String> {
+    let previous_deps = entry.map(|e| e.deps.as_slice()).unwrap_or(&[]);
+    let deps = manifest::scan(&pipeline.root, stage.deps(), previous_deps)
+        .map_err(|e| format!("cannot read deps: {e}"))?;
+    let mut upstream = BTreeMap::new();
+    let mut pending = Vec::new();
+    for need in &stage.needs {
+        match upstream_hashes.get(need).cloned().flatten() {
+            Some(hash) => {
+                upstream.insert(need.clone(), hash);
+            }
+            None => {
+                pending.push(need.clone());
+                // Assume the last recorded inputs so the stage's own changes still show.
+                if let Some(hash) = entry.and_then(|e| e.upstream.get(need)) {
+                    upstream.insert(need.clone(), hash.clone());
+                }
+            }
+        }
+    }
+    let fingerprint = fingerprint::fingerprint(&Recipe {
+        kind: stage.kind_name(),
+        version: stage.version(),
+        params: &stage.hashed_params,
+        seed: stage.is_builtin().then_some(pipeline.seed),
+        upstream: &upstream,
+        deps_digest: &manifest::digest(&deps),
+    });
+    let mut reasons: Vec<String> = pending
+        .iter()
+        .map(|p| format!("upstream `{p}` is stale"))
+        .collect();
+    let Some(entry) = entry else {
+        reasons.push("never run".to_string());
+        return Ok(Evaluation {
+            fingerprint,
+            deps,
+            upstream,
+            reasons,
+            current_outs: None,
+        });
+    };
+    if entry.fingerprint != fingerprint || !pending.is_empty() {
+        if entry.fingerprint != fingerprint {
+            reasons.extend(why_fingerprint_changed(
+                pipeline, stage, entry, &upstream, &deps,
+            ));
+        }
+        return Ok(Evaluation {
+            fingerprint,
+            deps,
+            upstream,
+            reasons,
+            current_outs: None,
+        });
+    }
+    let outs =
+        scan_outs(pipeline, stage, &entry.outs).map_err(|e| format!("cannot read outputs: {e}"))?;
+    if manifest::digest(&outs) != entry.outs_hash || outs.iter().any(|r| r.blake3 == MISSING) {
+        manifest::diff("output", &entry.outs, &outs, &mut reasons);
+        if reasons.is_empty() {
+            reasons.push("outputs changed".to_string());
+        }
+    }
+    Ok(Evaluation {
+        fingerprint,
+        deps,
+        upstream,
+        reasons,
+        current_outs: Some(outs),
+    })
+}
+
+fn why_fingerprint_changed(
+    pipeline: &Pipeline,
+    stage: &Stage,
+    entry: &LockEntry,
+    upstream: &BTreeMap<String, String>,
+    deps: &[FileRecord],
+) -> Vec<String> {
+    let mut reasons = Vec::new();
+    if entry.kind != stage.kind_name() {
+        reasons.push(format!("kind: {} -> {}", entry.kind, stage.kind_name()));
+    } else if entry.version != stage.version() {
+        reasons.push(format!(
+            "kind `{}` version: {} -> {}",
+            entry.kind,
+            entry.version,
+            stage.version()
+        ));
+    }
+    fingerprint::diff_params(
+        "params",
+        &entry.params_json(),
+        &stage.hashed_params,
+        &mut reasons,
+    );
+    if stage.is_builtin() && entry.seed != Some(pipeline.seed) {
+        let old = entry
+            .seed
+            .map(|s| s.to_string())
+            .unwrap_or_else(|| "(unset)".to_string());
+        reasons.push(format!("seed: {old} -> {}", pipeline.seed));
+    }
+    for (name, hash) in upstream {
+        if entry.upstream.get(name) != Some(hash) {
+            reasons.push(format!("input changed: outputs of `{name}`"));
+        }
+    }
+    for name in entry.upstream.keys() {
+        if !upstream.contains_key(name) {
+            reasons.push(format!("input removed: `{name}`"));
+        }
+    }
+    manifest::diff("dep", &entry.deps, deps, &mut reasons);
+    if reasons.is_empty() {
+        reasons.push("fingerprint recipe changed".to_string());
+    }
+    reasons
+}
+
+fn scan_outs(
+    pipeline: &Pipeline,
+    stage: &Stage,
+    previous: &[FileRecord],
+) -> std::io::Result<Vec<FileRecord>> {
+    manifest::scan(&pipeline.root, &stage.out_roots(), previous)
+}
+
+/// One stage's state for `status`.
+#[derive(Debug, serde::Serialize)]
+pub struct StageStatus {
+    pub stage: String,
+    pub kind: String,
+    /// "up to date" | "stale" | "never run"
+    pub state: String,
+    pub reasons: Vec<String>,
+    pub fingerprint: Option<String>,
+}
+
+/// Every stage's state, in run order, without running anything.
+pub fn status(ws: &Workspace) -> Result<Vec<StageStatus>, PipeError> {
+    let mut hashes: UpstreamHashes = BTreeMap::new();
+    let mut report = Vec::new();
+    for &i in &ws.dag.order {
+        let stage = &ws.pipeline.stages[i];
+        let entry = ws.lock.stages.get(&stage.name);
+        let (state, reasons, fp) = match evaluate(&ws.pipeline, stage, entry, &hashes) {
+            Ok(ev) if ev.reasons.is_empty() => {
+                hashes.insert(stage.name.clone(), entry.map(|e| e.outs_hash.clone()));
+                ("up to date", ev.reasons, Some(ev.fingerprint))
+            }
+            Ok(ev) => {
+                hashes.insert(stage.name.clone(), None);
+                let state = if entry.is_none() {
+                    "never run"
+                } else {
+                    "stale"
+                };
+                (state, ev.reasons, entry.map(|e| e.fingerprint.clone()))
+            }
+            Err(e) => {
+                hashes.insert(stage.name.clone(), None);
+                ("stale", vec![e], None)
+            }
+        };
+        report.push(StageStatus {
+            stage: stage.name.clone(),
+            kind: stage.kind_name().to_string(),
+            state: state.to_string(),
+            reasons,
+            fingerprint: fp,
+        });
+    }
+    Ok(report)
+}
+
+pub struct RunOptions {
+    pub targets: Vec<usize>,
+    pub force: bool,
+    pub dry_run: bool,
+    pub jobs: usize,
+}
+
+/// What happened to one stage.
+enum Outcome {
+    UpToDate { entry: LockEntry, refreshed: bool },
+    Restored(LockEntry),
+    Ran { entry: LockEntry, took: Duration },
+    WouldRun(Vec<String>),
+    Failed(String),
+    Interrupted,
+}
+
+/// What a task needs to know about one finished upstream stage.
+#[derive(Clone)]
+struct Published {
+    outs_hash: Option<String>,
+    fingerprint: String,
+}
+
+struct RunShared<'a> {
+    ws: &'a Workspace,
+    cache: RunCache,
+    console: &'a Console,
+    cancel: &'a AtomicBool,
+    force: BTreeSet<usize>,
+    dry_run: bool,
+}
+
+/// Runs every stale selected stage. Returns Ok when all of them succeeded (or were up to date).
+pub fn run(
+    ws: &mut Workspace,
+    opts: &RunOptions,
+    console: &Console,
+    cancel: &AtomicBool,
+) -> Result<(), PipeError> {
+    let artifacts = ws.pipeline.artifacts();
+    let _guard = if opts.dry_run {
+        None
+    } else {
+        Some(RunGuard::acquire(&artifacts)?)
+    };
+    if !opts.dry_run {
+        // Holding the run lock, anything in .tmp is a leftover of a crashed run.
+        let _ = remove_path(&artifacts.join(".tmp"));
+    }
+    let selected = ws.dag.select(&opts.targets);
+    let force: BTreeSet<usize> = match (opts.force, opts.targets.is_empty()) {
+        (false, _) => BTreeSet::new(),
+        (true, true) => selected.clone(),
+        (true, false) => opts.targets.iter().copied().collect(),
+    };
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(opts.jobs.max(1))
+        .build()
+        .map_err(|e| PipeError::io("cannot start worker threads", std::io::Error::other(e)))?;
+
+    let mut lock = std::mem::take(&mut ws.lock);
+    let known: BTreeSet<&str> = ws.pipeline.stages.iter().map(|s| s.name.as_str()).collect();
+    lock.format = lock::LOCK_FORMAT;
+    lock.stages.retain(|name, _| known.contains(name.as_str()));
+
+    let shared = RunShared {
+        ws,
+        cache: RunCache::new(&artifacts),
+        console,
+        cancel,
+        force,
+        dry_run: opts.dry_run,
+    };
+    let mut failures: Vec<String> = Vec::new();
+    let mut interrupted = false;
+    let mut lock_error = None;
+
+    let mut published: BTreeMap<String, Published> = BTreeMap::new();
+    let mut waiting: Vec<usize> = shared
+        .ws
+        .dag
+        .order
+        .iter()
+        .copied()
+        .filter(|i| selected.contains(i))
+        .collect();
+    let (tx, rx) = mpsc::channel::<(usize, Outcome)>();
+    pool.in_place_scope(|scope| {
+        let mut running = 0usize;
+        loop {
+            let stop = !failures.is_empty()
+                || interrupted
+                || lock_error.is_some()
+                || cancel.load(Ordering::Relaxed);
+            if !stop {
+                let (ready, rest): (Vec<usize>, Vec<usize>) = waiting.iter().partition(|&&i| {
+                    shared
+                        .ws
+                        .dag
+                        .parents(i)
+                        .iter()
+                        .all(|p| published.contains_key(&shared.ws.pipeline.stages[*p].name))
+                });
+                waiting = rest;
+                for i in ready {
+                    let stage = &shared.ws.pipeline.stages[i];
+                    let upstream: BTreeMap<String, Published> = stage
+                        .needs
+                        .iter()
+                        .filter_map(|n| published.get(n).map(|p| (n.clone(), p.clone())))
+                        .collect();
+                    let entry = lock.stages.get(&stage.name).cloned();
+                    let tx = tx.clone();
+                    let shared = &shared;
+                    running += 1;
+                    scope.spawn(move |_| {
+                        let outcome = process_stage(shared, i, entry, &upstream);
+                        let _ = tx.send((i, outcome));
+                    });
+                }
+            }
+            if running == 0 {
+                break;
+            }
+            let Ok((i, outcome)) = rx.recv() else { break };
+            running -= 1;
+            let stage = &shared.ws.pipeline.stages[i];
+            let name = &stage.name;
+            let record = |lock: &mut LockFile, entry: LockEntry| {
+                lock.stages.insert(name.clone(), entry);
+                lock::write(&shared.ws.lock_path, lock)
+            };
+            let result = match outcome {
+                Outcome::UpToDate { entry, refreshed } => {
+                    console.line(&format!("{name}: up to date"));
+                    published.insert(
+                        name.clone(),
+                        Published {
+                            outs_hash: Some(entry.outs_hash.clone()),
+                            fingerprint: entry.fingerprint.clone(),
+                        },
+                    );
+                    if refreshed {
+                        record(&mut lock, entry)
+                    } else {
+                        Ok(())
+                    }
+                }
+                Outcome::Restored(entry) => {
+                    console.line(&format!("{name}: restored from cache"));
+                    published.insert(
+                        name.clone(),
+                        Published {
+                            outs_hash: Some(entry.outs_hash.clone()),
+                            fingerprint: entry.fingerprint.clone(),
+                        },
+                    );
+                    record(&mut lock, entry)
+                }
+                Outcome::Ran { entry, took } => {
+                    let metrics = if entry.metrics.is_empty() {
+                        String::new()
+                    } else {
+                        format!("  {}", compact_metrics(&entry.metrics))
+                    };
+                    console.line(&format!(
+                        "{name}: done in {}{metrics}",
+                        progress::duration(took)
+                    ));
+                    published.insert(
+                        name.clone(),
+                        Published {
+                            outs_hash: Some(entry.outs_hash.clone()),
+                            fingerprint: entry.fingerprint.clone(),
+                        },
+                    );
+                    if let Err(e) = shared.cache.store(&shared.ws.pipeline.root, &entry) {
+                        console.line(&format!(
+                            "warning: {name}: could not store outputs in the run cache: {e}"
+                        ));
+                    }
+                    record(&mut lock, entry)
+                }
+                Outcome::WouldRun(reasons) => {
+                    console.line(&format!("{name}: would run ({})", reasons.join("; ")));
+                    let fingerprint = lock
+                        .stages
+                        .get(name)
+                        .map(|e| e.fingerprint.clone())
+                        .unwrap_or_default();
+                    published.insert(
+                        name.clone(),
+                        Published {
+                            outs_hash: None,
+                            fingerprint,
+                        },
+                    );
+                    Ok(())
+                }
+                Outcome::Failed(message) => {
+                    console.line(&format!("{name}: FAILED: {message}"));
+                    failures.push(name.clone());
+                    Ok(())
+                }
+                Outcome::Interrupted => {
+                    console.line(&format!("{name}: interrupted"));
+                    interrupted = true;
+                    Ok(())
+                }
+            };
+            if let Err(e) = result {
+                lock_error = Some(e);
+            }
+        }
+    });
+    ws.lock = lock;
+    if let Some(e) = lock_error {
+        return Err(e);
+    }
+    if interrupted || cancel.load(Ordering::Relaxed) {
+        return Err(PipeError::Interrupted);
+    }
+    if !failures.is_empty() {
+        let what = if failures.len() == 1 {
+            "stage"
+        } else {
+            "stages"
+        };
+        return Err(PipeError::StageFailed(format!(
+            "{what} failed: {}; their previous outputs and lock entries were kept",
+            failures.join(", ")
+        )));
+    }
+    Ok(())
+}
+
+fn compact_metrics(metrics: &toml::Table) -> String {
+    metrics
+        .iter()
+        .filter(|(_, v)| !v.is_table() && !v.is_array())
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+fn process_stage(
+    shared: &RunShared,
+    i: usize,
+    entry: Option<LockEntry>,
+    upstream: &BTreeMap<String, Published>,
+) -> Outcome {
+    let ws = shared.ws;
+    let stage = &ws.pipeline.stages[i];
+    let hashes: UpstreamHashes = upstream
+        .iter()
+        .map(|(k, v)| (k.clone(), v.outs_hash.clone()))
+        .collect();
+    let ev = match evaluate(&ws.pipeline, stage, entry.as_ref(), &hashes) {
+        Ok(ev) => ev,
+        Err(e) => return Outcome::Failed(e),
+    };
+    tracing::debug!(stage = %stage.name, fingerprint = %ev.fingerprint, reasons = ?ev.reasons, "evaluated");
+    let forced = shared.force.contains(&i);
+    if !forced && ev.reasons.is_empty() {
+        if let (Some(entry), Some(outs)) = (entry, ev.current_outs) {
+            let refreshed = entry.outs != outs;
+            return Outcome::UpToDate {
+                entry: LockEntry { outs, ..entry },
+                refreshed,
+            };
+        }
+    }
+    if shared.dry_run {
+        let reasons = if forced && ev.reasons.is_empty() {
+            vec!["forced".to_string()]
+        } else {
+            ev.reasons
+        };
+        return Outcome::WouldRun(reasons);
+    }
+    if let Some(missing) = ev.deps.iter().find(|r| r.blake3 == MISSING) {
+        return Outcome::Failed(format!("dep `{}` does not exist", missing.path));
+    }
+    if !forced {
+        if let Some(cached) = shared.cache.lookup(&ev.fingerprint) {
+            match restore(shared, stage, &cached) {
+                Ok(outs) => {
+                    let entry = LockEntry {
+                        outs,
+                        deps: ev.deps,
+                        upstream: ev.upstream,
+                        ..cached
+                    };
+                    return Outcome::Restored(entry);
+                }
+                Err(e) => {
+                    tracing::warn!(stage = %stage.name, "cache restore failed, running instead: {e}")
+                }
+            }
+        }
+    }
+    shared.console.line(&format!(
+        "{}: running{}",
+        stage.name,
+        if ev.reasons.is_empty() {
+            String::new()
+        } else {
+            format!(" ({})", ev.reasons.join("; "))
+        }
+    ));
+    let started = Instant::now();
+    let result = match &stage.body {
+        Body::Builtin { kind, table, .. } => {
+            run_builtin(shared, stage, kind, table, &ev.fingerprint, upstream)
+        }
+        Body::Command { cmd, outs, .. } => run_command(shared, stage, cmd, outs),
+    };
+    let (outs, metrics) = match result {
+        Ok(done) => done,
+        Err(StageEnd::Failed(msg)) => return Outcome::Failed(msg),
+        Err(StageEnd::Interrupted) => return Outcome::Interrupted,
+    };
+    let took = started.elapsed();
+    let builtin = stage.is_builtin();
+    let entry = LockEntry {
+        kind: stage.kind_name().to_string(),
+        version: stage.version(),
+        fingerprint: ev.fingerprint,
+        outs_hash: manifest::digest(&outs),
+        device: builtin.then(|| ws.pipeline.device.clone()),
+        seed: builtin.then_some(ws.pipeline.seed),
+        seconds: (took.as_secs_f64() * 1000.0).round() / 1000.0,
+        params: lock::json_to_table(&stage.hashed_params),
+        upstream: ev.upstream,
+        metrics: lock::json_to_table(&metrics),
+        deps: ev.deps,
+        outs,
+    };
+    Outcome::Ran { entry, took }
+}
+
+enum StageEnd {
+    Failed(String),
+    Interrupted,
+}
+
+fn io_fail(what: &str, path: &Path) -> impl FnOnce(std::io::Error) -> StageEnd {
+    let what = what.to_string();
+    let path = path.to_path_buf();
+    move |e| StageEnd::Failed(format!("cannot {what} {}: {e}", path.display()))
+}
+
+/// A fresh, unique folder under artifacts/.tmp/.
+fn temp_dir(artifacts: &Path, stage: &str, purpose: &str) -> PathBuf {
+    static COUNTER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+    artifacts
+        .join(".tmp")
+        .join(format!("{stage}-{purpose}-{}-{n}", std::process::id()))
+}
+
+fn remove_path(path: &Path) -> std::io::Result<()> {
+    match std::fs::symlink_metadata(path) {
+        Ok(m) if m.is_dir() => std::fs::remove_dir_all(path),
+        Ok(_) => std::fs::remove_file(path),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
+/// Replaces artifacts/<stage> with `staged` in two renames; the old outputs are only
+/// deleted once the new ones are in place.
+fn publish_dir(artifacts: &Path, stage: &str, staged: &Path) -> std::io::Result<()> {
+    let dest = artifacts.join(stage);
+    let old = temp_dir(artifacts, stage, "old");
+    let had_old = dest.exists();
+    if had_old {
+        std::fs::rename(&dest, &old)?;
+    }
+    if let Err(e) = std::fs::rename(staged, &dest) {
+        if had_old {
+            let _ = std::fs::rename(&old, &dest);
+        }
+        return Err(e);
+    }
+    if had_old {
+        let _ = remove_path(&old);
+    }
+    Ok(())
+}
+
+fn run_builtin(
+    shared: &RunShared,
+    stage: &Stage,
+    kind: &str,
+    table: &toml::Table,
+    fingerprint: &str,
+    upstream: &BTreeMap<String, Published>,
+) -> Result<(Vec<FileRecord>, serde_json::Value), StageEnd> {
+    let ws = shared.ws;
+    let artifacts = ws.pipeline.artifacts();
+    let implementation = ws
+        .registry
+        .get(kind)
+        .ok_or_else(|| StageEnd::Failed(format!("unknown kind `{kind}`")))?;
+    let out_dir = temp_dir(&artifacts, &stage.name, "out");
+    std::fs::create_dir_all(&out_dir).map_err(io_fail("create", &out_dir))?;
+    let scratch_dir = artifacts.join(".scratch").join(format!(
+        "{}-{}",
+        stage.name,
+        &fingerprint[..16.min(fingerprint.len())]
+    ));
+    std::fs::create_dir_all(&scratch_dir).map_err(io_fail("create", &scratch_dir))?;
+    let inputs: Vec<Input> = stage
+        .needs
+        .iter()
+        .filter_map(|need| {
+            let up = ws.pipeline.stage(need)?;
+            let dir = match up.body {
+                Body::Builtin { .. } => artifacts.join(&up.name),
+                // A command stage's outputs are workspace paths; hand over the workspace.
+                Body::Command { .. } => ws.pipeline.root.clone(),
+            };
+            Some(Input {
+                stage: up.name.clone(),
+                kind: up.kind_name().to_string(),
+                dir,
+                fingerprint: upstream
+                    .get(need)
+                    .map(|p| p.fingerprint.clone())
+                    .unwrap_or_default(),
+                params: up.full_params.clone(),
+            })
+        })
+        .collect();
+    let progress = shared.console.stage(&stage.name);
+    let ctx = StageContext {
+        name: &stage.name,
+        inputs: &inputs,
+        out_dir: &out_dir,
+        scratch_dir: &scratch_dir,
+        device: &ws.pipeline.device,
+        seed: ws.pipeline.seed,
+        progress: &progress,
+        cancel: shared.cancel,
+    };
+    let result = implementation.run(table, &ctx);
+    let metrics = match result {
+        Ok(metrics) => metrics,
+        Err(e) => {
+            let _ = remove_path(&out_dir);
+            if e.downcast_ref::<Cancelled>().is_some() || shared.cancel.load(Ordering::Relaxed) {
+                return Err(StageEnd::Interrupted);
+            }
+            return Err(StageEnd::Failed(format!("{e:#}")));
+        }
+    };
+    let shown = format!("{ARTIFACTS_DIR}/{}", stage.name);
+    let staged_rel = out_dir
+        .strip_prefix(&ws.pipeline.root)
+        .map(|p| p.to_string_lossy().replace('\\', "/"))
+        .unwrap_or_default();
+    let outs = manifest::scan_as(
+        &ws.pipeline.root,
+        [(staged_rel.as_str(), shown.as_str())],
+        &[],
+    )
+    .map_err(io_fail("read", &out_dir))?;
+    publish_dir(&artifacts, &stage.name, &out_dir)
+        .map_err(io_fail("publish", &artifacts.join(&stage.name)))?;
+    let _ = remove_path(&scratch_dir);
+    Ok((outs, metrics))
+}
+
+/// A command stage's declared outputs moved aside while it runs, put back if it fails.
+struct Backup {
+    dir: PathBuf,
+    moved: Vec<(PathBuf, PathBuf)>,
+}
+
+impl Backup {
+    fn take(
+        root: &Path,
+        artifacts: &Path,
+        stage: &str,
+        outs: &[String],
+    ) -> std::io::Result<Backup> {
+        let dir = temp_dir(artifacts, stage, "backup");
+        let mut backup = Backup {
+            dir,
+            moved: Vec::new(),
+        };
+        for (n, out) in outs.iter().enumerate() {
+            let path = root.join(out);
+            if std::fs::symlink_metadata(&path).is_ok() {
+                std::fs::create_dir_all(&backup.dir)?;
+                let aside = backup.dir.join(n.to_string());
+                if let Err(e) = std::fs::rename(&path, &aside) {
+                    backup.restore();
+                    return Err(e);
+                }
+                backup.moved.push((path, aside));
+            }
+        }
+        Ok(backup)
+    }
+
+    /// Puts the previous outputs back, dropping whatever the failed run wrote there.
+    fn restore(&self) {
+        for (path, aside) in &self.moved {
+            let _ = remove_path(path);
+            let _ = std::fs::rename(aside, path);
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+
+    fn discard(&self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn run_command(
+    shared: &RunShared,
+    stage: &Stage,
+    cmd: &str,
+    outs: &[String],
+) -> Result<(Vec<FileRecord>, serde_json::Value), StageEnd> {
+    let root = &shared.ws.pipeline.root;
+    let artifacts = shared.ws.pipeline.artifacts();
+    let logs = artifacts.join(".logs");
+    std::fs::create_dir_all(&logs).map_err(io_fail("create", &logs))?;
+    let log_path = logs.join(format!("{}.log", stage.name));
+    let backup = Backup::take(root, &artifacts, &stage.name, outs)
+        .map_err(|e| StageEnd::Failed(format!("cannot move previous outputs aside: {e}")))?;
+    let fail_with = |msg: String| {
+        backup.restore();
+        StageEnd::Failed(msg)
+    };
+    for out in outs {
+        if let Some(parent) = root.join(out).parent() {
+            let _ = std::fs::create_dir_all(parent);
+        }
+    }
+    let log = File::create(&log_path)
+        .map_err(|e| fail_with(format!("cannot create {}: {e}", log_path.display())))?;
+    let log_err = log
+        .try_clone()
+        .map_err(|e| fail_with(format!("cannot open {}: {e}", log_path.display())))?;
+    let mut child = Command::new("sh")
+        .arg("-c")
+        .arg(cmd)
+        .current_dir(root)
+        .stdin(Stdio::null())
+        .stdout(log)
+        .stderr(log_err)
+        .spawn()
+        .map_err(|e| fail_with(format!("cannot start `sh -c`: {e}")))?;
+    // Poll rather than block so Ctrl-C can stop the command; the wait grows so quick
+    // commands finish quickly and slow ones cost no CPU.
+    let mut pause = Duration::from_millis(1);
+    let status = loop {
+        match child.try_wait() {
+            Ok(Some(status)) => break status,
+            Ok(None) => {}
+            Err(e) => return Err(fail_with(format!("cannot wait for the command: {e}"))),
+        }
+        if shared.cancel.load(Ordering::Relaxed) {
+            let _ = child.kill();
+            let _ = child.wait();
+            backup.restore();
+            return Err(StageEnd::Interrupted);
+        }
+        std::thread::sleep(pause);
+        pause = (pause * 2).min(Duration::from_millis(50));
+    };
+    if !status.success() {
+        // Ctrl-C on a terminal reaches the command too; it may die before our flag is set.
+        let killed_by_sigint = {
+            use std::os::unix::process::ExitStatusExt;
+            status.signal() == Some(2)
+        };
+        if killed_by_sigint || shared.cancel.load(Ordering::Relaxed) {
+            backup.restore();
+            return Err(StageEnd::Interrupted);
+        }
+        let tail = log_tail(&log_path, LOG_TAIL_LINES);
+        let code = status
+            .code()
+            .map(|c| format!("exit status {c}"))
+            .unwrap_or_else(|| "killed by a signal".to_string());
+        return Err(fail_with(format!(
+            "command failed ({code}); last lines of {}:\n{tail}",
+            log_path.display()
+        )));
+    }
+    let records = match manifest::scan(root, outs, &[]) {
+        Ok(r) => r,
+        Err(e) => return Err(fail_with(format!("cannot read outputs: {e}"))),
+    };
+    if let Some(missing) = records.iter().find(|r| r.blake3 == MISSING) {
+        return Err(fail_with(format!(
+            "the command did not write its declared output `{}`",
+            missing.path
+        )));
+    }
+    backup.discard();
+    Ok((records, serde_json::Value::Null))
+}
+
+fn log_tail(path: &Path, lines: usize) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let all: Vec<&str> = text.lines().collect();
+    if all.is_empty() {
+        return "    (the command printed nothing)".to_string();
+    }
+    let start = all.len().saturating_sub(lines);
+    all[start..]
+        .iter()
+        .map(|l| format!("    {l}"))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// Puts a cached run's outputs in place; returns their records as now on disk.
+fn restore(
+    shared: &RunShared,
+    stage: &Stage,
+    cached: &LockEntry,
+) -> std::io::Result<Vec<FileRecord>> {
+    let root = &shared.ws.pipeline.root;
+    let artifacts = shared.ws.pipeline.artifacts();
+    match &stage.body {
+        Body::Builtin { .. } => {
+            let shown = format!("{ARTIFACTS_DIR}/{}", stage.name);
+            let staged = temp_dir(&artifacts, &stage.name, "restore");
+            std::fs::create_dir_all(&staged)?;
+            let filled = (|| {
+                for r in cached.outs.iter().filter(|r| r.blake3 != MISSING) {
+                    let inner = r
+                        .path
+                        .strip_prefix(&shown)
+                        .unwrap_or(&r.path)
+                        .trim_start_matches('/');
+                    shared.cache.materialize(r, &staged.join(inner))?;
+                }
+                let staged_rel = staged
+                    .strip_prefix(root)
+                    .map(|p| p.to_string_lossy().replace('\\', "/"))
+                    .unwrap_or_default();
+                manifest::scan_as(root, [(staged_rel.as_str(), shown.as_str())], &[])
+            })();
+            let outs = match filled {
+                Ok(outs) => outs,
+                Err(e) => {
+                    let _ = remove_path(&staged);
+                    return Err(e);
+                }
+            };
+            publish_dir(&artifacts, &stage.name, &staged)?;
+            Ok(outs)
+        }
+        Body::Command { outs, .. } => {
+            let backup = Backup::take(root, &artifacts, &stage.name, outs)?;
+            let filled = (|| {
+                for r in cached.outs.iter().filter(|r| r.blake3 != MISSING) {
+                    shared.cache.materialize(r, &root.join(&r.path))?;
+                }
+                manifest::scan(root, outs, &[])
+            })();
+            match filled {
+                Ok(records) => {
+                    backup.discard();
+                    Ok(records)
+                }
+                Err(e) => {
+                    backup.restore();
+                    Err(e)
+                }
+            }
+        }
+    }
+}
+
+/// Deletes the outputs and lock entries of the given stages (all when empty). The run
+/// cache is kept, so running again restores them without work.
+pub fn clean(ws: &mut Workspace, targets: &[usize]) -> Result<Vec<String>, PipeError> {
+    let artifacts = ws.pipeline.artifacts();
+    let _guard = RunGuard::acquire(&artifacts)?;
+    let chosen: Vec<usize> = if targets.is_empty() {
+        (0..ws.pipeline.stages.len()).collect()
+    } else {
+        targets.to_vec()
+    };
+    let mut cleaned = Vec::new();
+    for i in chosen {
+        let stage = &ws.pipeline.stages[i];
+        for out in stage.out_roots() {
+            let path = ws.pipeline.root.join(&out);
+            remove_path(&path).map_err(|e| PipeError::io_at(&path, "remove", e))?;
+        }
+        ws.lock.stages.remove(&stage.name);
+        cleaned.push(stage.name.clone());
+    }
+    if targets.is_empty() {
+        for leftover in [".tmp", ".scratch", ".logs"] {
+            let path = artifacts.join(leftover);
+            remove_path(&path).map_err(|e| PipeError::io_at(&path, "remove", e))?;
+        }
+    }
+    ws.lock.format = lock::LOCK_FORMAT;
+    lock::write(&ws.lock_path, &ws.lock)?;
+    Ok(cleaned)
+}
+
+/// Drops cached runs (and their files) that the current lock does not reference, plus
+/// leftovers of interrupted runs.
+pub fn gc(ws: &Workspace) -> Result<crate::cache::GcReport, PipeError> {
+    let artifacts = ws.pipeline.artifacts();
+    let _guard = RunGuard::acquire(&artifacts)?;
+    let keep = ws
+        .lock
+        .stages
+        .values()
+        .map(|e| e.fingerprint.clone())
+        .collect();
+    let report = RunCache::new(&artifacts).gc(&keep).map_err(|e| {
+        PipeError::io(
+            format!("cannot collect {}", artifacts.join(".cache").display()),
+            e,
+        )
+    })?;
+    let tmp = artifacts.join(".tmp");
+    remove_path(&tmp).map_err(|e| PipeError::io_at(&tmp, "remove", e))?;
+    Ok(report)
+}
+
+#[cfg(test)]
+mod tests {
+    //! Built-in stages through the real scheduler, with a test-only kind (the real kinds
+    //! live in fmnist-stages and are wired in by the registry).
+    use super::*;
+    use crate::registry::{builtin, Registry};
+    use fmnist_stages::Metrics;
+
+    const VERSION: u32 = 1;
+
+    #[derive(Debug, Clone, serde::Deserialize, serde::Serialize)]
+    #[serde(deny_unknown_fields)]
+    struct Params {
+        text: String,
+        #[serde(default)]
+        fail: bool,
+        #[serde(default)]
+        cancel: bool,
+        /// Where each execution is logged; unhashed, like download's `sources`.
+        log: String,
+    }
+
+    fn run_echo(params: Params, ctx: &StageContext) -> anyhow::Result<Metrics> {
+        use std::io::Write;
+        let mut log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&params.log)?;
+        writeln!(log, "{}", ctx.name)?;
+        anyhow::ensure!(ctx.scratch_dir.is_dir(), "no scratch dir");
+        std::fs::write(ctx.scratch_dir.join("checkpoint"), "state")?;
+        let mut body = params.text.clone();
+        for input in ctx.inputs {
+            let upstream = std::fs::read_to_string(input.dir.join("out.txt"))?;
+            body.push_str(&format!(
+                "|{}:{}:{}:{}",
+                input.stage,
+                input.kind,
+                &input.fingerprint[..8],
+                upstream
+            ));
+        }
+        std::fs::write(ctx.out_dir.join("out.txt"), &body)?;
+        if params.cancel {
+            return Err(Cancelled.into());
+        }
+        anyhow::ensure!(!params.fail, "asked to fail");
+        Ok(serde_json::json!({ "chars": body.len(), "seed": ctx.seed, "device": ctx.device }))
+    }
+
+    fn registry() -> Registry {
+        Registry::from_kinds([builtin::<Params>("echo", VERSION, run_echo, &["log"])])
+    }
+
+    struct Setup {
+        dir: tempfile::TempDir,
+    }
+
+    impl Setup {
+        fn new(gen_text: &str) -> Setup {
+            let dir = tempfile::tempdir().unwrap();
+            let log = dir.path().join("runs.log");
+            let text = format!(
+                "[pipeline]\ndevice = 'cpu'\nseed = 7\n\n[stages.gen]\nkind = 'echo'\ntext = '{gen_text}'\nlog = '{0}'\n\n[stages.use]\nkind = 'echo'\nneeds = ['gen']\ntext = 'use'\nlog = '{0}'\n",
+                log.display()
+            );
+            std::fs::write(dir.path().join("pipeline.toml"), text).unwrap();
+            Setup { dir }
+        }
+
+        fn load(&self, sets: &[&str]) -> Result<Workspace, PipeError> {
+            let overrides: Vec<crate::config::Override> =
+                sets.iter().map(|s| s.parse().unwrap()).collect();
+            Workspace::load(
+                &self.dir.path().join("pipeline.toml"),
+                &overrides,
+                registry(),
+            )
+        }
+
+        fn run(&self, sets: &[&str]) -> Result<(), PipeError> {
+            let mut ws = self.load(sets)?;
+            let opts = RunOptions {
+                targets: vec![],
+                force: false,
+                dry_run: false,
+                jobs: 2,
+            };
+            run(&mut ws, &opts, &Console::new(), &AtomicBool::new(false))
+        }
+
+        fn runs(&self) -> usize {
+            std::fs::read_to_string(self.dir.path().join("runs.log"))
+                .map(|t| t.lines().count())
+                .unwrap_or(0)
+        }
+
+        fn read(&self, rel: &str) -> String {
+            std::fs::read_to_string(self.dir.path().join(rel)).unwrap()
+        }
+    }
+
+    #[test]
+    fn builtin_stage_publishes_outputs_and_records_the_lock() {
+        let s = Setup::new("hello");
+        s.run(&[]).unwrap();
+        assert_eq!(s.runs(), 2);
+        let ws = s.load(&[]).unwrap();
+        let gen = &ws.lock.stages["gen"];
+        assert_eq!(s.read("artifacts/gen/out.txt"), "hello");
+        assert_eq!(
+            s.read("artifacts/use/out.txt"),
+            format!("use|gen:echo:{}:hello", &gen.fingerprint[..8])
+        );
+        assert_eq!(gen.device.as_deref(), Some("cpu"));
+        assert_eq!(gen.seed, Some(7));
+        assert_eq!(
+            gen.metrics.get("chars").and_then(|v| v.as_integer()),
+            Some(5)
+        );
+        assert!(
+            !gen.params.contains_key("log"),
+            "unhashed params are not recorded as hashed"
+        );
+        assert_eq!(gen.outs.len(), 1);
+        assert_eq!(gen.outs[0].path, "artifacts/gen/out.txt");
+        assert!(
+            !s.dir
+                .path()
+                .join("artifacts/.scratch")
+                .read_dir()
+                .unwrap()
+                .any(|_| true),
+            "scratch kept after success"
+        );
+        assert!(
+            !s.dir
+                .path()
+                .join("artifacts/.tmp")
+                .read_dir()
+                .unwrap()
+                .any(|_| true),
+            "temp dirs left behind"
+        );
+
+        // Up to date, and an unhashed param changes nothing.
+        s.run(&["gen.log=\"other.log\""]).unwrap();
+        s.run(&[]).unwrap();
+        assert_eq!(s.runs(), 2);
+        // The seed enters built-in fingerprints.
+        s.run(&["pipeline.seed=8"]).unwrap();
+        assert_eq!(s.runs(), 4);
+    }
+
+    #[test]
+    fn failed_builtin_keeps_previous_outputs_lock_and_scratch() {
+        let s = Setup::new("hello");
+        s.run(&[]).unwrap();
+        let lock_before = s.read("pipeline.lock");
+        let err = s.run(&["gen.text=\"bye\"", "gen.fail=true"]).unwrap_err();
+        assert_eq!(err.exit_code(), 1, "{err}");
+        assert_eq!(s.read("artifacts/gen/out.txt"), "hello");
+        assert_eq!(s.read("pipeline.lock"), lock_before);
+        assert_eq!(s.runs(), 3, "downstream ran after a failure");
+        let scratch: Vec<_> = s
+            .dir
+            .path()
+            .join("artifacts/.scratch")
+            .read_dir()
+            .unwrap()
+            .collect();
+        assert_eq!(
+            scratch.len(),
+            1,
+            "scratch of the failed run must survive for resume"
+        );
+
+        let err = s.run(&["gen.text=\"bye\"", "gen.cancel=true"]).unwrap_err();
+        assert_eq!(err.exit_code(), 130, "{err}");
+        assert_eq!(s.read("artifacts/gen/out.txt"), "hello");
+    }
+
+    #[test]
+    fn builtin_params_are_validated_before_anything_runs() {
+        let s = Setup::new("hello");
+        let err = s
+            .run(&["gen.txet=\"x\""])
+            .expect_err("unknown param accepted");
+        assert_eq!(err.exit_code(), 2);
+        assert!(err.to_string().contains("unknown field `txet`"), "{err}");
+        let err = s.run(&["use.fail=3"]).expect_err("wrong type accepted");
+        assert_eq!(err.exit_code(), 2);
+        assert!(
+            err.to_string().contains("stage `use` (kind `echo`)"),
+            "{err}"
+        );
+        assert_eq!(s.runs(), 0);
+    }
+
+    #[test]
+    fn registry_hides_unhashed_params_from_the_fingerprint_only() {
+        let reg = registry();
+        let kind = reg.get("echo").unwrap();
+        let table: toml::Table = toml::from_str("text = 'a'\nlog = '/x'").unwrap();
+        let v = kind.validate(&table).unwrap();
+        assert_eq!(v.full["log"], "/x");
+        assert_eq!(v.full["fail"], false, "defaults are filled in");
+        assert!(v.hashed.get("log").is_none());
+        assert!(reg.known_kinds().contains("echo"));
+    }
+}

@@ -1,0 +1,290 @@
+//! A stage's fingerprint: blake3 over its kind, implementation version, canonical params and
+//! the content hashes of its inputs. Canonical means key order, formatting and comments in
+//! pipeline.toml cannot change it.
+
+use std::collections::BTreeMap;
+
+/// Bumped when the fingerprint recipe itself changes, so old locks read as stale.
+const RECIPE: &str = "fmnist-pipe fingerprint v1";
+
+/// Everything that decides a stage's outputs.
+pub struct Recipe<'a> {
+    pub kind: &'a str,
+    pub version: u32,
+    pub params: &'a serde_json::Value,
+    /// The pipeline seed, for built-in stages (command stages do not see it).
+    pub seed: Option<u64>,
+    /// Upstream stage name -> content hash of its outputs.
+    pub upstream: &'a BTreeMap<String, String>,
+    /// Content hash of every `deps` path (see `manifest::digest`).
+    pub deps_digest: &'a str,
+}
+
+pub fn fingerprint(recipe: &Recipe) -> String {
+    let mut h = blake3::Hasher::new();
+    let mut field = |name: &str, value: &str| {
+        // Length-prefixed, so no two different field sequences hash alike.
+        h.update(&(name.len() as u64).to_le_bytes());
+        h.update(name.as_bytes());
+        h.update(&(value.len() as u64).to_le_bytes());
+        h.update(value.as_bytes());
+    };
+    field("recipe", RECIPE);
+    field("kind", recipe.kind);
+    field("version", &recipe.version.to_string());
+    field("params", &canonical(recipe.params));
+    if let Some(seed) = recipe.seed {
+        field("seed", &seed.to_string());
+    }
+    for (stage, hash) in recipe.upstream {
+        field("upstream", stage);
+        field("hash", hash);
+    }
+    field("deps", recipe.deps_digest);
+    h.finalize().to_hex().to_string()
+}
+
+/// A canonical text form of a JSON value: object keys sorted, nulls (unset options) dropped,
+/// integers and floats kept apart.
+pub fn canonical(value: &serde_json::Value) -> String {
+    let mut out = String::new();
+    write_canonical(value, &mut out);
+    out
+}
+
+fn write_canonical(value: &serde_json::Value, out: &mut String) {
+    use serde_json::Value;
+    match value {
+        Value::Null => out.push_str("null"),
+        Value::Bool(b) => out.push_str(if *b { "true" } else { "false" }),
+        Value::Number(n) => {
+            if let Some(i) = n.as_i64() {
+                out.push_str(&i.to_string());
+            } else if let Some(u) = n.as_u64() {
+                out.push_str(&u.to_string());
+            } else {
+                // `{:?}` always keeps a `.` or exponent, so 1.0 never collides with 1.
+                out.push_str(&format!("{:?}", n.as_f64().unwrap_or(f64::NAN)));
+            }
+        }
+        Value::String(s) => out.push_str(&serde_json::Value::String(s.clone()).to_string()),
+        Value::Array(items) => {
+            out.push('[');
+            for (i, item) in items.iter().enumerate() {
+                if i > 0 {
+                    out.push(',');
+                }
+                write_canonical(item, out);
+            }
+            out.push(']');
+        }
+        Value::Object(map) => {
+            let mut keys: Vec<&String> = map
+                .iter()
+                .filter(|(_, v)| !v.is_null())
+                .map(|(k, _)| k)
+                .collect();
+            keys.sort();
+            out.push('{');
+            for (i, key) in keys.iter().enumerate() {
+                if i > 0 {
+                    out.push(',');
+                }
+                out.push_str(&serde_json::Value::String((*key).clone()).to_string());
+                out.push(':');
+                write_canonical(&map[*key], out);
+            }
+            out.push('}');
+        }
+    }
+}
+
+/// Differences between two param trees as "path: old -> new" lines.
+pub fn diff_params(
+    prefix: &str,
+    old: &serde_json::Value,
+    new: &serde_json::Value,
+    out: &mut Vec<String>,
+) {
+    use serde_json::Value;
+    match (old, new) {
+        (Value::Object(a), Value::Object(b)) => {
+            let mut keys: Vec<&String> = a.keys().chain(b.keys()).collect();
+            keys.sort();
+            keys.dedup();
+            for key in keys {
+                let path = if prefix.is_empty() {
+                    key.clone()
+                } else {
+                    format!("{prefix}.{key}")
+                };
+                let a = a.get(key).unwrap_or(&Value::Null);
+                let b = b.get(key).unwrap_or(&Value::Null);
+                diff_params(&path, a, b, out);
+            }
+        }
+        (a, b) if canonical(a) != canonical(b) => {
+            let show = |v: &Value| {
+                if v.is_null() {
+                    "(unset)".to_string()
+                } else {
+                    v.to_string()
+                }
+            };
+            out.push(format!("{prefix}: {} -> {}", show(a), show(b)));
+        }
+        _ => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn recipe_hash(params: &serde_json::Value) -> String {
+        let upstream = BTreeMap::new();
+        fingerprint(&Recipe {
+            kind: "train",
+            version: 1,
+            params,
+            seed: Some(42),
+            upstream: &upstream,
+            deps_digest: "",
+        })
+    }
+
+    #[test]
+    fn key_order_does_not_matter() {
+        let a = json!({"lr": 0.1, "opt": {"name": "adam", "beta": 0.9}, "epochs": 5});
+        let b = json!({"epochs": 5, "opt": {"beta": 0.9, "name": "adam"}, "lr": 0.1});
+        assert_eq!(canonical(&a), canonical(&b));
+        assert_eq!(recipe_hash(&a), recipe_hash(&b));
+    }
+
+    #[test]
+    fn values_and_types_matter() {
+        assert_ne!(
+            recipe_hash(&json!({"lr": 0.1})),
+            recipe_hash(&json!({"lr": 0.01}))
+        );
+        assert_ne!(
+            recipe_hash(&json!({"epochs": 1})),
+            recipe_hash(&json!({"epochs": 1.0}))
+        );
+        assert_ne!(
+            recipe_hash(&json!({"name": "1"})),
+            recipe_hash(&json!({"name": 1}))
+        );
+        assert_ne!(
+            recipe_hash(&json!({"a": [1, 2]})),
+            recipe_hash(&json!({"a": [2, 1]}))
+        );
+    }
+
+    #[test]
+    fn unset_options_equal_absent_keys() {
+        assert_eq!(
+            canonical(&json!({"a": 1, "b": null})),
+            canonical(&json!({"a": 1}))
+        );
+    }
+
+    #[test]
+    fn toml_formatting_and_comments_do_not_matter() {
+        let a: toml::Table = toml::from_str("lr = 1e-4\nepochs = 5\n[opt]\nname = 'adam'").unwrap();
+        let b: toml::Table =
+            toml::from_str("# tuned\nopt = { name = \"adam\" }\nepochs=5\nlr = 0.0001 # small")
+                .unwrap();
+        let a = serde_json::to_value(a).unwrap();
+        let b = serde_json::to_value(b).unwrap();
+        assert_eq!(recipe_hash(&a), recipe_hash(&b));
+    }
+
+    #[test]
+    fn every_recipe_field_counts() {
+        let params = json!({});
+        let none = BTreeMap::new();
+        let mut up = BTreeMap::new();
+        up.insert("a".to_string(), "00".to_string());
+        let base = Recipe {
+            kind: "k",
+            version: 1,
+            params: &params,
+            seed: Some(1),
+            upstream: &none,
+            deps_digest: "",
+        };
+        let h = fingerprint(&base);
+        assert_ne!(h, fingerprint(&Recipe { kind: "j", ..base }));
+        let base = Recipe {
+            kind: "k",
+            version: 1,
+            params: &params,
+            seed: Some(1),
+            upstream: &none,
+            deps_digest: "",
+        };
+        assert_ne!(h, fingerprint(&Recipe { version: 2, ..base }));
+        let base = Recipe {
+            kind: "k",
+            version: 1,
+            params: &params,
+            seed: Some(1),
+            upstream: &none,
+            deps_digest: "",
+        };
+        assert_ne!(
+            h,
+            fingerprint(&Recipe {
+                seed: Some(2),
+                ..base
+            })
+        );
+        let base = Recipe {
+            kind: "k",
+            version: 1,
+            params: &params,
+            seed: Some(1),
+            upstream: &none,
+            deps_digest: "",
+        };
+        assert_ne!(
+            h,
+            fingerprint(&Recipe {
+                upstream: &up,
+                ..base
+            })
+        );
+        let base = Recipe {
+            kind: "k",
+            version: 1,
+            params: &params,
+            seed: Some(1),
+            upstream: &none,
+            deps_digest: "",
+        };
+        assert_ne!(
+            h,
+            fingerprint(&Recipe {
+                deps_digest: "x",
+                ..base
+            })
+        );
+    }
+
+    #[test]
+    fn diff_names_changed_paths() {
+        let mut out = Vec::new();
+        diff_params(
+            "params",
+            &json!({"lr": 0.0001, "opt": {"name": "adam"}}),
+            &json!({"lr": 0.001, "opt": {"name": "adam"}, "x": 1}),
+            &mut out,
+        );
+        assert_eq!(
+            out,
+            vec!["params.lr: 0.0001 -> 0.001", "params.x: (unset) -> 1"]
+        );
+    }
+}

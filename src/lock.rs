@@ -1,0 +1,151 @@
+//! pipeline.lock: what each stage last ran with (fingerprint, params, inputs) and produced
+//! (output manifest, metrics). Human-readable TOML in a stable order, written atomically.
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::PipeError;
+use crate::manifest::FileRecord;
+
+pub const LOCK_FORMAT: u32 = 1;
+const HEADER: &str = "# pipeline.lock: written by fmnist-pipe after each stage succeeds. Commit it; do not edit it.\n\n";
+
+#[derive(Debug, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LockFile {
+    pub format: u32,
+    #[serde(default)]
+    pub stages: BTreeMap<String, LockEntry>,
+}
+
+/// One stage's last successful run. Scalars first: TOML wants them before sub-tables.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LockEntry {
+    pub kind: String,
+    pub version: u32,
+    pub fingerprint: String,
+    /// Content hash of all outputs: what downstream fingerprints include (early cutoff).
+    pub outs_hash: String,
+    /// Recorded, not hashed: where it ran.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub device: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub seed: Option<u64>,
+    #[serde(default)]
+    pub seconds: f64,
+    /// The hashed params (canonical; unset options omitted).
+    #[serde(default, skip_serializing_if = "toml::Table::is_empty")]
+    pub params: toml::Table,
+    /// Upstream stage -> its outs_hash when this stage ran.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub upstream: BTreeMap<String, String>,
+    #[serde(default, skip_serializing_if = "toml::Table::is_empty")]
+    pub metrics: toml::Table,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub deps: Vec<FileRecord>,
+    #[serde(default)]
+    pub outs: Vec<FileRecord>,
+}
+
+impl LockEntry {
+    pub fn params_json(&self) -> serde_json::Value {
+        serde_json::to_value(&self.params).unwrap_or(serde_json::Value::Null)
+    }
+}
+
+/// The lock file's location beside the pipeline file.
+pub fn lock_path(pipeline_file: &Path) -> PathBuf {
+    pipeline_file.with_extension("lock")
+}
+
+/// Reads the lock. A missing lock is empty; a damaged one is reported as a warning and
+/// treated as empty, so every stage reads as stale instead of the tool refusing to work.
+pub fn read(path: &Path) -> (LockFile, Option<String>) {
+    let text = match std::fs::read_to_string(path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return (LockFile::default(), None),
+        Err(e) => {
+            return (
+                LockFile::default(),
+                Some(format!(
+                    "cannot read {}: {e}; treating every stage as stale",
+                    path.display()
+                )),
+            )
+        }
+    };
+    match toml::from_str::<LockFile>(&text) {
+        Ok(lock) if lock.format == LOCK_FORMAT => (lock, None),
+        Ok(lock) => (
+            LockFile::default(),
+            Some(format!("{} has format {} (this fmnist-pipe writes {LOCK_FORMAT}); treating every stage as stale", path.display(), lock.format)),
+        ),
+        Err(e) => {
+            let line = e.span().map(|s| text[..s.start.min(text.len())].lines().count().max(1));
+            let at = line.map(|l| format!(":{l}")).unwrap_or_default();
+            (
+                LockFile::default(),
+                Some(format!(
+                    "{}{at} is damaged ({}); treating every stage as stale",
+                    path.display(),
+                    e.message().trim().replace('\n', " ")
+                )),
+            )
+        }
+    }
+}
+
+/// Writes the lock atomically (temp file + rename), so a crash never leaves half a lock.
+pub fn write(path: &Path, lock: &LockFile) -> Result<(), PipeError> {
+    let body = toml::to_string(lock).map_err(|e| {
+        PipeError::io(
+            format!("cannot encode {}", path.display()),
+            std::io::Error::other(e),
+        )
+    })?;
+    let tmp = path.with_extension("lock.tmp");
+    let result = (|| {
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(HEADER.as_bytes())?;
+        f.write_all(body.as_bytes())?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, path)
+    })();
+    result.map_err(|e| PipeError::io_at(path, "write", e))
+}
+
+/// JSON (params, metrics) as a TOML table; nulls have no TOML form and are dropped.
+pub fn json_to_table(value: &serde_json::Value) -> toml::Table {
+    match json_to_toml(value) {
+        Some(toml::Value::Table(t)) => t,
+        Some(other) => {
+            let mut t = toml::Table::new();
+            t.insert("value".to_string(), other);
+            t
+        }
+        None => toml::Table::new(),
+    }
+}
+
+fn json_to_toml(value: &serde_json::Value) -> Option<toml::Value> {
+    use serde_json::Value;
+    Some(match value {
+        Value::Null => return None,
+        Value::Bool(b) => toml::Value::Boolean(*b),
+        Value::Number(n) => match n.as_i64() {
+            Some(i) => toml::Value::Integer(i),
+            None => toml::Value::Float(n.as_f64().unwrap_or(f64::NAN)),
+        },
+        Value::String(s) => toml::Value::String(s.clone()),
+        Value::Array(items) => toml::Value::Array(items.iter().filter_map(json_to_toml).collect()),
+        Value::Object(map) => toml::Value::Table(
+            map.iter()
+                .filter_map(|(k, v)| Some((k.clone(), json_to_toml(v)?)))
+                .collect(),
+        ),
+    })
+}

@@ -1,0 +1,141 @@
+//! Built-in stage kinds: kind name -> implementation. The one place that knows both the
+//! engine and the stages crate; adding a kind is one `builtin::<...>(...)` line below.
+
+use std::collections::BTreeMap;
+
+use fmnist_stages::{Metrics, StageContext};
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+
+type ValidateFn = dyn Fn(&toml::Table) -> Result<serde_json::Value, String> + Send + Sync;
+type RunFn = dyn Fn(&toml::Table, &StageContext) -> anyhow::Result<Metrics> + Send + Sync;
+
+/// One built-in kind: its version (part of every fingerprint) and type-erased entry points.
+pub struct Kind {
+    pub name: &'static str,
+    pub version: u32,
+    /// Top-level params that do not enter the fingerprint (e.g. download mirrors).
+    pub unhashed: &'static [&'static str],
+    validate: Box<ValidateFn>,
+    run: Box<RunFn>,
+}
+
+/// A built-in stage's params after validation.
+pub struct Validated {
+    /// Every param, defaults filled in (what downstream stages see).
+    pub full: serde_json::Value,
+    /// `full` minus the kind's unhashed params (what the fingerprint sees).
+    pub hashed: serde_json::Value,
+}
+
+/// Wires a stage module (`VERSION`, `Params`, `run`) as a kind. The stage's table (minus
+/// `kind` and `needs`) is deserialized into `P`, so unknown or wrong-typed params are config
+/// errors before anything runs, and the resolved `P` (defaults included) is what gets hashed.
+// Unused until the stage kinds are registered in `Registry::builtins`.
+#[allow(dead_code)]
+pub fn builtin<P>(
+    name: &'static str,
+    version: u32,
+    run: fn(P, &StageContext) -> anyhow::Result<Metrics>,
+    unhashed: &'static [&'static str],
+) -> Kind
+where
+    P: DeserializeOwned + Serialize + 'static,
+{
+    builtin_checked::<P, std::convert::Infallible>(name, version, run, unhashed, |_| Ok(()))
+}
+
+/// Like [`builtin`], with a check of the deserialized params (value ranges, combinations)
+/// whose error is reported as a config error.
+#[allow(dead_code)]
+pub fn builtin_checked<P, E>(
+    name: &'static str,
+    version: u32,
+    run: fn(P, &StageContext) -> anyhow::Result<Metrics>,
+    unhashed: &'static [&'static str],
+    check: fn(&P) -> Result<(), E>,
+) -> Kind
+where
+    P: DeserializeOwned + Serialize + 'static,
+    E: std::fmt::Display + 'static,
+{
+    Kind {
+        name,
+        version,
+        unhashed,
+        validate: Box::new(move |table| {
+            let params = parse::<P>(table)?;
+            check(&params).map_err(|e| e.to_string())?;
+            serde_json::to_value(&params).map_err(|e| format!("params cannot be represented: {e}"))
+        }),
+        run: Box::new(move |table, ctx| {
+            let params = parse::<P>(table).map_err(anyhow::Error::msg)?;
+            run(params, ctx)
+        }),
+    }
+}
+
+#[allow(dead_code)]
+fn parse<P: DeserializeOwned>(table: &toml::Table) -> Result<P, String> {
+    P::deserialize(toml::Value::Table(table.clone()))
+        .map_err(|e| e.message().trim().replace('\n', " "))
+}
+
+impl Kind {
+    pub fn validate(&self, table: &toml::Table) -> Result<Validated, String> {
+        let full = (self.validate)(table)?;
+        let mut hashed = full.clone();
+        if let Some(map) = hashed.as_object_mut() {
+            for key in self.unhashed {
+                map.remove(*key);
+            }
+        }
+        Ok(Validated { full, hashed })
+    }
+
+    pub fn run(&self, table: &toml::Table, ctx: &StageContext) -> anyhow::Result<Metrics> {
+        (self.run)(table, ctx)
+    }
+}
+
+/// The set of kinds a pipeline may name.
+#[derive(Default)]
+pub struct Registry {
+    kinds: BTreeMap<&'static str, Kind>,
+}
+
+impl Registry {
+    pub fn from_kinds(kinds: impl IntoIterator<Item = Kind>) -> Self {
+        Registry {
+            kinds: kinds.into_iter().map(|k| (k.name, k)).collect(),
+        }
+    }
+
+    /// The kinds this binary ships.
+    pub fn builtins() -> Self {
+        #[allow(unused_imports)]
+        use fmnist_stages as stages;
+        Registry::from_kinds([
+            // The stage modules register here, one line each, e.g.:
+            // builtin::<stages::download::Params>("download", stages::download::VERSION, stages::download::run, &["sources"]),
+            // builtin::<stages::stats::Params>("stats", stages::stats::VERSION, stages::stats::run, &[]),
+            // builtin::<stages::train::Params>("train", stages::train::VERSION, stages::train::run, &[]),
+            // builtin::<stages::evaluate::Params>("evaluate", stages::evaluate::VERSION, stages::evaluate::run, &[]),
+            // builtin::<stages::visualize::Params>("visualize", stages::visualize::VERSION, stages::visualize::run, &[]),
+            // builtin::<stages::report::Params>("report", stages::report::VERSION, stages::report::run, &[]),
+        ])
+    }
+
+    pub fn get(&self, kind: &str) -> Option<&Kind> {
+        self.kinds.get(kind)
+    }
+
+    /// "a, b, c" (or a note that there are none), for error messages.
+    pub fn known_kinds(&self) -> String {
+        if self.kinds.is_empty() {
+            "(none: this build has no built-in kinds)".to_string()
+        } else {
+            self.kinds.keys().copied().collect::<Vec<_>>().join(", ")
+        }
+    }
+}
