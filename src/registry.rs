@@ -31,8 +31,6 @@ pub struct Validated {
 /// Wires a stage module (`VERSION`, `Params`, `run`) as a kind. The stage's table (minus
 /// `kind` and `needs`) is deserialized into `P`, so unknown or wrong-typed params are config
 /// errors before anything runs, and the resolved `P` (defaults included) is what gets hashed.
-// Unused until the stage kinds are registered in `Registry::builtins`.
-#[allow(dead_code)]
 pub fn builtin<P>(
     name: &'static str,
     version: u32,
@@ -47,7 +45,6 @@ where
 
 /// Like [`builtin`], with a check of the deserialized params (value ranges, combinations)
 /// whose error is reported as a config error.
-#[allow(dead_code)]
 pub fn builtin_checked<P, E>(
     name: &'static str,
     version: u32,
@@ -75,7 +72,6 @@ where
     }
 }
 
-#[allow(dead_code)]
 fn parse<P: DeserializeOwned>(table: &toml::Table) -> Result<P, String> {
     P::deserialize(toml::Value::Table(table.clone()))
         .map_err(|e| e.message().trim().replace('\n', " "))
@@ -113,16 +109,30 @@ impl Registry {
 
     /// The kinds this binary ships.
     pub fn builtins() -> Self {
-        #[allow(unused_imports)]
         use fmnist_stages as stages;
+        use stages::{download, stats, train};
         Registry::from_kinds([
-            // The stage modules register here, one line each, e.g.:
-            // builtin::<stages::download::Params>("download", stages::download::VERSION, stages::download::run, &["sources"]),
-            // builtin::<stages::stats::Params>("stats", stages::stats::VERSION, stages::stats::run, &[]),
-            // builtin::<stages::train::Params>("train", stages::train::VERSION, stages::train::run, &[]),
-            // builtin::<stages::evaluate::Params>("evaluate", stages::evaluate::VERSION, stages::evaluate::run, &[]),
-            // builtin::<stages::visualize::Params>("visualize", stages::visualize::VERSION, stages::visualize::run, &[]),
-            // builtin::<stages::report::Params>("report", stages::report::VERSION, stages::report::run, &[]),
+            builtin_checked(
+                "download",
+                download::VERSION,
+                download::run,
+                download::UNHASHED_PARAMS,
+                download::Params::validate,
+            ),
+            builtin_checked(
+                "stats",
+                stats::VERSION,
+                stats::run,
+                &[],
+                stats::Params::validate,
+            ),
+            builtin_checked(
+                "train",
+                train::VERSION,
+                train::run,
+                &[],
+                train::Params::validate,
+            ),
         ])
     }
 
