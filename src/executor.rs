@@ -530,9 +530,24 @@ fn compact_metrics(metrics: &toml::Table) -> String {
     metrics
         .iter()
         .filter(|(_, v)| !v.is_table() && !v.is_array())
-        .map(|(k, v)| format!("{k}={v}"))
+        .map(|(k, v)| match v {
+            // Four significant decimals are what a person reads; the lock keeps full precision.
+            toml::Value::Float(f) => format!("{k}={}", short_float(*f)),
+            toml::Value::String(s) => format!("{k}={s}"),
+            other => format!("{k}={other}"),
+        })
         .collect::<Vec<_>>()
         .join(" ")
+}
+
+fn short_float(f: f64) -> String {
+    if f != 0.0 && (f.abs() >= 1e5 || f.abs() < 1e-3) {
+        format!("{f:.3e}")
+    } else if f.abs() >= 100.0 {
+        format!("{f:.1}")
+    } else {
+        format!("{f:.4}")
+    }
 }
 
 fn process_stage(

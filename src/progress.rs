@@ -163,7 +163,7 @@ impl Progress for StageProgress<'_> {
     }
 
     fn println(&self, line: &str) {
-        self.console.line(line);
+        self.console.line(&format!("[{}] {line}", self.name));
     }
 }
 

@@ -273,7 +273,7 @@ pub fn run(params: Params, ctx: &StageContext) -> anyhow::Result<Metrics> {
                 Err(FetchError::Cancelled) => return Err(Cancelled.into()),
                 Err(e) => {
                     ctx.progress.println(&format!(
-                        "download: {}: {source}: {e}; trying the next source",
+                        "{}: {source}: {e}; trying the next source",
                         pinned.name
                     ));
                     if let FetchError::SourceUnavailable(why) = &e {
@@ -300,8 +300,7 @@ pub fn run(params: Params, ctx: &StageContext) -> anyhow::Result<Metrics> {
         Expect::FixtureSubset => (1_000, 500),
     };
     ctx.progress.println(&format!(
-        "download: {} train + {} test images verified ({:?})",
-        train, test, params.expect
+        "{train} train + {test} test images verified against the pinned SHA-256 hashes"
     ));
     Ok(serde_json::json!({
         "expect": params.expect,

@@ -248,7 +248,7 @@ pub fn summary(stats: &Stats) -> Vec<String> {
             format!("{} to {} per class", thousands(lo), thousands(hi))
         };
         format!(
-            "stats: {name:<5} {:>6} images ({balance}), pixel mean {:.4}, std {:.4}",
+            "{name:<5} {:>6} images ({balance}), pixel mean {:.4}, std {:.4}",
             thousands(s.count),
             s.mean,
             s.std
@@ -272,7 +272,7 @@ pub fn summary(stats: &Stats) -> Vec<String> {
     };
     if let (Some(dark), Some(bright)) = (by_mean(false), by_mean(true)) {
         lines.push(format!(
-            "stats: darkest class {} (mean {:.3}), brightest {} (mean {:.3})",
+            "darkest class {} (mean {:.3}), brightest {} (mean {:.3})",
             stats.class_names[dark],
             t.per_class_mean[dark],
             stats.class_names[bright],

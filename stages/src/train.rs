@@ -128,8 +128,7 @@ pub fn run(params: Params, ctx: &StageContext) -> anyhow::Result<Metrics> {
     let mut history = resume(&params, seed, ctx.scratch_dir, &varmap, optimizer.as_mut())?;
     if !history.is_empty() {
         ctx.progress.println(&format!(
-            "{}: resuming after epoch {}/{} from {}",
-            ctx.name,
+            "resuming after epoch {}/{} from {}",
             history.len(),
             params.epochs,
             ctx.scratch_dir.display()
@@ -147,8 +146,7 @@ pub fn run(params: Params, ctx: &StageContext) -> anyhow::Result<Metrics> {
     for epoch in history.len()..params.epochs {
         let record = train_epoch(&setup, epoch, model.as_ref(), optimizer.as_mut(), ctx)?;
         ctx.progress.finish(&format!(
-            "{} epoch {}/{}: loss {:.4}, train acc {:.2}%{}, lr {:.3e}, {:.1}s, {:.0} img/s",
-            ctx.name,
+            "epoch {}/{}: loss {:.4}, train acc {:.2}%{}, lr {:.3e}, {:.1}s, {:.0} img/s",
             epoch + 1,
             params.epochs,
             record.train_loss,
@@ -230,7 +228,7 @@ fn train_epoch(
 
     let batches = order.len().div_ceil(params.batch_size);
     ctx.progress.start(
-        &format!("{} epoch {}/{}", ctx.name, epoch + 1, params.epochs),
+        &format!("epoch {}/{}", epoch + 1, params.epochs),
         batches as u64,
         "batches",
     );
