@@ -1,0 +1,245 @@
+//! The evaluate, visualize and report stages end to end on the fixture subset: a tiny
+//! baseline is trained once (and an untrained ResNet-18 saved), then each downstream stage runs on them
+//! and its outputs are checked (metrics consistent with the confusion matrix, PNGs that
+//! decode at sensible sizes, a self-contained report whose images all load in Chromium).
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicBool;
+use std::sync::OnceLock;
+
+use fmnist_stages::models::{self, ModelKind};
+use fmnist_stages::{evaluate, train, Input, NoProgress, StageContext};
+
+fn fixture_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/fashion-mnist")
+}
+
+fn input(stage: &str, kind: &str, dir: PathBuf, params: serde_json::Value) -> Input {
+    Input {
+        stage: stage.into(),
+        kind: kind.into(),
+        dir,
+        fingerprint: format!("fp-{stage}"),
+        params,
+    }
+}
+
+fn download_input() -> Input {
+    input(
+        "download",
+        "download",
+        fixture_dir(),
+        serde_json::Value::Null,
+    )
+}
+
+/// Runs `f` as stage `name` with `inputs`, writing into a fresh out folder it returns.
+fn run_stage<T>(
+    name: &str,
+    inputs: &[Input],
+    f: impl FnOnce(&StageContext) -> anyhow::Result<T>,
+) -> anyhow::Result<(tempfile::TempDir, T)> {
+    let out = tempfile::tempdir()?;
+    let scratch = tempfile::tempdir()?;
+    let cancel = AtomicBool::new(false);
+    let ctx = StageContext {
+        name,
+        inputs,
+        out_dir: out.path(),
+        scratch_dir: scratch.path(),
+        device: "cpu",
+        seed: 7,
+        progress: &NoProgress,
+        cancel: &cancel,
+    };
+    let value = f(&ctx)?;
+    Ok((out, value))
+}
+
+/// Two models trained once for every test of this file (kept alive for the process).
+struct Trained {
+    _dirs: Vec<tempfile::TempDir>,
+    inputs: Vec<Input>,
+}
+
+/// A trained baseline (200 images, one epoch) and an untrained ResNet-18 laid out as a
+/// train stage lays out its outputs: training a ResNet on CPU costs more time than this file
+/// may take, and evaluation only needs its weights, config and history.
+fn train_models() -> anyhow::Result<Trained> {
+    let mut dirs = Vec::new();
+    let mut inputs = vec![download_input()];
+
+    let params: train::Params = toml::from_str(
+        r#"
+        model = "baseline"
+        epochs = 1
+        train_limit = 200
+        optimizer = { name = "adadelta", lr = 1.0 }
+        lr_decay = 0.7
+        "#,
+    )?;
+    let (dir, _) = run_stage("train-baseline", &[download_input()], |ctx| {
+        train::run(params.clone(), ctx)
+    })?;
+    inputs.push(input(
+        "train-baseline",
+        "train",
+        dir.path().to_path_buf(),
+        serde_json::to_value(&params)?,
+    ));
+    dirs.push(dir);
+
+    let params: train::Params = toml::from_str(
+        r#"
+        model = "resnet18"
+        optimizer = { name = "adam", lr = 1e-4 }
+        "#,
+    )?;
+    let dir = tempfile::tempdir()?;
+    let (_, varmap) = models::init(ModelKind::Resnet18, 3, &candle_core::Device::Cpu)?;
+    models::save_varmap(&varmap, &dir.path().join("model.safetensors"))?;
+    let config = serde_json::json!({ "model": "resnet18", "params": params });
+    std::fs::write(dir.path().join("config.json"), config.to_string())?;
+    let history = serde_json::json!({ "model": "resnet18", "epochs": [{
+        "epoch": 1, "lr": 1e-4, "train_loss": 2.25, "train_accuracy": 0.2,
+        "test_loss": null, "test_accuracy": null, "seconds": 1.0, "images_per_s": 64.0
+    }]});
+    std::fs::write(dir.path().join("history.json"), history.to_string())?;
+    inputs.push(input(
+        "train-resnet",
+        "train",
+        dir.path().to_path_buf(),
+        serde_json::to_value(&params)?,
+    ));
+    dirs.push(dir);
+    Ok(Trained {
+        _dirs: dirs,
+        inputs,
+    })
+}
+
+fn trained() -> &'static Trained {
+    static TRAINED: OnceLock<Trained> = OnceLock::new();
+    TRAINED.get_or_init(|| match train_models() {
+        Ok(t) => t,
+        Err(e) => panic!("training the test models failed: {e:#}"),
+    })
+}
+
+/// The evaluate stage's outputs, computed once.
+fn evaluated() -> &'static (tempfile::TempDir, serde_json::Value) {
+    static EVALUATED: OnceLock<(tempfile::TempDir, serde_json::Value)> = OnceLock::new();
+    EVALUATED.get_or_init(|| {
+        let params: evaluate::Params = match toml::from_str("test_limit = 300") {
+            Ok(p) => p,
+            Err(e) => panic!("{e}"),
+        };
+        match run_stage("evaluate", &trained().inputs, |ctx| {
+            evaluate::run(params, ctx)
+        }) {
+            Ok(r) => r,
+            Err(e) => panic!("evaluate failed: {e:#}"),
+        }
+    })
+}
+
+fn png_size(path: &Path) -> anyhow::Result<(u32, u32)> {
+    let img = image::open(path)
+        .map_err(|e| anyhow::anyhow!("{} does not decode: {e}", path.display()))?;
+    Ok((img.width(), img.height()))
+}
+
+fn read_json(path: &Path) -> anyhow::Result<serde_json::Value> {
+    Ok(serde_json::from_slice(&std::fs::read(path)?)?)
+}
+
+#[test]
+fn evaluate_metrics_agree_with_the_confusion_matrix() -> anyhow::Result<()> {
+    let (out, summary) = evaluated();
+    let metrics = read_json(&out.path().join("metrics.json"))?;
+    let models = metrics["models"]
+        .as_object()
+        .ok_or_else(|| anyhow::anyhow!("metrics.json has no models"))?;
+    assert_eq!(models.len(), 2);
+    for (stage, m) in models {
+        let confusion: Vec<Vec<u64>> = serde_json::from_value(m["confusion"].clone())?;
+        assert_eq!(confusion.len(), 10, "{stage}");
+        assert!(confusion.iter().all(|r| r.len() == 10), "{stage}");
+        let total: u64 = confusion.iter().flatten().sum();
+        assert_eq!(total, 300, "{stage}: confusion sums to the test count");
+        let trace: u64 = (0..10).map(|i| confusion[i][i]).sum();
+        let acc = m["accuracy"].as_f64().unwrap_or(f64::NAN);
+        assert!((acc - trace as f64 / total as f64).abs() < 1e-12, "{stage}");
+        assert_eq!(summary["models"][stage]["accuracy"], m["accuracy"]);
+        let per_class = m["per_class"].as_array().cloned().unwrap_or_default();
+        assert_eq!(per_class.len(), 10);
+        let support: u64 = per_class.iter().filter_map(|c| c["support"].as_u64()).sum();
+        assert_eq!(support, 300);
+        for c in &per_class {
+            for key in ["precision", "recall", "f1"] {
+                let v = c[key].as_f64().unwrap_or(-1.0);
+                assert!((0.0..=1.0).contains(&v), "{stage} {key} {v}");
+            }
+        }
+        assert!(m["loss"].as_f64().is_some_and(|l| l.is_finite() && l > 0.0));
+        assert!(m["final_train_loss"].as_f64().is_some_and(|l| l > 0.0));
+    }
+    assert_eq!(models["train-resnet"]["final_train_loss"], 2.25);
+    for m in models.values() {
+        assert!(m["inference_images_per_s"]
+            .as_f64()
+            .is_some_and(|v| v > 0.0));
+    }
+    let baseline = &models["train-baseline"];
+    assert_eq!(baseline["params"], 1_199_882);
+    assert_eq!(models["train-resnet"]["params"], 11_175_370);
+    // 200 images and one epoch already beat chance (10%) by far.
+    assert!(baseline["accuracy"].as_f64().unwrap_or(0.0) > 0.3);
+
+    let table = std::fs::read_to_string(out.path().join("comparison.md"))?;
+    assert!(table.contains("| train-baseline | Baseline CNN | Adadelta lr 1 x0.7/epoch"));
+    assert!(table.contains("ResNet-18"));
+    assert!(table.contains("91.34%") && table.contains("89.47%"));
+    let acc_text = format!(
+        "{:.2}%",
+        100.0 * baseline["accuracy"].as_f64().unwrap_or(0.0)
+    );
+    assert!(table.contains(&acc_text), "{table}");
+    Ok(())
+}
+
+#[test]
+fn evaluate_pngs_decode() -> anyhow::Result<()> {
+    let (out, _) = evaluated();
+    for stage in ["train-baseline", "train-resnet"] {
+        let (w, h) = png_size(&out.path().join(format!("confusion-{stage}.png")))?;
+        assert!(w >= 400 && h >= 400, "confusion {w}x{h}");
+    }
+    // The tiny baseline certainly misclassifies some of 300 images.
+    let (w, h) = png_size(&out.path().join("misclassified-train-baseline.png"))?;
+    assert!(w >= 8 * 28 * 3 && h >= 28 * 3, "misclassified {w}x{h}");
+    let (w, h) = png_size(&out.path().join("per-class-accuracy.png"))?;
+    assert!(w >= 400 && h >= 200, "per-class {w}x{h}");
+    Ok(())
+}
+
+#[test]
+fn evaluate_without_models_or_with_bad_params_fails_clearly() -> anyhow::Result<()> {
+    let only_data = [download_input()];
+    let err = run_stage("evaluate", &only_data, |ctx| {
+        evaluate::run(evaluate::Params::default(), ctx)
+    })
+    .err()
+    .map(|e| format!("{e:#}"))
+    .unwrap_or_default();
+    assert!(err.contains("`train`"), "{err}");
+    let err = toml::from_str::<evaluate::Params>("batch = 3")
+        .err()
+        .map(|e| e.to_string())
+        .unwrap_or_default();
+    assert!(
+        err.contains("test_limit") && err.contains("batch_size"),
+        "{err}"
+    );
+    Ok(())
+}
