@@ -8,7 +8,7 @@ use std::sync::atomic::AtomicBool;
 use std::sync::OnceLock;
 
 use fmnist_stages::models::{self, ModelKind};
-use fmnist_stages::{evaluate, train, Input, NoProgress, StageContext};
+use fmnist_stages::{evaluate, train, visualize, Input, NoProgress, StageContext};
 
 fn fixture_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/fashion-mnist")
@@ -143,6 +143,24 @@ fn evaluated() -> &'static (tempfile::TempDir, serde_json::Value) {
     })
 }
 
+/// The visualize stage's outputs (default samples plus test image 3), computed once.
+fn visualized() -> &'static (tempfile::TempDir, serde_json::Value) {
+    static VISUALIZED: OnceLock<(tempfile::TempDir, serde_json::Value)> = OnceLock::new();
+    VISUALIZED.get_or_init(|| {
+        let params: visualize::Params =
+            match toml::from_str(r#"samples = ["Sneaker", "Trouser", 3]"#) {
+                Ok(p) => p,
+                Err(e) => panic!("{e}"),
+            };
+        match run_stage("visualize", &trained().inputs, |ctx| {
+            visualize::run(params, ctx)
+        }) {
+            Ok(r) => r,
+            Err(e) => panic!("visualize failed: {e:#}"),
+        }
+    })
+}
+
 fn png_size(path: &Path) -> anyhow::Result<(u32, u32)> {
     let img = image::open(path)
         .map_err(|e| anyhow::anyhow!("{} does not decode: {e}", path.display()))?;
@@ -242,4 +260,81 @@ fn evaluate_without_models_or_with_bad_params_fails_clearly() -> anyhow::Result<
         "{err}"
     );
     Ok(())
+}
+
+#[test]
+fn visualize_writes_filters_and_activation_grids() -> anyhow::Result<()> {
+    let (out, metrics) = visualized();
+    let class_of_3 = {
+        let labels =
+            fmnist_stages::data::Dataset::load(&fixture_dir(), fmnist_stages::data::Split::Test)?
+                .labels;
+        fmnist_stages::data::CLASS_NAMES[labels[3] as usize]
+            .to_lowercase()
+            .replace(['/', ' '], "-")
+    };
+    let mut expected = Vec::new();
+    for (stage, layers) in [
+        ("train-baseline", ["conv1", "conv2"]),
+        ("train-resnet", ["conv1", "layer1"]),
+    ] {
+        expected.push(format!("{stage}-filters-conv1.png"));
+        for sample in [
+            "sneaker".to_string(),
+            "trouser".to_string(),
+            format!("test3-{class_of_3}"),
+        ] {
+            for layer in layers {
+                expected.push(format!("{stage}-activations-{sample}-{layer}.png"));
+            }
+        }
+    }
+    let listed: Vec<String> = serde_json::from_value(metrics["images"].clone())?;
+    let mut sorted_expected = expected.clone();
+    sorted_expected.sort();
+    let mut sorted_listed = listed.clone();
+    sorted_listed.sort();
+    assert_eq!(sorted_listed, sorted_expected);
+    for name in &expected {
+        let (w, h) = png_size(&out.path().join(name))?;
+        assert!(w >= 300 && h >= 100, "{name}: {w}x{h}");
+    }
+    // 32 baseline filters of 3x3 magnified 14x in 16 columns; 64 ResNet ones of 7x7 6x.
+    let (w, h) = png_size(&out.path().join("train-baseline-filters-conv1.png"))?;
+    assert!(w >= 16 * 42 && h >= 2 * 42, "baseline filters {w}x{h}");
+    let (w, h) = png_size(&out.path().join("train-resnet-filters-conv1.png"))?;
+    assert!(w >= 16 * 42 && h >= 4 * 42, "resnet filters {w}x{h}");
+    // 1 input + 64 maps in 11 columns = 6 rows of at least 56 pixels.
+    let (_, h) = png_size(
+        &out.path()
+            .join("train-baseline-activations-sneaker-conv2.png"),
+    )?;
+    assert!(h >= 6 * 56, "conv2 activations {h} high");
+    assert_eq!(metrics["samples"][0]["class"], "Sneaker");
+    Ok(())
+}
+
+#[test]
+fn visualize_rejects_unknown_classes_and_out_of_range_indices() {
+    let bad: visualize::Params = match toml::from_str(r#"samples = ["Sock"]"#) {
+        Ok(p) => p,
+        Err(e) => panic!("{e}"),
+    };
+    let msg = bad
+        .validate()
+        .err()
+        .map(|e| e.to_string())
+        .unwrap_or_default();
+    assert!(msg.contains("Sneaker"), "{msg}");
+    let far: visualize::Params = match toml::from_str("samples = [100000]") {
+        Ok(p) => p,
+        Err(e) => panic!("{e}"),
+    };
+    let err = run_stage("visualize", &trained().inputs, |ctx| {
+        visualize::run(far, ctx)
+    })
+    .err()
+    .map(|e| format!("{e:#}"))
+    .unwrap_or_default();
+    assert!(err.contains("outside the test set"), "{err}");
 }
