@@ -33,32 +33,46 @@ fn download_input() -> Input {
     )
 }
 
-/// Runs `f` as stage `name` with `inputs`, writing into a fresh out folder it returns.
+/// Where the shared stage outputs of this file go (kept after the run for inspection,
+/// replaced by the next run).
+fn work_dir() -> PathBuf {
+    Path::new(env!("CARGO_TARGET_TMPDIR")).join("eval_stages")
+}
+
+/// A fresh, empty out folder for stage `name` under [`work_dir`].
+fn out_dir(name: &str) -> anyhow::Result<PathBuf> {
+    let dir = work_dir().join(name);
+    if dir.exists() {
+        std::fs::remove_dir_all(&dir)?;
+    }
+    std::fs::create_dir_all(&dir)?;
+    Ok(dir)
+}
+
+/// Runs `f` as stage `name` with `inputs`, writing into `out`.
 fn run_stage<T>(
     name: &str,
     inputs: &[Input],
+    out: &Path,
     f: impl FnOnce(&StageContext) -> anyhow::Result<T>,
-) -> anyhow::Result<(tempfile::TempDir, T)> {
-    let out = tempfile::tempdir()?;
+) -> anyhow::Result<T> {
     let scratch = tempfile::tempdir()?;
     let cancel = AtomicBool::new(false);
     let ctx = StageContext {
         name,
         inputs,
-        out_dir: out.path(),
+        out_dir: out,
         scratch_dir: scratch.path(),
         device: "cpu",
         seed: 7,
         progress: &NoProgress,
         cancel: &cancel,
     };
-    let value = f(&ctx)?;
-    Ok((out, value))
+    f(&ctx)
 }
 
 /// Two models trained once for every test of this file (kept alive for the process).
 struct Trained {
-    _dirs: Vec<tempfile::TempDir>,
     inputs: Vec<Input>,
 }
 
@@ -66,7 +80,6 @@ struct Trained {
 /// train stage lays out its outputs: training a ResNet on CPU costs more time than this file
 /// may take, and evaluation only needs its weights, config and history.
 fn train_models() -> anyhow::Result<Trained> {
-    let mut dirs = Vec::new();
     let mut inputs = vec![download_input()];
 
     let params: train::Params = toml::from_str(
@@ -78,16 +91,16 @@ fn train_models() -> anyhow::Result<Trained> {
         lr_decay = 0.7
         "#,
     )?;
-    let (dir, _) = run_stage("train-baseline", &[download_input()], |ctx| {
+    let dir = out_dir("train-baseline")?;
+    run_stage("train-baseline", &[download_input()], &dir, |ctx| {
         train::run(params.clone(), ctx)
     })?;
     inputs.push(input(
         "train-baseline",
         "train",
-        dir.path().to_path_buf(),
+        dir,
         serde_json::to_value(&params)?,
     ));
-    dirs.push(dir);
 
     let params: train::Params = toml::from_str(
         r#"
@@ -95,27 +108,23 @@ fn train_models() -> anyhow::Result<Trained> {
         optimizer = { name = "adam", lr = 1e-4 }
         "#,
     )?;
-    let dir = tempfile::tempdir()?;
+    let dir = out_dir("train-resnet")?;
     let (_, varmap) = models::init(ModelKind::Resnet18, 3, &candle_core::Device::Cpu)?;
-    models::save_varmap(&varmap, &dir.path().join("model.safetensors"))?;
+    models::save_varmap(&varmap, &dir.join("model.safetensors"))?;
     let config = serde_json::json!({ "model": "resnet18", "params": params });
-    std::fs::write(dir.path().join("config.json"), config.to_string())?;
+    std::fs::write(dir.join("config.json"), config.to_string())?;
     let history = serde_json::json!({ "model": "resnet18", "epochs": [{
         "epoch": 1, "lr": 1e-4, "train_loss": 2.25, "train_accuracy": 0.2,
         "test_loss": null, "test_accuracy": null, "seconds": 1.0, "images_per_s": 64.0
     }]});
-    std::fs::write(dir.path().join("history.json"), history.to_string())?;
+    std::fs::write(dir.join("history.json"), history.to_string())?;
     inputs.push(input(
         "train-resnet",
         "train",
-        dir.path().to_path_buf(),
+        dir,
         serde_json::to_value(&params)?,
     ));
-    dirs.push(dir);
-    Ok(Trained {
-        _dirs: dirs,
-        inputs,
-    })
+    Ok(Trained { inputs })
 }
 
 fn trained() -> &'static Trained {
@@ -127,16 +136,21 @@ fn trained() -> &'static Trained {
 }
 
 /// The evaluate stage's outputs, computed once.
-fn evaluated() -> &'static (tempfile::TempDir, serde_json::Value) {
-    static EVALUATED: OnceLock<(tempfile::TempDir, serde_json::Value)> = OnceLock::new();
+fn evaluated() -> &'static (PathBuf, serde_json::Value) {
+    static EVALUATED: OnceLock<(PathBuf, serde_json::Value)> = OnceLock::new();
     EVALUATED.get_or_init(|| {
         let params: evaluate::Params = match toml::from_str("test_limit = 300") {
             Ok(p) => p,
             Err(e) => panic!("{e}"),
         };
-        match run_stage("evaluate", &trained().inputs, |ctx| {
-            evaluate::run(params, ctx)
-        }) {
+        let run = || -> anyhow::Result<(PathBuf, serde_json::Value)> {
+            let dir = out_dir("evaluate")?;
+            let metrics = run_stage("evaluate", &trained().inputs, &dir, |ctx| {
+                evaluate::run(params, ctx)
+            })?;
+            Ok((dir, metrics))
+        };
+        match run() {
             Ok(r) => r,
             Err(e) => panic!("evaluate failed: {e:#}"),
         }
@@ -144,17 +158,22 @@ fn evaluated() -> &'static (tempfile::TempDir, serde_json::Value) {
 }
 
 /// The visualize stage's outputs (default samples plus test image 3), computed once.
-fn visualized() -> &'static (tempfile::TempDir, serde_json::Value) {
-    static VISUALIZED: OnceLock<(tempfile::TempDir, serde_json::Value)> = OnceLock::new();
+fn visualized() -> &'static (PathBuf, serde_json::Value) {
+    static VISUALIZED: OnceLock<(PathBuf, serde_json::Value)> = OnceLock::new();
     VISUALIZED.get_or_init(|| {
         let params: visualize::Params =
             match toml::from_str(r#"samples = ["Sneaker", "Trouser", 3]"#) {
                 Ok(p) => p,
                 Err(e) => panic!("{e}"),
             };
-        match run_stage("visualize", &trained().inputs, |ctx| {
-            visualize::run(params, ctx)
-        }) {
+        let run = || -> anyhow::Result<(PathBuf, serde_json::Value)> {
+            let dir = out_dir("visualize")?;
+            let metrics = run_stage("visualize", &trained().inputs, &dir, |ctx| {
+                visualize::run(params, ctx)
+            })?;
+            Ok((dir, metrics))
+        };
+        match run() {
             Ok(r) => r,
             Err(e) => panic!("visualize failed: {e:#}"),
         }
@@ -174,7 +193,7 @@ fn read_json(path: &Path) -> anyhow::Result<serde_json::Value> {
 #[test]
 fn evaluate_metrics_agree_with_the_confusion_matrix() -> anyhow::Result<()> {
     let (out, summary) = evaluated();
-    let metrics = read_json(&out.path().join("metrics.json"))?;
+    let metrics = read_json(&out.join("metrics.json"))?;
     let models = metrics["models"]
         .as_object()
         .ok_or_else(|| anyhow::anyhow!("metrics.json has no models"))?;
@@ -214,7 +233,7 @@ fn evaluate_metrics_agree_with_the_confusion_matrix() -> anyhow::Result<()> {
     // 200 images and one epoch already beat chance (10%) by far.
     assert!(baseline["accuracy"].as_f64().unwrap_or(0.0) > 0.3);
 
-    let table = std::fs::read_to_string(out.path().join("comparison.md"))?;
+    let table = std::fs::read_to_string(out.join("comparison.md"))?;
     assert!(table.contains("| train-baseline | Baseline CNN | Adadelta lr 1 x0.7/epoch"));
     assert!(table.contains("ResNet-18"));
     assert!(table.contains("91.34%") && table.contains("89.47%"));
@@ -230,13 +249,13 @@ fn evaluate_metrics_agree_with_the_confusion_matrix() -> anyhow::Result<()> {
 fn evaluate_pngs_decode() -> anyhow::Result<()> {
     let (out, _) = evaluated();
     for stage in ["train-baseline", "train-resnet"] {
-        let (w, h) = png_size(&out.path().join(format!("confusion-{stage}.png")))?;
+        let (w, h) = png_size(&out.join(format!("confusion-{stage}.png")))?;
         assert!(w >= 400 && h >= 400, "confusion {w}x{h}");
     }
     // The tiny baseline certainly misclassifies some of 300 images.
-    let (w, h) = png_size(&out.path().join("misclassified-train-baseline.png"))?;
+    let (w, h) = png_size(&out.join("misclassified-train-baseline.png"))?;
     assert!(w >= 8 * 28 * 3 && h >= 28 * 3, "misclassified {w}x{h}");
-    let (w, h) = png_size(&out.path().join("per-class-accuracy.png"))?;
+    let (w, h) = png_size(&out.join("per-class-accuracy.png"))?;
     assert!(w >= 400 && h >= 200, "per-class {w}x{h}");
     Ok(())
 }
@@ -244,7 +263,8 @@ fn evaluate_pngs_decode() -> anyhow::Result<()> {
 #[test]
 fn evaluate_without_models_or_with_bad_params_fails_clearly() -> anyhow::Result<()> {
     let only_data = [download_input()];
-    let err = run_stage("evaluate", &only_data, |ctx| {
+    let tmp = tempfile::tempdir()?;
+    let err = run_stage("evaluate", &only_data, tmp.path(), |ctx| {
         evaluate::run(evaluate::Params::default(), ctx)
     })
     .err()
@@ -296,19 +316,16 @@ fn visualize_writes_filters_and_activation_grids() -> anyhow::Result<()> {
     sorted_listed.sort();
     assert_eq!(sorted_listed, sorted_expected);
     for name in &expected {
-        let (w, h) = png_size(&out.path().join(name))?;
+        let (w, h) = png_size(&out.join(name))?;
         assert!(w >= 300 && h >= 100, "{name}: {w}x{h}");
     }
     // 32 baseline filters of 3x3 magnified 14x in 16 columns; 64 ResNet ones of 7x7 6x.
-    let (w, h) = png_size(&out.path().join("train-baseline-filters-conv1.png"))?;
+    let (w, h) = png_size(&out.join("train-baseline-filters-conv1.png"))?;
     assert!(w >= 16 * 42 && h >= 2 * 42, "baseline filters {w}x{h}");
-    let (w, h) = png_size(&out.path().join("train-resnet-filters-conv1.png"))?;
+    let (w, h) = png_size(&out.join("train-resnet-filters-conv1.png"))?;
     assert!(w >= 16 * 42 && h >= 4 * 42, "resnet filters {w}x{h}");
     // 1 input + 64 maps in 11 columns = 6 rows of at least 56 pixels.
-    let (_, h) = png_size(
-        &out.path()
-            .join("train-baseline-activations-sneaker-conv2.png"),
-    )?;
+    let (_, h) = png_size(&out.join("train-baseline-activations-sneaker-conv2.png"))?;
     assert!(h >= 6 * 56, "conv2 activations {h} high");
     assert_eq!(metrics["samples"][0]["class"], "Sneaker");
     Ok(())
@@ -330,7 +347,11 @@ fn visualize_rejects_unknown_classes_and_out_of_range_indices() {
         Ok(p) => p,
         Err(e) => panic!("{e}"),
     };
-    let err = run_stage("visualize", &trained().inputs, |ctx| {
+    let tmp = match tempfile::tempdir() {
+        Ok(t) => t,
+        Err(e) => panic!("{e}"),
+    };
+    let err = run_stage("visualize", &trained().inputs, tmp.path(), |ctx| {
         visualize::run(far, ctx)
     })
     .err()
