@@ -8,7 +8,7 @@ use std::sync::atomic::AtomicBool;
 use std::sync::OnceLock;
 
 use fmnist_stages::models::{self, ModelKind};
-use fmnist_stages::{evaluate, train, visualize, Input, NoProgress, StageContext};
+use fmnist_stages::{evaluate, report, train, visualize, Input, NoProgress, StageContext};
 
 fn fixture_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/fashion-mnist")
@@ -358,4 +358,162 @@ fn visualize_rejects_unknown_classes_and_out_of_range_indices() {
     .map(|e| format!("{e:#}"))
     .unwrap_or_default();
     assert!(err.contains("outside the test set"), "{err}");
+}
+
+/// A stats-like input: a JSON file (with text that needs escaping) and a chart.
+fn stats_input() -> anyhow::Result<Input> {
+    let dir = out_dir("stats")?;
+    let stats = serde_json::json!({
+        "train": { "images": 1000, "mean": 0.2860, "note": "<T-shirt/top & \"Coat\">" },
+        "class_counts": [100, 100, 100, 100, 100, 100, 100, 100, 100, 100],
+    });
+    std::fs::write(dir.join("stats.json"), stats.to_string())?;
+    fmnist_stages::plot::bar_chart(
+        &dir.join("class-balance.png"),
+        "class balance",
+        "images",
+        &["a".to_string(), "b".to_string()],
+        &[fmnist_stages::plot::BarSeries::new("train", vec![3.0, 4.0])],
+    )?;
+    Ok(input(
+        "stats",
+        "stats",
+        dir,
+        serde_json::json!({ "sample_grid": 5 }),
+    ))
+}
+
+/// The report over every other stage's outputs, computed once: (dir, metrics, inputs).
+fn reported() -> &'static (PathBuf, serde_json::Value, Vec<Input>) {
+    static REPORTED: OnceLock<(PathBuf, serde_json::Value, Vec<Input>)> = OnceLock::new();
+    REPORTED.get_or_init(|| {
+        let run = || -> anyhow::Result<(PathBuf, serde_json::Value, Vec<Input>)> {
+            let mut inputs = vec![download_input(), stats_input()?];
+            inputs.extend(trained().inputs.iter().skip(1).cloned());
+            inputs.push(input(
+                "evaluate",
+                "evaluate",
+                evaluated().0.clone(),
+                serde_json::json!({ "test_limit": 300 }),
+            ));
+            inputs.push(input(
+                "visualize",
+                "visualize",
+                visualized().0.clone(),
+                serde_json::json!({ "samples": ["Sneaker", "Trouser", 3] }),
+            ));
+            let dir = out_dir("report")?;
+            let metrics = run_stage("report", &inputs, &dir, |ctx| {
+                report::run(report::Params::default(), ctx)
+            })?;
+            Ok((dir, metrics, inputs))
+        };
+        match run() {
+            Ok(r) => r,
+            Err(e) => panic!("report failed: {e:#}"),
+        }
+    })
+}
+
+#[test]
+fn report_inlines_every_image_and_escapes_text() -> anyhow::Result<()> {
+    use base64::Engine as _;
+    let (dir, metrics, inputs) = reported();
+    let html = std::fs::read_to_string(dir.join("report.html"))?;
+    let mut pngs = 0;
+    for input in inputs {
+        for entry in std::fs::read_dir(&input.dir)? {
+            let path = entry?.path();
+            if path.extension().is_some_and(|e| e == "png") {
+                let data = base64::engine::general_purpose::STANDARD.encode(std::fs::read(&path)?);
+                assert!(
+                    html.contains(&format!("src=\"data:image/png;base64,{data}\"")),
+                    "{} is not inlined",
+                    path.display()
+                );
+                pngs += 1;
+            }
+        }
+    }
+    // stats 1, baseline curves 2, evaluate 2+2+1, visualize 14.
+    assert_eq!(pngs, 22);
+    assert_eq!(html.matches("<img ").count(), pngs);
+    assert_eq!(metrics["images"], pngs);
+    assert!(!html.contains("src=\"http") && !html.contains("href=\"http"));
+    assert!(html.contains("&lt;T-shirt/top &amp; &quot;Coat&quot;&gt;"));
+    assert!(!html.contains("<T-shirt"));
+    for section in [
+        "data",
+        "training",
+        "comparison",
+        "confusion",
+        "filters",
+        "activations",
+        "provenance",
+    ] {
+        assert!(
+            html.contains(&format!("<a href=\"#{section}\">")),
+            "toc lacks {section}"
+        );
+        assert!(
+            html.contains(&format!("<section id=\"{section}\">")),
+            "no {section} section"
+        );
+    }
+    for input in inputs {
+        assert!(html.contains(&format!("<code>{}</code>", input.fingerprint)));
+    }
+    assert!(
+        html.contains("<td>91.34%</td>"),
+        "comparison table not rendered"
+    );
+    assert!(
+        html.contains("<th>sample_grid</th>"),
+        "input params missing"
+    );
+    Ok(())
+}
+
+#[test]
+fn report_renders_in_headless_chromium() -> anyhow::Result<()> {
+    let chromium = Path::new("/usr/bin/chromium");
+    if !chromium.exists() {
+        eprintln!("note: /usr/bin/chromium not found; skipping the browser check");
+        return Ok(());
+    }
+    let (dir, metrics, _) = reported();
+    let profile = tempfile::tempdir()?;
+    let output = std::process::Command::new("timeout")
+        .arg("60")
+        .arg(chromium)
+        .args([
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-quic",
+            "--no-first-run",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+        ])
+        .arg(format!("--user-data-dir={}", profile.path().display()))
+        .arg("--dump-dom")
+        .arg(format!("file://{}", dir.join("report.html").display()))
+        .output()?;
+    let dom = String::from_utf8_lossy(&output.stdout);
+    let n = metrics["images"].as_u64().unwrap_or(0);
+    assert!(n > 0);
+    let expected = format!("data-images-ok=\"{n}/{n}\"");
+    assert!(
+        dom.contains(&expected),
+        "chromium did not report {expected}; status {:?}, stderr tail: {}",
+        output.status,
+        String::from_utf8_lossy(&output.stderr)
+            .lines()
+            .rev()
+            .take(10)
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+    Ok(())
 }
