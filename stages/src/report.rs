@@ -222,9 +222,9 @@ fn json_html(value: &serde_json::Value, depth: usize) -> String {
         Value::Object(map) => {
             let mut html = String::from("<table class=\"kv\"><tbody>\n");
             for (k, v) in map {
-                let _ = write!(
+                let _ = writeln!(
                     html,
-                    "<tr><th>{}</th><td>{}</td></tr>\n",
+                    "<tr><th>{}</th><td>{}</td></tr>",
                     escape(k),
                     json_html(v, depth + 1)
                 );
