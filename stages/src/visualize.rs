@@ -19,12 +19,23 @@ use crate::plot::{self, Tile};
 /// Bump when outputs would change for the same params.
 pub const VERSION: u32 = 1;
 
-/// A test image to show activations for: a class name (its first test image) or an index.
+/// A test image to show activations for: a class name (its first test image) or an index
+/// (a number, or a string of digits).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(untagged)]
 pub enum Sample {
     Index(usize),
     Class(String),
+}
+
+impl Sample {
+    /// The test-set index this sample names directly, if it does.
+    fn index(&self) -> Option<usize> {
+        match self {
+            Sample::Index(i) => Some(*i),
+            Sample::Class(text) => text.trim().parse().ok(),
+        }
+    }
 }
 
 /// The `[stages.NAME]` table of a visualize stage.
@@ -75,7 +86,7 @@ impl Params {
             ));
         }
         for s in &self.samples {
-            if let Sample::Class(name) = s {
+            if let (Sample::Class(name), None) = (s, s.index()) {
                 if class_index(name).is_none() {
                     return Err(StageError::InvalidParams(format!(
                         "unknown class `{name}` in samples: expected a test-set index or one of {}",
@@ -115,32 +126,29 @@ fn choose(samples: &[Sample], set: &Dataset) -> anyhow::Result<Vec<Chosen>> {
     let mut chosen = Vec::new();
     let mut seen = HashSet::new();
     for s in samples {
-        let (index, slug_text) = match s {
-            Sample::Index(i) => {
-                if *i >= set.len() {
-                    anyhow::bail!(
-                        "sample index {i} is outside the test set (it has {} images)",
-                        set.len()
-                    );
-                }
-                (*i, None)
+        let (index, slug_text) = if let Some(i) = s.index() {
+            if i >= set.len() {
+                anyhow::bail!(
+                    "sample index {i} is outside the test set (it has {} images)",
+                    set.len()
+                );
             }
-            Sample::Class(name) => {
-                let class = class_index(name).with_context(|| {
-                    format!(
-                        "unknown class `{name}`: expected one of {}",
-                        CLASS_NAMES.join(", ")
-                    )
-                })?;
-                let index = set
-                    .labels
-                    .iter()
-                    .position(|&l| l as usize == class)
-                    .with_context(|| {
-                        format!("the test set has no `{}` image", class_name(class))
-                    })?;
-                (index, Some(slug(class_name(class))))
-            }
+            (i, None)
+        } else {
+            // Only class names have no index.
+            let Sample::Class(name) = s else { continue };
+            let class = class_index(name).with_context(|| {
+                format!(
+                    "unknown class `{name}`: expected one of {}",
+                    CLASS_NAMES.join(", ")
+                )
+            })?;
+            let index = set
+                .labels
+                .iter()
+                .position(|&l| l as usize == class)
+                .with_context(|| format!("the test set has no `{}` image", class_name(class)))?;
+            (index, Some(slug(class_name(class))))
         };
         if !seen.insert(index) {
             continue;
@@ -293,9 +301,11 @@ mod tests {
 
     #[test]
     fn samples_parse_as_names_or_indices_and_bad_names_are_listed() {
-        let p: Result<Params, _> = toml::from_str(r#"samples = ["Sneaker", 17, "t-shirt/top"]"#);
+        let p: Result<Params, _> =
+            toml::from_str(r#"samples = ["Sneaker", 17, "t-shirt/top", "42"]"#);
         let p = p.unwrap_or_default();
         assert_eq!(p.samples[1], Sample::Index(17));
+        assert_eq!(p.samples[3].index(), Some(42));
         assert!(p.validate().is_ok());
         assert_eq!(class_index("tshirt/top"), Some(0));
         assert_eq!(class_index("ankle boot"), Some(9));
