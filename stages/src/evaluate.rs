@@ -322,10 +322,19 @@ pub fn confusion_matrix(truth: &[u8], predicted: &[u8]) -> Vec<Vec<u64>> {
     m
 }
 
+/// The diagonal entry of row `i` (0 where a ragged matrix has none).
+fn diagonal(confusion: &[Vec<u64>], i: usize) -> u64 {
+    confusion
+        .get(i)
+        .and_then(|row| row.get(i))
+        .copied()
+        .unwrap_or(0)
+}
+
 /// Trace over total (0 for an empty matrix).
 pub fn accuracy(confusion: &[Vec<u64>]) -> f64 {
     let total: u64 = confusion.iter().flatten().sum();
-    let hits: u64 = (0..confusion.len()).map(|i| confusion[i][i]).sum();
+    let hits: u64 = (0..confusion.len()).map(|i| diagonal(confusion, i)).sum();
     if total == 0 {
         0.0
     } else {
@@ -338,9 +347,9 @@ pub fn per_class(confusion: &[Vec<u64>]) -> Vec<ClassMetrics> {
     let ratio = |a: u64, b: u64| if b == 0 { 0.0 } else { a as f64 / b as f64 };
     (0..confusion.len())
         .map(|c| {
-            let hits = confusion[c][c];
-            let support: u64 = confusion[c].iter().sum();
-            let predicted: u64 = confusion.iter().map(|row| row[c]).sum();
+            let hits = diagonal(confusion, c);
+            let support: u64 = confusion.get(c).map_or(0, |row| row.iter().sum());
+            let predicted: u64 = confusion.iter().filter_map(|row| row.get(c)).sum();
             let precision = ratio(hits, predicted);
             let recall = ratio(hits, support);
             let f1 = if precision + recall > 0.0 {
