@@ -517,3 +517,29 @@ fn report_renders_in_headless_chromium() -> anyhow::Result<()> {
     );
     Ok(())
 }
+
+#[test]
+fn a_train_input_without_its_files_is_named_in_the_error() -> anyhow::Result<()> {
+    let empty = tempfile::tempdir()?;
+    let inputs = [
+        download_input(),
+        input(
+            "train-broken",
+            "train",
+            empty.path().to_path_buf(),
+            serde_json::Value::Null,
+        ),
+    ];
+    let out = tempfile::tempdir()?;
+    let err = run_stage("evaluate", &inputs, out.path(), |ctx| {
+        evaluate::run(evaluate::Params::default(), ctx)
+    })
+    .err()
+    .map(|e| format!("{e:#}"))
+    .unwrap_or_default();
+    assert!(
+        err.contains("config.json") && err.contains("train-broken"),
+        "{err}"
+    );
+    Ok(())
+}
