@@ -1092,7 +1092,13 @@ mod tests {
     }
 
     fn registry() -> Registry {
-        Registry::from_kinds([builtin::<Params>("echo", VERSION, run_echo, &["log"])])
+        Registry::from_kinds([builtin::<Params, std::convert::Infallible>(
+            "echo",
+            VERSION,
+            run_echo,
+            &["log"],
+            |_| Ok(()),
+        )])
     }
 
     struct Setup {

@@ -1,5 +1,5 @@
 //! Built-in stage kinds: kind name -> implementation. The one place that knows both the
-//! engine and the stages crate; adding a kind is one `builtin::<...>(...)` line below.
+//! engine and the stages crate; adding a kind is one `stage_kind!` line below.
 
 use std::collections::BTreeMap;
 
@@ -28,24 +28,12 @@ pub struct Validated {
     pub hashed: serde_json::Value,
 }
 
-/// Wires a stage module (`VERSION`, `Params`, `run`) as a kind. The stage's table (minus
-/// `kind` and `needs`) is deserialized into `P`, so unknown or wrong-typed params are config
-/// errors before anything runs, and the resolved `P` (defaults included) is what gets hashed.
-pub fn builtin<P>(
-    name: &'static str,
-    version: u32,
-    run: fn(P, &StageContext) -> anyhow::Result<Metrics>,
-    unhashed: &'static [&'static str],
-) -> Kind
-where
-    P: DeserializeOwned + Serialize + 'static,
-{
-    builtin_checked::<P, std::convert::Infallible>(name, version, run, unhashed, |_| Ok(()))
-}
-
-/// Like [`builtin`], with a check of the deserialized params (value ranges, combinations)
-/// whose error is reported as a config error.
-pub fn builtin_checked<P, E>(
+/// Wires a stage module (`VERSION`, `Params`, `run`, `Params::validate`) as a kind. The
+/// stage's table (minus `kind` and `needs`) is deserialized into `P`, so unknown or
+/// wrong-typed params are config errors before anything runs; `check` rules out values the
+/// types cannot (ranges, combinations), also as config errors; the resolved `P` (defaults
+/// included) is what gets hashed.
+pub fn builtin<P, E>(
     name: &'static str,
     version: u32,
     run: fn(P, &StageContext) -> anyhow::Result<Metrics>,
@@ -94,6 +82,24 @@ impl Kind {
     }
 }
 
+/// `stage_kind!(module)` registers fmnist-stages' `module` (its `VERSION`, `Params`,
+/// `Params::validate` and `run`) as the kind of the same name; a second argument lists params
+/// left out of the fingerprint.
+macro_rules! stage_kind {
+    ($module:ident) => {
+        stage_kind!($module, &[])
+    };
+    ($module:ident, $unhashed:expr) => {
+        builtin(
+            stringify!($module),
+            stages::$module::VERSION,
+            stages::$module::run,
+            $unhashed,
+            stages::$module::Params::validate,
+        )
+    };
+}
+
 /// The set of kinds a pipeline may name.
 #[derive(Default)]
 pub struct Registry {
@@ -107,32 +113,16 @@ impl Registry {
         }
     }
 
-    /// The kinds this binary ships.
+    /// The kinds this binary ships: one line per stage module of fmnist-stages.
     pub fn builtins() -> Self {
         use fmnist_stages as stages;
-        use stages::{download, stats, train};
         Registry::from_kinds([
-            builtin_checked(
-                "download",
-                download::VERSION,
-                download::run,
-                download::UNHASHED_PARAMS,
-                download::Params::validate,
-            ),
-            builtin_checked(
-                "stats",
-                stats::VERSION,
-                stats::run,
-                &[],
-                stats::Params::validate,
-            ),
-            builtin_checked(
-                "train",
-                train::VERSION,
-                train::run,
-                &[],
-                train::Params::validate,
-            ),
+            stage_kind!(download, stages::download::UNHASHED_PARAMS),
+            stage_kind!(stats),
+            stage_kind!(train),
+            stage_kind!(evaluate),
+            stage_kind!(visualize),
+            stage_kind!(report),
         ])
     }
 

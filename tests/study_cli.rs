@@ -1,0 +1,176 @@
+//! The study end to end through the real binary: the built-in stages (download, stats, train,
+//! evaluate, visualize, report) on the committed fixture subset, in a temp workspace.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::SystemTime;
+
+fn fixture_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/fashion-mnist")
+}
+
+/// A small version of the default pipeline: same stages, a few hundred images.
+fn pipeline(samples: &str) -> String {
+    format!(
+        r#"
+[pipeline]
+device = "cpu"
+seed = 7
+
+[stages.download]
+kind = "download"
+sources = ["{fixtures}"]
+expect = "fixture-subset"
+
+[stages.stats]
+kind = "stats"
+needs = ["download"]
+
+[stages.train-baseline]
+kind = "train"
+needs = ["download"]
+model = "baseline"
+epochs = 1
+batch_size = 32
+train_limit = 256
+optimizer = {{ name = "adadelta", lr = 1.0 }}
+lr_decay = 0.7
+
+[stages.train-resnet]
+kind = "train"
+needs = ["download"]
+model = "resnet18"
+epochs = 1
+batch_size = 32
+train_limit = 64
+eval_every_epoch = false
+optimizer = {{ name = "adam", lr = 1e-3 }}
+
+[stages.evaluate]
+kind = "evaluate"
+needs = ["download", "train-baseline", "train-resnet"]
+test_limit = 200
+
+[stages.visualize]
+kind = "visualize"
+needs = ["download", "train-baseline", "train-resnet"]
+samples = {samples}
+
+[stages.report]
+kind = "report"
+needs = ["stats", "train-baseline", "train-resnet", "evaluate", "visualize"]
+"#,
+        fixtures = fixture_dir().display()
+    )
+}
+
+fn fmnist(dir: &Path, args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_fmnist-pipe"))
+        .args(args)
+        .current_dir(dir)
+        .env_remove("RUST_LOG")
+        .output()
+        .expect("the fmnist-pipe binary runs")
+}
+
+fn text(o: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+fn modified(p: &Path) -> SystemTime {
+    std::fs::metadata(p)
+        .and_then(|m| m.modified())
+        .unwrap_or_else(|e| panic!("{}: {e}", p.display()))
+}
+
+#[test]
+fn the_study_runs_then_reruns_only_what_a_change_affects() {
+    let ws = tempfile::tempdir().unwrap();
+    let dir = ws.path();
+    std::fs::write(dir.join("pipeline.toml"), pipeline(r#"["Sneaker"]"#)).unwrap();
+
+    let first = fmnist(dir, &["run"]);
+    assert!(first.status.success(), "{}", text(&first));
+    let art = dir.join("artifacts");
+    for f in [
+        "download/train-images-idx3-ubyte",
+        "stats/stats.json",
+        "train-baseline/model.safetensors",
+        "train-baseline/history.json",
+        "train-resnet/model.safetensors",
+        "evaluate/metrics.json",
+        "evaluate/comparison.md",
+        "report/report.html",
+    ] {
+        assert!(art.join(f).is_file(), "missing {f}\n{}", text(&first));
+    }
+    assert!(dir.join("pipeline.lock").is_file());
+
+    // The confusion matrix accounts for every evaluated image.
+    let metrics: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(art.join("evaluate/metrics.json")).unwrap())
+            .unwrap();
+    let baseline = &metrics["models"]["train-baseline"];
+    let confusion = baseline["confusion"].as_array().unwrap();
+    let total: u64 = confusion
+        .iter()
+        .flat_map(|r| r.as_array().unwrap().iter().map(|v| v.as_u64().unwrap()))
+        .sum();
+    assert_eq!(total, 200);
+    let accuracy = baseline["accuracy"].as_f64().unwrap();
+    assert!(
+        accuracy > 0.3,
+        "a trained baseline beats chance: {accuracy}"
+    );
+
+    let model = art.join("train-baseline/model.safetensors");
+    let model_time = modified(&model);
+    let visualize_time = modified(&art.join("visualize"));
+
+    // Nothing changed: nothing runs.
+    let second = fmnist(dir, &["run"]);
+    assert!(second.status.success(), "{}", text(&second));
+    assert_eq!(modified(&model), model_time);
+    assert_eq!(modified(&art.join("visualize")), visualize_time);
+
+    // A visualize param changes: visualize (and the report showing it) rerun; training does not.
+    std::fs::write(dir.join("pipeline.toml"), pipeline(r#"["Trouser", 3]"#)).unwrap();
+    let status = fmnist(dir, &["status"]);
+    assert!(text(&status).contains("samples"), "{}", text(&status));
+    let third = fmnist(dir, &["run"]);
+    assert!(third.status.success(), "{}", text(&third));
+    assert_eq!(modified(&model), model_time, "training must not rerun");
+    assert_ne!(modified(&art.join("visualize")), visualize_time);
+}
+
+#[test]
+fn bad_stage_params_are_config_errors_listing_valid_values() {
+    let ws = tempfile::tempdir().unwrap();
+    let dir = ws.path();
+    std::fs::write(dir.join("pipeline.toml"), pipeline(r#"["Sneaker"]"#)).unwrap();
+    let out = fmnist(
+        dir,
+        &["run", "--set", r#"train-baseline.model="mlp""#, "--dry-run"],
+    );
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    let msg = text(&out);
+    assert!(
+        msg.contains("mlp") && msg.contains("baseline") && msg.contains("resnet18"),
+        "{msg}"
+    );
+
+    let out = fmnist(
+        dir,
+        &[
+            "run",
+            "--set",
+            r#"train-resnet.optimizer={ name = "rmsprop", lr = 0.1 }"#,
+        ],
+    );
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    assert!(text(&out).contains("adadelta"), "{}", text(&out));
+}
