@@ -1,6 +1,9 @@
 #!/usr/bin/env bash
 # Times a no-op `fmnist-pipe run` on an up-to-date pipeline of command stages (the cost of
 # loading, fingerprinting and checking outputs when nothing has to run). Target: < 20 ms.
+# With dvc and snakemake on PATH (or in $BENCH_VENV/bin, e.g. `python3 -m venv /tmp/bench-venv &&
+# /tmp/bench-venv/bin/pip install dvc snakemake`), the same chain is timed as a dvc.yaml and a
+# Snakefile no-op too, and the ratios printed.
 # Usage: scripts/bench-noop.sh [STAGES] (default 20); needs hyperfine and a release build.
 set -euo pipefail
 stages="${1:-20}"
@@ -24,4 +27,52 @@ trap 'rm -rf "$work"' EXIT
 } > "$work/pipeline.toml"
 (cd "$work" && "$bin" run > /dev/null)
 cd "$work"
-hyperfine --warmup 5 --runs 50 -N "$bin run"
+hyperfine --warmup 5 --runs 50 -N --export-json "$work/ours.json" "$bin run"
+ours=$(python3 -c "import json;print(json.load(open('$work/ours.json'))['results'][0]['mean'])")
+
+venv_bin="${BENCH_VENV:-/tmp/bench-venv}/bin"
+[ -d "$venv_bin" ] && export PATH="$venv_bin:$PATH"
+peer() { # name, folder, command
+    local name=$1 dir=$2 cmd=$3
+    (cd "$dir" && hyperfine --warmup 1 --runs 5 --export-json "$work/$name.json" "$cmd")
+    python3 -c "import json;m=json.load(open('$work/$name.json'))['results'][0]['mean'];print(f'$name no-op: {m*1000:.0f} ms = {m/$ours:.0f}x fmnist-pipe ({$ours*1000:.1f} ms)')" >> "$work/summary"
+}
+if command -v dvc > /dev/null; then
+    mkdir "$work/dvc" && cd "$work/dvc"
+    git init -q . && dvc init -q && dvc config core.analytics false
+    {
+        echo 'stages:'
+        echo '  s0:'
+        echo '    cmd: head -c 100000 /dev/zero > s0.bin'
+        echo '    outs: [s0.bin]'
+        for i in $(seq 1 $((stages - 1))); do
+            echo "  s$i:"
+            echo "    cmd: cat s$((i - 1)).bin > s$i.bin"
+            echo "    deps: [s$((i - 1)).bin]"
+            echo "    outs: [s$i.bin]"
+        done
+    } > dvc.yaml
+    dvc repro -q > /dev/null
+    peer dvc "$work/dvc" "dvc repro"
+fi
+if command -v snakemake > /dev/null; then
+    mkdir "$work/smk" && cd "$work/smk"
+    {
+        echo "rule all:"
+        echo "    input: 's$((stages - 1)).bin'"
+        echo "rule s0:"
+        echo "    output: 's0.bin'"
+        echo "    shell: 'head -c 100000 /dev/zero > {output}'"
+        for i in $(seq 1 $((stages - 1))); do
+            echo "rule s$i:"
+            echo "    input: 's$((i - 1)).bin'"
+            echo "    output: 's$i.bin'"
+            echo "    shell: 'cat {input} > {output}'"
+        done
+    } > Snakefile
+    snakemake -q -c1 > /dev/null 2>&1
+    peer snakemake "$work/smk" "snakemake -c1"
+fi
+echo
+echo "fmnist-pipe no-op run, $stages stages: $(python3 -c "print(f'{$ours*1000:.1f} ms')")"
+[ -f "$work/summary" ] && cat "$work/summary"
