@@ -1,12 +1,54 @@
 //! Convolution and pooling entry points the models call. Every model goes through these, so
-//! the CPU fast kernels (custom candle ops) can replace candle's reference ops in one place;
-//! on GPUs candle's own kernels run.
+//! the CPU fast kernels (custom candle ops in `conv` and `pool`) replace candle's reference ops
+//! in one place; on GPUs, and for dtypes other than f32, candle's own kernels run.
 
-use candle_core::{Result, Tensor, D};
+mod conv;
+mod gemm;
+mod pool;
+
+pub use conv::{conv_backward, conv_forward, ConvGeometry};
+pub use pool::{pool_backward, pool_forward, PoolGeometry};
+
+use candle_core::{CpuStorage, DType, Device, Layout, Result, Shape, Storage, Tensor, D};
+use std::sync::Mutex;
 
 /// 2-D convolution, NCHW input `x` [B,Cin,H,W], weight [Cout,Cin,K,K], optional bias [Cout],
 /// square stride and zero padding (PyTorch's `F.conv2d` semantics).
 pub fn conv2d(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: Option<&Tensor>,
+    stride: usize,
+    padding: usize,
+) -> Result<Tensor> {
+    let all_f32 = x.dtype() == DType::F32
+        && weight.dtype() == DType::F32
+        && bias.is_none_or(|b| b.dtype() == DType::F32);
+    if x.device().is_cpu() && all_f32 {
+        let cout = weight.dim(0)?;
+        let bias_arg = match bias {
+            Some(b) => {
+                if b.dims() != [cout] {
+                    candle_core::bail!("conv2d: bias {:?} does not match {cout} filters", b.dims());
+                }
+                b.contiguous()?
+            }
+            None => Tensor::zeros(cout, DType::F32, x.device())?,
+        };
+        let op = conv::Conv2dOp {
+            stride,
+            padding,
+            has_bias: bias.is_some(),
+        };
+        return x
+            .contiguous()?
+            .apply_op3(&weight.contiguous()?, &bias_arg, op);
+    }
+    reference_conv2d(x, weight, bias, stride, padding)
+}
+
+/// candle's own convolution (the GPU path, and the reference the tests compare against).
+pub fn reference_conv2d(
     x: &Tensor,
     weight: &Tensor,
     bias: Option<&Tensor>,
@@ -22,6 +64,26 @@ pub fn conv2d(
 
 /// Max pooling over square windows; padding counts as -inf (PyTorch's `F.max_pool2d`).
 pub fn max_pool2d(x: &Tensor, kernel: usize, stride: usize, padding: usize) -> Result<Tensor> {
+    if x.device().is_cpu() && x.dtype() == DType::F32 {
+        let op = pool::MaxPool2dOp {
+            kernel,
+            stride,
+            padding,
+            keep_indices: x.track_op(),
+            indices: Mutex::new(None),
+        };
+        return x.contiguous()?.apply_op1(op);
+    }
+    reference_max_pool2d(x, kernel, stride, padding)
+}
+
+/// candle's own max pooling, padded with -inf (the GPU path and the tests' reference).
+pub fn reference_max_pool2d(
+    x: &Tensor,
+    kernel: usize,
+    stride: usize,
+    padding: usize,
+) -> Result<Tensor> {
     let x = if padding > 0 {
         pad_with_neg_inf(x, padding)?
     } else {
@@ -39,10 +101,35 @@ fn pad_with_neg_inf(x: &Tensor, pad: usize) -> Result<Tensor> {
     Tensor::cat(&[&rows, &x, &rows], 2)
 }
 
+/// The f32 elements a contiguous CPU layout covers.
+fn cpu_slice<'a>(storage: &'a CpuStorage, layout: &Layout) -> Result<&'a [f32]> {
+    let data = storage.as_slice::<f32>()?;
+    match layout.contiguous_offsets() {
+        Some((start, end)) => Ok(&data[start..end]),
+        None => candle_core::bail!("fast CPU ops need contiguous inputs"),
+    }
+}
+
+/// Runs `f` on the f32 data of contiguous CPU tensors (holding their storage locks meanwhile).
+fn with_cpu_slices<R>(tensors: &[&Tensor], f: impl FnOnce(&[&[f32]]) -> Result<R>) -> Result<R> {
+    let guards: Vec<_> = tensors.iter().map(|t| t.storage_and_layout()).collect();
+    let mut slices = Vec::with_capacity(guards.len());
+    for (storage, layout) in &guards {
+        match &**storage {
+            Storage::Cpu(cpu) => slices.push(cpu_slice(cpu, layout)?),
+            _ => candle_core::bail!("fast CPU ops called on a non-CPU tensor"),
+        }
+    }
+    f(&slices)
+}
+
+fn tensor_from_vec(data: Vec<f32>, shape: &Shape, device: &Device) -> Result<Tensor> {
+    Tensor::from_vec(data, shape.clone(), device)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use candle_core::Device;
 
     #[test]
     fn padded_max_pool_ignores_padding() -> Result<()> {
@@ -50,6 +137,8 @@ mod tests {
         let x = Tensor::new(&[[[[-1f32, -2.], [-3., -4.]]]], &Device::Cpu)?;
         let y = max_pool2d(&x, 3, 2, 1)?;
         assert_eq!(y.flatten_all()?.to_vec1::<f32>()?, vec![-1.0]);
+        let y_ref = reference_max_pool2d(&x, 3, 2, 1)?;
+        assert_eq!(y_ref.flatten_all()?.to_vec1::<f32>()?, vec![-1.0]);
         Ok(())
     }
 }

@@ -1,0 +1,439 @@
+//! CPU 2-D convolution as a candle custom op: im2col + GEMM forward with a fused bias, and a
+//! backward that computes the weight gradient as a GEMM against im2col, the input gradient as
+//! a GEMM followed by col2im, and the bias gradient as a sum (instead of candle's slow
+//! conv_transpose2d path).
+//!
+//! The batch is cut into chunks of whole images, wide enough (in output pixels) for the GEMM to
+//! run efficiently even where the feature maps are tiny (ResNet's deep layers); chunks run in
+//! parallel. Weight gradients are summed per fixed group of chunks and the groups added in
+//! order, so the result does not depend on how rayon schedules the work (bit-reproducible).
+
+use super::gemm::{sgemm, MatRef};
+use super::{cpu_slice, tensor_from_vec};
+use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
+use rayon::prelude::*;
+
+/// Output pixels per GEMM that keep the kernel efficient: smaller feature maps are batched.
+const TARGET_COLUMNS: usize = 256;
+/// Fixed number of partial weight-gradient accumulators (independent of the thread count so
+/// that the summation order, and so the bits, never change).
+const WEIGHT_GRAD_GROUPS: usize = 8;
+
+/// Shapes of one convolution (square kernel, stride and padding).
+#[derive(Debug, Clone, Copy)]
+pub struct ConvGeometry {
+    pub batch: usize,
+    pub in_channels: usize,
+    pub height: usize,
+    pub width: usize,
+    pub out_channels: usize,
+    pub kernel: usize,
+    pub stride: usize,
+    pub padding: usize,
+    pub out_height: usize,
+    pub out_width: usize,
+}
+
+impl ConvGeometry {
+    pub fn new(
+        x: (usize, usize, usize, usize),
+        w: (usize, usize, usize, usize),
+        stride: usize,
+        padding: usize,
+    ) -> Result<Self> {
+        let (batch, in_channels, height, width) = x;
+        let (out_channels, w_in, kh, kw) = w;
+        if w_in != in_channels || kh != kw {
+            candle_core::bail!(
+                "conv2d: weight {w:?} does not fit input {x:?} (need [Cout, {in_channels}, K, K])"
+            );
+        }
+        if stride == 0 {
+            candle_core::bail!("conv2d: stride must be at least 1");
+        }
+        if height + 2 * padding < kh || width + 2 * padding < kw {
+            candle_core::bail!("conv2d: kernel {kh} larger than padded input {height}x{width}");
+        }
+        Ok(Self {
+            batch,
+            in_channels,
+            height,
+            width,
+            out_channels,
+            kernel: kh,
+            stride,
+            padding,
+            out_height: (height + 2 * padding - kh) / stride + 1,
+            out_width: (width + 2 * padding - kw) / stride + 1,
+        })
+    }
+
+    fn patch_len(&self) -> usize {
+        self.in_channels * self.kernel * self.kernel
+    }
+    fn out_pixels(&self) -> usize {
+        self.out_height * self.out_width
+    }
+    fn in_image_len(&self) -> usize {
+        self.in_channels * self.height * self.width
+    }
+    fn out_image_len(&self) -> usize {
+        self.out_channels * self.out_pixels()
+    }
+    /// 1x1, stride 1, no padding: the image itself is its im2col matrix.
+    fn is_pointwise(&self) -> bool {
+        self.kernel == 1 && self.stride == 1 && self.padding == 0
+    }
+    fn images_per_chunk(&self) -> usize {
+        TARGET_COLUMNS
+            .div_ceil(self.out_pixels().max(1))
+            .clamp(1, self.batch.max(1))
+    }
+    pub fn flops(&self) -> f64 {
+        2.0 * (self.batch * self.out_image_len() * self.patch_len()) as f64
+    }
+}
+
+/// im2col of `images` consecutive images: `col[patch_row][image * HoWo + pixel]`.
+fn im2col(g: &ConvGeometry, x: &[f32], images: usize, col: &mut [f32]) {
+    let (k, s, p) = (g.kernel, g.stride, g.padding);
+    let (hw_out, ncols) = (g.out_pixels(), images * g.out_pixels());
+    for img in 0..images {
+        let x_img = &x[img * g.in_image_len()..(img + 1) * g.in_image_len()];
+        for ci in 0..g.in_channels {
+            let plane = &x_img[ci * g.height * g.width..(ci + 1) * g.height * g.width];
+            for ki in 0..k {
+                for kj in 0..k {
+                    let row = (ci * k + ki) * k + kj;
+                    let dst = &mut col[row * ncols + img * hw_out..row * ncols + (img + 1) * hw_out];
+                    let (lo, hi) = valid_range(g.out_width, g.width, s, p, kj);
+                    for oy in 0..g.out_height {
+                        let out_row = &mut dst[oy * g.out_width..(oy + 1) * g.out_width];
+                        let iy = (oy * s + ki) as isize - p as isize;
+                        if iy < 0 || iy >= g.height as isize || lo >= hi {
+                            out_row.fill(0.0);
+                            continue;
+                        }
+                        let src = &plane[iy as usize * g.width..(iy as usize + 1) * g.width];
+                        out_row[..lo].fill(0.0);
+                        out_row[hi..].fill(0.0);
+                        let ix0 = lo * s + kj - p;
+                        if s == 1 {
+                            out_row[lo..hi].copy_from_slice(&src[ix0..ix0 + (hi - lo)]);
+                        } else {
+                            for (o, v) in out_row[lo..hi].iter_mut().zip(src[ix0..].iter().step_by(s)) {
+                                *o = *v;
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// col2im: adds `col` (laid out as im2col's output) back into `images` consecutive images.
+fn col2im_add(g: &ConvGeometry, col: &[f32], images: usize, x: &mut [f32]) {
+    let (k, s, p) = (g.kernel, g.stride, g.padding);
+    let (hw_out, ncols) = (g.out_pixels(), images * g.out_pixels());
+    for img in 0..images {
+        let x_img = &mut x[img * g.in_image_len()..(img + 1) * g.in_image_len()];
+        for ci in 0..g.in_channels {
+            let plane = &mut x_img[ci * g.height * g.width..(ci + 1) * g.height * g.width];
+            for ki in 0..k {
+                for kj in 0..k {
+                    let row = (ci * k + ki) * k + kj;
+                    let src = &col[row * ncols + img * hw_out..row * ncols + (img + 1) * hw_out];
+                    let (lo, hi) = valid_range(g.out_width, g.width, s, p, kj);
+                    if lo >= hi {
+                        continue;
+                    }
+                    for oy in 0..g.out_height {
+                        let iy = (oy * s + ki) as isize - p as isize;
+                        if iy < 0 || iy >= g.height as isize {
+                            continue;
+                        }
+                        let in_row = &mut plane[iy as usize * g.width..(iy as usize + 1) * g.width];
+                        let col_row = &src[oy * g.out_width + lo..oy * g.out_width + hi];
+                        let ix0 = lo * s + kj - p;
+                        if s == 1 {
+                            for (d, v) in in_row[ix0..ix0 + (hi - lo)].iter_mut().zip(col_row) {
+                                *d += *v;
+                            }
+                        } else {
+                            for (d, v) in in_row[ix0..].iter_mut().step_by(s).zip(col_row) {
+                                *d += *v;
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Output columns `ox` in `lo..hi` read input column `ox*s + kj - p` inside `0..width`.
+fn valid_range(out_w: usize, width: usize, s: usize, p: usize, kj: usize) -> (usize, usize) {
+    // ox*s + kj >= p  <=>  ox >= ceil((p - kj) / s)
+    let lo = if p > kj { (p - kj).div_ceil(s) } else { 0 };
+    // ox*s + kj - p <= width - 1  <=>  ox <= (width - 1 + p - kj) / s
+    let hi = if width + p > kj {
+        ((width - 1 + p - kj) / s + 1).min(out_w)
+    } else {
+        0
+    };
+    (lo.min(out_w), hi.max(lo.min(out_w)))
+}
+
+/// GEMM parallelism inside a task: use the threads only when there are too few tasks.
+fn inner_threads(tasks: usize) -> usize {
+    let threads = rayon::current_num_threads();
+    if tasks >= threads {
+        1
+    } else {
+        threads
+    }
+}
+
+/// Forward: `y[n, co, p] = bias[co] + sum_r w[co, r] * col_n[r, p]`.
+pub fn conv_forward(g: &ConvGeometry, x: &[f32], w: &[f32], bias: Option<&[f32]>) -> Vec<f32> {
+    let (cout, ckk, hw) = (g.out_channels, g.patch_len(), g.out_pixels());
+    let per_chunk = g.images_per_chunk();
+    let mut y = vec![0f32; g.batch * g.out_image_len()];
+    let chunks = g.batch.div_ceil(per_chunk);
+    let threads = inner_threads(chunks);
+    let w_mat = MatRef::row_major(w, ckk);
+    y.par_chunks_mut(per_chunk * g.out_image_len())
+        .enumerate()
+        .for_each(|(chunk, y_chunk)| {
+            let first = chunk * per_chunk;
+            let images = y_chunk.len() / g.out_image_len();
+            let x_chunk = &x[first * g.in_image_len()..(first + images) * g.in_image_len()];
+            let ncols = images * hw;
+            let mut col_buf = Vec::new();
+            let col: &[f32] = if g.is_pointwise() && images == 1 {
+                x_chunk
+            } else {
+                col_buf.resize(ckk * ncols, 0.0);
+                im2col(g, x_chunk, images, &mut col_buf);
+                &col_buf
+            };
+            let col_mat = MatRef::row_major(col, ncols);
+            if images == 1 {
+                // The GEMM writes [Cout, HoWo] straight into the NCHW output, on top of the bias.
+                if let Some(b) = bias {
+                    for (row, bv) in y_chunk.chunks_mut(hw).zip(b) {
+                        row.fill(*bv);
+                    }
+                }
+                sgemm(cout, hw, ckk, y_chunk, hw, bias.is_some(), w_mat, col_mat, threads);
+            } else {
+                let mut tmp = vec![0f32; cout * ncols];
+                sgemm(cout, ncols, ckk, &mut tmp, ncols, false, w_mat, col_mat, threads);
+                for img in 0..images {
+                    for co in 0..cout {
+                        let bv = bias.map_or(0.0, |b| b[co]);
+                        let src = &tmp[co * ncols + img * hw..co * ncols + (img + 1) * hw];
+                        let dst = &mut y_chunk[(img * cout + co) * hw..(img * cout + co + 1) * hw];
+                        for (d, s) in dst.iter_mut().zip(src) {
+                            *d = *s + bv;
+                        }
+                    }
+                }
+            }
+        });
+    y
+}
+
+/// Gradients of the convolution; each is computed only when asked for.
+pub struct ConvGrads {
+    pub x: Option<Vec<f32>>,
+    pub w: Option<Vec<f32>>,
+    pub bias: Option<Vec<f32>>,
+}
+
+pub fn conv_backward(
+    g: &ConvGeometry,
+    x: &[f32],
+    w: &[f32],
+    grad_y: &[f32],
+    want: (bool, bool, bool),
+) -> ConvGrads {
+    let (want_x, want_w, want_b) = want;
+    let (cout, ckk, hw) = (g.out_channels, g.patch_len(), g.out_pixels());
+    let bias = want_b.then(|| {
+        (0..cout)
+            .into_par_iter()
+            .map(|co| {
+                (0..g.batch)
+                    .map(|n| {
+                        let start = (n * cout + co) * hw;
+                        grad_y[start..start + hw].iter().sum::<f32>()
+                    })
+                    .sum()
+            })
+            .collect()
+    });
+    if !want_x && !want_w {
+        return ConvGrads {
+            x: None,
+            w: None,
+            bias,
+        };
+    }
+    let per_chunk = g.images_per_chunk();
+    let chunks = g.batch.div_ceil(per_chunk);
+    let groups = chunks.min(WEIGHT_GRAD_GROUPS);
+    let chunks_per_group = chunks.div_ceil(groups);
+    let images_per_group = chunks_per_group * per_chunk;
+    let groups = g.batch.div_ceil(images_per_group);
+    let threads = inner_threads(groups);
+    let mut grad_x = if want_x {
+        vec![0f32; g.batch * g.in_image_len()]
+    } else {
+        Vec::new()
+    };
+    let mut partials = if want_w {
+        vec![0f32; groups * cout * ckk]
+    } else {
+        Vec::new()
+    };
+    let w_t = MatRef::transposed(w, ckk);
+    let run_group = |group: usize, gx_group: Option<&mut [f32]>, gw: Option<&mut [f32]>| {
+        let first_image = group * images_per_group;
+        let last_image = (first_image + images_per_group).min(g.batch);
+        let mut gx_group = gx_group;
+        let mut gw = gw;
+        let mut col_buf = Vec::new();
+        let mut gy_buf = Vec::new();
+        let mut gcol_buf = Vec::new();
+        let mut first_chunk = true;
+        let mut img = first_image;
+        while img < last_image {
+            let images = per_chunk.min(last_image - img);
+            let ncols = images * hw;
+            let x_chunk = &x[img * g.in_image_len()..(img + images) * g.in_image_len()];
+            let gy_raw = &grad_y[img * g.out_image_len()..(img + images) * g.out_image_len()];
+            // grad_y of the chunk as one [Cout, images*HoWo] matrix.
+            let gy: &[f32] = if images == 1 {
+                gy_raw
+            } else {
+                gy_buf.resize(cout * ncols, 0.0);
+                for i in 0..images {
+                    for co in 0..cout {
+                        let src = &gy_raw[(i * cout + co) * hw..(i * cout + co + 1) * hw];
+                        gy_buf[co * ncols + i * hw..co * ncols + (i + 1) * hw].copy_from_slice(src);
+                    }
+                }
+                &gy_buf
+            };
+            let gy_mat = MatRef::row_major(gy, ncols);
+            if let Some(gw) = gw.as_deref_mut() {
+                let col: &[f32] = if g.is_pointwise() && images == 1 {
+                    x_chunk
+                } else {
+                    col_buf.resize(ckk * ncols, 0.0);
+                    im2col(g, x_chunk, images, &mut col_buf);
+                    &col_buf
+                };
+                let col_t = MatRef::transposed(col, ncols);
+                sgemm(cout, ckk, ncols, gw, ckk, !first_chunk, gy_mat, col_t, threads);
+            }
+            if let Some(gx_group) = gx_group.as_deref_mut() {
+                let offset = (img - first_image) * g.in_image_len();
+                let gx = &mut gx_group[offset..offset + images * g.in_image_len()];
+                if g.is_pointwise() && images == 1 {
+                    sgemm(ckk, ncols, cout, gx, ncols, false, w_t, gy_mat, threads);
+                } else {
+                    gcol_buf.resize(ckk * ncols, 0.0);
+                    sgemm(ckk, ncols, cout, &mut gcol_buf, ncols, false, w_t, gy_mat, threads);
+                    col2im_add(g, &gcol_buf, images, gx);
+                }
+            }
+            first_chunk = false;
+            img += images;
+        }
+    };
+    match (want_x, want_w) {
+        (true, true) => grad_x
+            .par_chunks_mut(images_per_group * g.in_image_len())
+            .zip(partials.par_chunks_mut(cout * ckk))
+            .enumerate()
+            .for_each(|(group, (gx, gw))| run_group(group, Some(gx), Some(gw))),
+        (true, false) => grad_x
+            .par_chunks_mut(images_per_group * g.in_image_len())
+            .enumerate()
+            .for_each(|(group, gx)| run_group(group, Some(gx), None)),
+        (false, _) => partials
+            .par_chunks_mut(cout * ckk)
+            .enumerate()
+            .for_each(|(group, gw)| run_group(group, None, Some(gw))),
+    }
+    let grad_w = want_w.then(|| {
+        let mut total = partials[..cout * ckk].to_vec();
+        for part in partials.chunks(cout * ckk).skip(1) {
+            for (t, v) in total.iter_mut().zip(part) {
+                *t += *v;
+            }
+        }
+        total
+    });
+    ConvGrads {
+        x: want_x.then_some(grad_x),
+        w: grad_w,
+        bias,
+    }
+}
+
+/// The candle custom op: arguments (x, weight, bias); a missing bias is passed as zeros.
+pub struct Conv2dOp {
+    pub stride: usize,
+    pub padding: usize,
+    pub has_bias: bool,
+}
+
+impl CustomOp3 for Conv2dOp {
+    fn name(&self) -> &'static str {
+        "fmnist-conv2d"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let g = ConvGeometry::new(l1.shape().dims4()?, l2.shape().dims4()?, self.stride, self.padding)?;
+        let x = cpu_slice(s1, l1)?;
+        let w = cpu_slice(s2, l2)?;
+        let b = cpu_slice(s3, l3)?;
+        let bias = self.has_bias.then_some(b);
+        let y = conv_forward(&g, x, w, bias);
+        let shape = Shape::from((g.batch, g.out_channels, g.out_height, g.out_width));
+        Ok((CpuStorage::F32(y), shape))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        b: &Tensor,
+        _res: &Tensor,
+        grad_res: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let g = ConvGeometry::new(x.dims4()?, w.dims4()?, self.stride, self.padding)?;
+        let want = (x.track_op(), w.track_op(), self.has_bias && b.track_op());
+        let grad_res = grad_res.contiguous()?;
+        let grads = super::with_cpu_slices(&[x, w, &grad_res], |s| {
+            Ok(conv_backward(&g, s[0], s[1], s[2], want))
+        })?;
+        let device = x.device();
+        let gx = grads.x.map(|v| tensor_from_vec(v, x.shape(), device)).transpose()?;
+        let gw = grads.w.map(|v| tensor_from_vec(v, w.shape(), device)).transpose()?;
+        let gb = grads.bias.map(|v| tensor_from_vec(v, b.shape(), device)).transpose()?;
+        Ok((gx, gw, gb))
+    }
+}

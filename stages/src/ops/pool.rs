@@ -1,0 +1,146 @@
+//! CPU max pooling as a candle custom op: the forward pass remembers where each maximum came
+//! from, and the backward pass scatters the gradient there (one pass, no re-comparison).
+//! Padding counts as -inf, as in PyTorch.
+
+use super::{cpu_slice, tensor_from_vec};
+use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Tensor};
+use rayon::prelude::*;
+use std::sync::Mutex;
+
+/// Shapes of one pooling (square window).
+#[derive(Debug, Clone, Copy)]
+pub struct PoolGeometry {
+    pub planes: usize,
+    pub height: usize,
+    pub width: usize,
+    pub kernel: usize,
+    pub stride: usize,
+    pub padding: usize,
+    pub out_height: usize,
+    pub out_width: usize,
+}
+
+impl PoolGeometry {
+    pub fn new(
+        (b, c, h, w): (usize, usize, usize, usize),
+        kernel: usize,
+        stride: usize,
+        padding: usize,
+    ) -> Result<Self> {
+        if kernel == 0 || stride == 0 {
+            candle_core::bail!("max_pool2d: kernel and stride must be at least 1");
+        }
+        if 2 * padding > kernel {
+            candle_core::bail!("max_pool2d: padding {padding} exceeds half the kernel {kernel}");
+        }
+        if h + 2 * padding < kernel || w + 2 * padding < kernel {
+            candle_core::bail!("max_pool2d: kernel {kernel} larger than padded input {h}x{w}");
+        }
+        Ok(Self {
+            planes: b * c,
+            height: h,
+            width: w,
+            kernel,
+            stride,
+            padding,
+            out_height: (h + 2 * padding - kernel) / stride + 1,
+            out_width: (w + 2 * padding - kernel) / stride + 1,
+        })
+    }
+}
+
+/// Max pooling forward: values, and for each output the index of its maximum in its plane.
+pub fn pool_forward(g: &PoolGeometry, x: &[f32]) -> (Vec<f32>, Vec<u32>) {
+    let (in_plane, out_plane) = (g.height * g.width, g.out_height * g.out_width);
+    let mut y = vec![0f32; g.planes * out_plane];
+    let mut idx = vec![0u32; g.planes * out_plane];
+    y.par_chunks_mut(out_plane)
+        .zip(idx.par_chunks_mut(out_plane))
+        .enumerate()
+        .for_each(|(plane, (y_plane, idx_plane))| {
+            let src = &x[plane * in_plane..(plane + 1) * in_plane];
+            for oy in 0..g.out_height {
+                let y0 = (oy * g.stride).saturating_sub(g.padding);
+                let y1 = (oy * g.stride + g.kernel - g.padding).min(g.height);
+                for ox in 0..g.out_width {
+                    let x0 = (ox * g.stride).saturating_sub(g.padding);
+                    let x1 = (ox * g.stride + g.kernel - g.padding).min(g.width);
+                    let mut best = f32::NEG_INFINITY;
+                    let mut best_at = y0 * g.width + x0;
+                    for iy in y0..y1 {
+                        for ix in x0..x1 {
+                            let v = src[iy * g.width + ix];
+                            // A NaN wins its window (and then stays), as PyTorch propagates NaN.
+                            if v > best || v.is_nan() {
+                                best = v;
+                                best_at = iy * g.width + ix;
+                            }
+                        }
+                    }
+                    y_plane[oy * g.out_width + ox] = best;
+                    idx_plane[oy * g.out_width + ox] = best_at as u32;
+                }
+            }
+        });
+    (y, idx)
+}
+
+/// Max pooling backward: each output's gradient goes to the input that won its window.
+pub fn pool_backward(g: &PoolGeometry, idx: &[u32], grad_y: &[f32]) -> Vec<f32> {
+    let (in_plane, out_plane) = (g.height * g.width, g.out_height * g.out_width);
+    let mut gx = vec![0f32; g.planes * in_plane];
+    gx.par_chunks_mut(in_plane)
+        .enumerate()
+        .for_each(|(plane, gx_plane)| {
+            let range = plane * out_plane..(plane + 1) * out_plane;
+            for (i, gv) in idx[range.clone()].iter().zip(&grad_y[range]) {
+                gx_plane[*i as usize] += *gv;
+            }
+        });
+    gx
+}
+
+/// The candle custom op. The argmax indices live in the op (one op per call) between the
+/// forward and the backward pass.
+pub struct MaxPool2dOp {
+    pub kernel: usize,
+    pub stride: usize,
+    pub padding: usize,
+    pub keep_indices: bool,
+    pub indices: Mutex<Option<Vec<u32>>>,
+}
+
+impl CustomOp1 for MaxPool2dOp {
+    fn name(&self) -> &'static str {
+        "fmnist-max-pool2d"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
+        let dims = layout.shape().dims4()?;
+        let g = PoolGeometry::new(dims, self.kernel, self.stride, self.padding)?;
+        let (y, idx) = pool_forward(&g, cpu_slice(storage, layout)?);
+        if self.keep_indices {
+            let mut slot = self
+                .indices
+                .lock()
+                .map_err(|_| candle_core::Error::Msg("max_pool2d: poisoned index lock".into()))?;
+            *slot = Some(idx);
+        }
+        let shape = Shape::from((dims.0, dims.1, g.out_height, g.out_width));
+        Ok((CpuStorage::F32(y), shape))
+    }
+
+    fn bwd(&self, arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> Result<Option<Tensor>> {
+        let g = PoolGeometry::new(arg.dims4()?, self.kernel, self.stride, self.padding)?;
+        let slot = self
+            .indices
+            .lock()
+            .map_err(|_| candle_core::Error::Msg("max_pool2d: poisoned index lock".into()))?;
+        let Some(idx) = slot.as_ref() else {
+            candle_core::bail!("max_pool2d: backward without saved indices");
+        };
+        let grad_res = grad_res.contiguous()?;
+        let gx = super::with_cpu_slices(&[&grad_res], |s| Ok(pool_backward(&g, idx, s[0])))?;
+        Ok(Some(tensor_from_vec(gx, arg.shape(), arg.device())?))
+    }
+}

@@ -1,0 +1,318 @@
+//! The fast CPU convolution and max pooling (custom ops) against candle's reference ops:
+//! forward values and the gradients backprop gives for x, weight and bias, over kernel sizes,
+//! strides, paddings, channel counts and batch sizes the two models use (and a few more).
+
+use candle_core::{Device, Result, Tensor, Var};
+use fmnist_stages::ops;
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+fn random(rng: &mut ChaCha8Rng, dims: &[usize]) -> Result<Tensor> {
+    let n: usize = dims.iter().product();
+    let data: Vec<f32> = (0..n).map(|_| rng.gen_range(-1.0f32..1.0)).collect();
+    Tensor::from_vec(data, dims, &Device::Cpu)
+}
+
+/// Largest |a-b| relative to the largest |b| (1e-4 is f32 accumulation noise for these sizes).
+fn assert_close(what: &str, ours: &Tensor, reference: &Tensor) -> Result<()> {
+    assert_eq!(ours.dims(), reference.dims(), "{what}: shapes differ");
+    let a = ours.flatten_all()?.to_vec1::<f32>()?;
+    let b = reference.flatten_all()?.to_vec1::<f32>()?;
+    let scale = b.iter().fold(1e-6f32, |m, v| m.max(v.abs()));
+    let worst = a
+        .iter()
+        .zip(&b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0f32, f32::max);
+    assert!(
+        worst <= 1e-4 * scale,
+        "{what}: max abs diff {worst} vs scale {scale}"
+    );
+    Ok(())
+}
+
+/// The convolution and its gradients for `grad_y`, straight from the definition (slow,
+/// obviously right): returns (y, grad_x, grad_w, grad_bias).
+fn direct_conv(
+    x: &Tensor,
+    w: &Tensor,
+    bias: Option<&Tensor>,
+    grad_y: Option<&Tensor>,
+    stride: usize,
+    padding: usize,
+) -> Result<(Tensor, Tensor, Tensor, Tensor)> {
+    let (b, cin, h, wd) = x.dims4()?;
+    let (cout, _, k, _) = w.dims4()?;
+    let (ho, wo) = ((h + 2 * padding - k) / stride + 1, (wd + 2 * padding - k) / stride + 1);
+    let xv = x.flatten_all()?.to_vec1::<f32>()?;
+    let wv = w.flatten_all()?.to_vec1::<f32>()?;
+    let gyv = match grad_y {
+        Some(t) => t.flatten_all()?.to_vec1::<f32>()?,
+        None => vec![0.0; b * cout * ho * wo],
+    };
+    let bv = match bias {
+        Some(t) => t.to_vec1::<f32>()?,
+        None => vec![0.0; cout],
+    };
+    let mut y = vec![0f32; b * cout * ho * wo];
+    let (mut gx, mut gw, mut gb) = (vec![0f32; xv.len()], vec![0f32; wv.len()], vec![0f32; cout]);
+    for n in 0..b {
+        for co in 0..cout {
+            for oy in 0..ho {
+                for ox in 0..wo {
+                    let yi = ((n * cout + co) * ho + oy) * wo + ox;
+                    let mut acc = bv[co];
+                    gb[co] += gyv[yi];
+                    for ci in 0..cin {
+                        for ki in 0..k {
+                            for kj in 0..k {
+                                let iy = (oy * stride + ki) as isize - padding as isize;
+                                let ix = (ox * stride + kj) as isize - padding as isize;
+                                if iy < 0 || ix < 0 || iy >= h as isize || ix >= wd as isize {
+                                    continue;
+                                }
+                                let xi = ((n * cin + ci) * h + iy as usize) * wd + ix as usize;
+                                let wi = ((co * cin + ci) * k + ki) * k + kj;
+                                acc += xv[xi] * wv[wi];
+                                gx[xi] += wv[wi] * gyv[yi];
+                                gw[wi] += xv[xi] * gyv[yi];
+                            }
+                        }
+                    }
+                    y[yi] = acc;
+                }
+            }
+        }
+    }
+    let dev = x.device();
+    Ok((
+        Tensor::from_vec(y, (b, cout, ho, wo), dev)?,
+        Tensor::from_vec(gx, x.dims(), dev)?,
+        Tensor::from_vec(gw, w.dims(), dev)?,
+        Tensor::from_vec(gb, cout, dev)?,
+    ))
+}
+
+struct Case {
+    batch: usize,
+    cin: usize,
+    cout: usize,
+    size: usize,
+    kernel: usize,
+    stride: usize,
+    padding: usize,
+    bias: bool,
+}
+
+fn check_conv(case: &Case, seed: u64, against_candle: bool) -> Result<()> {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    let what = format!(
+        "conv b{} {}->{} {}x{} k{} s{} p{} bias={}",
+        case.batch,
+        case.cin,
+        case.cout,
+        case.size,
+        case.size,
+        case.kernel,
+        case.stride,
+        case.padding,
+        case.bias
+    );
+    let x = Var::from_tensor(&random(&mut rng, &[case.batch, case.cin, case.size, case.size])?)?;
+    let w = Var::from_tensor(&random(
+        &mut rng,
+        &[case.cout, case.cin, case.kernel, case.kernel],
+    )?)?;
+    let b = Var::from_tensor(&random(&mut rng, &[case.cout])?)?;
+    let bias = case.bias.then_some(b.as_tensor());
+    let ours = ops::conv2d(&x, &w, bias, case.stride, case.padding)?;
+    let probe = random(&mut rng, ours.dims())?;
+    let (y_direct, gx_direct, gw_direct, gb_direct) =
+        direct_conv(&x, &w, bias, Some(&probe), case.stride, case.padding)?;
+    assert_close(&format!("{what} forward"), &ours, &y_direct)?;
+    let grads = (&ours * &probe)?.sum_all()?.backward()?;
+    let mut expected = vec![("x", &x, gx_direct), ("weight", &w, gw_direct)];
+    if case.bias {
+        expected.push(("bias", &b, gb_direct));
+    }
+    for (name, var, reference) in &expected {
+        let Some(ours) = grads.get(var) else {
+            panic!("{what}: no gradient for {name}");
+        };
+        assert_close(&format!("{what} grad {name}"), ours, reference)?;
+    }
+    if against_candle {
+        // candle's own ops and backprop must agree too (they do on these shapes; candle's
+        // reference conv2d is itself wrong on some tiny shapes, hence the direct loops above).
+        let reference = ops::reference_conv2d(&x, &w, bias, case.stride, case.padding)?;
+        assert_close(&format!("{what} candle forward"), &ours, &reference)?;
+        let grads_ref = (&reference * &probe)?.sum_all()?.backward()?;
+        for (name, var, _) in &expected {
+            let (Some(g_ours), Some(g_ref)) = (grads.get(var), grads_ref.get(var)) else {
+                panic!("{what}: no gradient for {name}");
+            };
+            assert_close(&format!("{what} candle grad {name}"), g_ours, g_ref)?;
+        }
+    }
+    Ok(())
+}
+
+#[test]
+fn conv_matches_candle_on_model_shapes() -> Result<()> {
+    let cases = [
+        // Baseline CNN.
+        Case { batch: 4, cin: 1, cout: 32, size: 28, kernel: 3, stride: 1, padding: 0, bias: true },
+        Case { batch: 3, cin: 32, cout: 64, size: 26, kernel: 3, stride: 1, padding: 0, bias: true },
+        // ResNet-18 stem, blocks, downsampling convs.
+        Case { batch: 2, cin: 1, cout: 16, size: 28, kernel: 7, stride: 2, padding: 3, bias: false },
+        Case { batch: 5, cin: 16, cout: 16, size: 7, kernel: 3, stride: 1, padding: 1, bias: false },
+        Case { batch: 3, cin: 16, cout: 32, size: 7, kernel: 3, stride: 2, padding: 1, bias: false },
+        Case { batch: 3, cin: 16, cout: 32, size: 7, kernel: 1, stride: 2, padding: 0, bias: false },
+        Case { batch: 70, cin: 8, cout: 12, size: 1, kernel: 3, stride: 1, padding: 1, bias: false },
+        Case { batch: 20, cin: 8, cout: 8, size: 2, kernel: 3, stride: 2, padding: 1, bias: true },
+    ];
+    for (i, case) in cases.iter().enumerate() {
+        check_conv(case, 100 + i as u64, true)?;
+    }
+    Ok(())
+}
+
+#[test]
+fn conv_matches_candle_on_random_shapes() -> Result<()> {
+    let mut rng = ChaCha8Rng::seed_from_u64(7);
+    for i in 0..40 {
+        let kernel: usize = [1, 3, 7][rng.gen_range(0..3)];
+        let padding = [0, 1, 3][rng.gen_range(0..3)].min(kernel);
+        let stride = rng.gen_range(1..=2);
+        let size = rng.gen_range(kernel.saturating_sub(2 * padding).max(1)..12);
+        let case = Case {
+            batch: [1, 2, 5, 40][rng.gen_range(0..4)],
+            cin: [1, 2, 3, 8][rng.gen_range(0..4)],
+            cout: rng.gen_range(1..9),
+            size,
+            kernel,
+            stride,
+            padding,
+            bias: rng.gen_bool(0.5),
+        };
+        check_conv(&case, 1000 + i, false)?;
+    }
+    Ok(())
+}
+
+#[test]
+fn conv_is_bit_reproducible() -> Result<()> {
+    let mut rng = ChaCha8Rng::seed_from_u64(3);
+    let x = Var::from_tensor(&random(&mut rng, &[64, 8, 12, 12])?)?;
+    let w = Var::from_tensor(&random(&mut rng, &[16, 8, 3, 3])?)?;
+    let run = || -> Result<(Vec<f32>, Vec<f32>)> {
+        let y = ops::conv2d(&x, &w, None, 1, 1)?;
+        let grads = y.sqr()?.sum_all()?.backward()?;
+        let gw = grads.get(&w).expect("weight gradient").flatten_all()?.to_vec1()?;
+        let gx = grads.get(&x).expect("input gradient").flatten_all()?.to_vec1()?;
+        Ok((gw, gx))
+    };
+    let first = run()?;
+    for _ in 0..3 {
+        assert!(run()? == first, "gradients changed between identical runs");
+    }
+    Ok(())
+}
+
+#[test]
+fn conv_rejects_mismatched_weight() -> Result<()> {
+    let mut rng = ChaCha8Rng::seed_from_u64(1);
+    let x = random(&mut rng, &[1, 3, 8, 8])?;
+    let w = random(&mut rng, &[4, 2, 3, 3])?;
+    assert!(ops::conv2d(&x, &w, None, 1, 0).is_err());
+    Ok(())
+}
+
+/// Max-pool gradient for `grad_y` from the definition: each window's gradient goes to its
+/// (first) maximum, padding never wins.
+fn direct_pool_grad(x: &Tensor, grad_y: &Tensor, k: usize, s: usize, p: usize) -> Result<Tensor> {
+    let (b, c, h, w) = x.dims4()?;
+    let (_, _, ho, wo) = grad_y.dims4()?;
+    let xv = x.flatten_all()?.to_vec1::<f32>()?;
+    let gyv = grad_y.flatten_all()?.to_vec1::<f32>()?;
+    let mut gx = vec![0f32; xv.len()];
+    for plane in 0..b * c {
+        for oy in 0..ho {
+            for ox in 0..wo {
+                let mut best: Option<(f32, usize)> = None;
+                for ki in 0..k {
+                    for kj in 0..k {
+                        let iy = (oy * s + ki) as isize - p as isize;
+                        let ix = (ox * s + kj) as isize - p as isize;
+                        if iy < 0 || ix < 0 || iy >= h as isize || ix >= w as isize {
+                            continue;
+                        }
+                        let i = (plane * h + iy as usize) * w + ix as usize;
+                        if best.is_none_or(|(v, _)| xv[i] > v) {
+                            best = Some((xv[i], i));
+                        }
+                    }
+                }
+                if let Some((_, i)) = best {
+                    gx[i] += gyv[(plane * ho + oy) * wo + ox];
+                }
+            }
+        }
+    }
+    Tensor::from_vec(gx, x.dims(), x.device())
+}
+
+fn check_pool(dims: [usize; 4], kernel: usize, stride: usize, padding: usize, seed: u64) -> Result<()> {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    let what = format!("pool {dims:?} k{kernel} s{stride} p{padding}");
+    let x = Var::from_tensor(&random(&mut rng, &dims)?)?;
+    let ours = ops::max_pool2d(&x, kernel, stride, padding)?;
+    let reference = ops::reference_max_pool2d(&x, kernel, stride, padding)?;
+    assert_close(&format!("{what} forward"), &ours, &reference)?;
+    let probe = random(&mut rng, ours.dims())?;
+    let grads = (&ours * &probe)?.sum_all()?.backward()?;
+    let Some(grad) = grads.get(&x) else {
+        panic!("{what}: no gradient");
+    };
+    // Not candle's backprop: candle 0.9 scales the max-pool gradient by 1/k^2 (it multiplies
+    // by the window's mask average instead of dividing by the tie count).
+    let expected = direct_pool_grad(&x, &probe, kernel, stride, padding)?;
+    assert_close(&format!("{what} grad"), grad, &expected)
+}
+
+#[test]
+fn max_pool_matches_candle() -> Result<()> {
+    // Baseline's 2x2/2, ResNet's 3x3/2 pad 1, odd sizes, overlapping windows.
+    check_pool([3, 4, 24, 24], 2, 2, 0, 1)?;
+    check_pool([2, 5, 14, 14], 3, 2, 1, 2)?;
+    check_pool([1, 1, 7, 9], 3, 2, 1, 3)?;
+    check_pool([2, 3, 5, 5], 3, 1, 1, 4)?;
+    check_pool([2, 3, 9, 8], 2, 2, 0, 5)?;
+    check_pool([1, 2, 6, 6], 3, 3, 0, 6)?;
+    Ok(())
+}
+
+#[test]
+fn max_pool_without_grad_tracking_works() -> Result<()> {
+    let mut rng = ChaCha8Rng::seed_from_u64(9);
+    let x = random(&mut rng, &[2, 2, 6, 6])?;
+    let ours = ops::max_pool2d(&x, 2, 2, 0)?;
+    let reference = ops::reference_max_pool2d(&x, 2, 2, 0)?;
+    assert_close("pool untracked", &ours, &reference)
+}
+
+#[test]
+fn conv_weight_grad_without_input_grad() -> Result<()> {
+    // The first layer's input (the images) tracks no gradient: only weight and bias are computed.
+    let mut rng = ChaCha8Rng::seed_from_u64(11);
+    let x = random(&mut rng, &[9, 1, 28, 28])?;
+    let w = Var::from_tensor(&random(&mut rng, &[32, 1, 3, 3])?)?;
+    let b = Var::from_tensor(&random(&mut rng, &[32])?)?;
+    let y = ops::conv2d(&x, &w, Some(&b), 1, 0)?;
+    let probe = random(&mut rng, y.dims())?;
+    let grads = (&y * &probe)?.sum_all()?.backward()?;
+    let (_, _, gw, gb) = direct_conv(&x, &w, Some(&b), Some(&probe), 1, 0)?;
+    assert!(grads.get(&x).is_none());
+    assert_close("untracked input grad weight", grads.get(&w).expect("weight grad"), &gw)?;
+    assert_close("untracked input grad bias", grads.get(&b).expect("bias grad"), &gb)
+}
