@@ -98,11 +98,17 @@ fn main() {
             std::process::exit(code);
         }
     };
-    if cli.verbose {
+    // -v asks for our debug traces; RUST_LOG, when set, says exactly what to trace.
+    let filter = match std::env::var("RUST_LOG") {
+        Ok(spec) if !spec.is_empty() => Some(tracing_subscriber::EnvFilter::new(spec)),
+        _ if cli.verbose => Some(tracing_subscriber::EnvFilter::new(
+            "fmnist_pipe=debug,fmnist_stages=debug",
+        )),
+        _ => None,
+    };
+    if let Some(filter) = filter {
         tracing_subscriber::fmt()
-            .with_env_filter(tracing_subscriber::EnvFilter::new(
-                "fmnist_pipe=debug,fmnist_stages=debug",
-            ))
+            .with_env_filter(filter)
             .with_writer(std::io::stderr)
             .init();
     }
