@@ -1,0 +1,124 @@
+//! The baseline CNN (PyTorch's MNIST example shape): two 3x3 convs, max-pool, dropout, two
+//! fully connected layers. Parameter names match the PyTorch module's state dict.
+
+use candle_core::{Module, Result, Tensor};
+use candle_nn::{Linear, VarBuilder};
+use rand::RngCore;
+
+use super::init::{dropout, torch_default};
+use super::Classifier;
+use crate::ops;
+
+/// A 2-D convolution layer whose forward goes through `ops::conv2d` (the fast CPU kernels).
+#[derive(Debug, Clone)]
+pub struct Conv {
+    pub weight: Tensor,
+    pub bias: Option<Tensor>,
+    pub stride: usize,
+    pub padding: usize,
+}
+
+impl Conv {
+    /// Conv with a bias, PyTorch's default init.
+    pub fn with_bias(
+        vb: VarBuilder,
+        in_channels: usize,
+        out_channels: usize,
+        kernel: usize,
+    ) -> Result<Self> {
+        let init = torch_default(in_channels * kernel * kernel);
+        let weight =
+            vb.get_with_hints((out_channels, in_channels, kernel, kernel), "weight", init)?;
+        let bias = vb.get_with_hints(out_channels, "bias", init)?;
+        Ok(Conv {
+            weight,
+            bias: Some(bias),
+            stride: 1,
+            padding: 0,
+        })
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        ops::conv2d(
+            x,
+            &self.weight,
+            self.bias.as_ref(),
+            self.stride,
+            self.padding,
+        )
+    }
+}
+
+/// A linear layer with PyTorch's default init (weight and bias U(±1/sqrt(fan_in))).
+pub fn linear(vb: VarBuilder, in_features: usize, out_features: usize) -> Result<Linear> {
+    let init = torch_default(in_features);
+    let weight = vb.get_with_hints((out_features, in_features), "weight", init)?;
+    let bias = vb.get_with_hints(out_features, "bias", init)?;
+    Ok(Linear::new(weight, Some(bias)))
+}
+
+pub struct Baseline {
+    conv1: Conv,
+    conv2: Conv,
+    fc1: Linear,
+    fc2: Linear,
+}
+
+const DROPOUT_CONV: f32 = 0.25;
+const DROPOUT_FC: f32 = 0.5;
+
+impl Baseline {
+    pub fn new(vb: VarBuilder) -> Result<Self> {
+        Ok(Baseline {
+            conv1: Conv::with_bias(vb.pp("conv1"), 1, 32, 3)?,
+            conv2: Conv::with_bias(vb.pp("conv2"), 32, 64, 3)?,
+            fc1: linear(vb.pp("fc1"), 9216, 128)?,
+            fc2: linear(vb.pp("fc2"), 128, 10)?,
+        })
+    }
+
+    fn conv_stages(&self, x: &Tensor) -> Result<(Tensor, Tensor)> {
+        let c1 = self.conv1.forward(x)?.relu()?;
+        let c2 = self.conv2.forward(&c1)?.relu()?;
+        Ok((c1, c2))
+    }
+
+    /// `rng` is Some in training mode (dropout on), None in eval mode.
+    fn run(&self, x: &Tensor, mut rng: Option<&mut dyn RngCore>) -> Result<Tensor> {
+        let (_, c2) = self.conv_stages(x)?;
+        let mut h = ops::max_pool2d(&c2, 2, 2, 0)?;
+        if let Some(r) = rng.as_deref_mut() {
+            h = dropout(&h, DROPOUT_CONV, r)?;
+        }
+        let mut h = self.fc1.forward(&h.flatten_from(1)?)?.relu()?;
+        if let Some(r) = rng {
+            h = dropout(&h, DROPOUT_FC, r)?;
+        }
+        self.fc2.forward(&h)
+    }
+}
+
+impl Classifier for Baseline {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        self.run(x, None)
+    }
+
+    fn forward_train(&self, x: &Tensor, rng: &mut dyn RngCore) -> Result<Tensor> {
+        self.run(x, Some(rng))
+    }
+
+    fn first_conv_weight(&self) -> &Tensor {
+        &self.conv1.weight
+    }
+
+    fn feature_maps(&self, x: &Tensor) -> Result<Vec<(String, Tensor)>> {
+        let (c1, c2) = self.conv_stages(x)?;
+        Ok(vec![("conv1".into(), c1), ("conv2".into(), c2)])
+    }
+
+    fn param_count(&self) -> usize {
+        let conv = |c: &Conv| c.weight.elem_count() + c.bias.as_ref().map_or(0, |b| b.elem_count());
+        let lin = |l: &Linear| l.weight().elem_count() + l.bias().map_or(0, |b| b.elem_count());
+        conv(&self.conv1) + conv(&self.conv2) + lin(&self.fc1) + lin(&self.fc2)
+    }
+}

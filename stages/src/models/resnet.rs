@@ -1,0 +1,199 @@
+//! ResNet-18 (torchvision layout: BasicBlocks [2, 2, 2, 2], batch norm, 1x1 downsample) with a
+//! 1-channel stem and 10 classes. Parameter names match torchvision's state dict.
+
+use candle_core::{Module, Result, Tensor, D};
+use candle_nn::{BatchNorm, BatchNormConfig, Linear, VarBuilder};
+use rand::RngCore;
+
+use super::baseline::{linear, Conv};
+use super::init::kaiming_normal_fan_out;
+use super::Classifier;
+use crate::ops;
+
+/// A bias-free conv with torchvision's kaiming_normal(fan_out) init.
+fn conv_no_bias(
+    vb: VarBuilder,
+    in_channels: usize,
+    out_channels: usize,
+    kernel: usize,
+    stride: usize,
+    padding: usize,
+) -> Result<Conv> {
+    let weight = vb.get_with_hints(
+        (out_channels, in_channels, kernel, kernel),
+        "weight",
+        kaiming_normal_fan_out(out_channels, kernel),
+    )?;
+    Ok(Conv {
+        weight,
+        bias: None,
+        stride,
+        padding,
+    })
+}
+
+/// PyTorch's BatchNorm2d defaults: eps 1e-5, momentum 0.1, weight 1, bias 0, running mean 0,
+/// running var 1 (unbiased running variance, as candle-nn's implementation does).
+fn batch_norm(vb: VarBuilder, channels: usize) -> Result<BatchNorm> {
+    let config = BatchNormConfig {
+        eps: 1e-5,
+        remove_mean: true,
+        affine: true,
+        momentum: 0.1,
+    };
+    candle_nn::batch_norm(channels, config, vb)
+}
+
+fn bn_forward(bn: &BatchNorm, x: &Tensor, train: bool) -> Result<Tensor> {
+    if train {
+        bn.forward_train(x)
+    } else {
+        candle_nn::ModuleT::forward_t(bn, x, false)
+    }
+}
+
+fn bn_params(bn: &BatchNorm) -> usize {
+    bn.weight_and_bias()
+        .map_or(0, |(w, b)| w.elem_count() + b.elem_count())
+}
+
+struct BasicBlock {
+    conv1: Conv,
+    bn1: BatchNorm,
+    conv2: Conv,
+    bn2: BatchNorm,
+    downsample: Option<(Conv, BatchNorm)>,
+}
+
+impl BasicBlock {
+    fn new(vb: VarBuilder, in_channels: usize, out_channels: usize, stride: usize) -> Result<Self> {
+        let downsample = if stride != 1 || in_channels != out_channels {
+            let ds = vb.pp("downsample");
+            Some((
+                conv_no_bias(ds.pp("0"), in_channels, out_channels, 1, stride, 0)?,
+                batch_norm(ds.pp("1"), out_channels)?,
+            ))
+        } else {
+            None
+        };
+        Ok(BasicBlock {
+            conv1: conv_no_bias(vb.pp("conv1"), in_channels, out_channels, 3, stride, 1)?,
+            bn1: batch_norm(vb.pp("bn1"), out_channels)?,
+            conv2: conv_no_bias(vb.pp("conv2"), out_channels, out_channels, 3, 1, 1)?,
+            bn2: batch_norm(vb.pp("bn2"), out_channels)?,
+            downsample,
+        })
+    }
+
+    fn forward(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        let h = bn_forward(&self.bn1, &self.conv1.forward(x)?, train)?.relu()?;
+        let h = bn_forward(&self.bn2, &self.conv2.forward(&h)?, train)?;
+        let shortcut = match &self.downsample {
+            Some((conv, bn)) => bn_forward(bn, &conv.forward(x)?, train)?,
+            None => x.clone(),
+        };
+        (h + shortcut)?.relu()
+    }
+
+    fn param_count(&self) -> usize {
+        let ds = self
+            .downsample
+            .as_ref()
+            .map_or(0, |(c, bn)| c.weight.elem_count() + bn_params(bn));
+        self.conv1.weight.elem_count()
+            + bn_params(&self.bn1)
+            + self.conv2.weight.elem_count()
+            + bn_params(&self.bn2)
+            + ds
+    }
+}
+
+pub struct ResNet18 {
+    conv1: Conv,
+    bn1: BatchNorm,
+    layers: Vec<Vec<BasicBlock>>,
+    fc: Linear,
+}
+
+const STAGE_WIDTHS: [usize; 4] = [64, 128, 256, 512];
+const BLOCKS_PER_STAGE: usize = 2;
+
+impl ResNet18 {
+    pub fn new(vb: VarBuilder) -> Result<Self> {
+        let conv1 = conv_no_bias(vb.pp("conv1"), 1, 64, 7, 2, 3)?;
+        let bn1 = batch_norm(vb.pp("bn1"), 64)?;
+        let mut layers = Vec::with_capacity(STAGE_WIDTHS.len());
+        let mut in_channels = 64;
+        for (i, &width) in STAGE_WIDTHS.iter().enumerate() {
+            let stage_vb = vb.pp(format!("layer{}", i + 1));
+            let mut blocks = Vec::with_capacity(BLOCKS_PER_STAGE);
+            for b in 0..BLOCKS_PER_STAGE {
+                let stride = if i > 0 && b == 0 { 2 } else { 1 };
+                blocks.push(BasicBlock::new(stage_vb.pp(b), in_channels, width, stride)?);
+                in_channels = width;
+            }
+            layers.push(blocks);
+        }
+        let fc = linear(vb.pp("fc"), 512, 10)?;
+        Ok(ResNet18 {
+            conv1,
+            bn1,
+            layers,
+            fc,
+        })
+    }
+
+    fn stem(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        bn_forward(&self.bn1, &self.conv1.forward(x)?, train)?.relu()
+    }
+
+    fn run(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        let mut h = ops::max_pool2d(&self.stem(x, train)?, 3, 2, 1)?;
+        for stage in &self.layers {
+            for block in stage {
+                h = block.forward(&h, train)?;
+            }
+        }
+        // Adaptive average pooling to 1x1 = the mean over the spatial dims.
+        let pooled = h.mean(D::Minus1)?.mean(D::Minus1)?;
+        self.fc.forward(&pooled)
+    }
+}
+
+impl Classifier for ResNet18 {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        self.run(x, false)
+    }
+
+    /// No dropout in ResNet: the RNG is unused; batch norm uses batch statistics and updates
+    /// its running statistics.
+    fn forward_train(&self, x: &Tensor, _rng: &mut dyn RngCore) -> Result<Tensor> {
+        self.run(x, true)
+    }
+
+    fn first_conv_weight(&self) -> &Tensor {
+        &self.conv1.weight
+    }
+
+    fn feature_maps(&self, x: &Tensor) -> Result<Vec<(String, Tensor)>> {
+        let stem = self.stem(x, false)?;
+        let mut h = ops::max_pool2d(&stem, 3, 2, 1)?;
+        for block in &self.layers[0] {
+            h = block.forward(&h, false)?;
+        }
+        Ok(vec![("conv1".into(), stem), ("layer1".into(), h)])
+    }
+
+    fn param_count(&self) -> usize {
+        self.conv1.weight.elem_count()
+            + bn_params(&self.bn1)
+            + self
+                .layers
+                .iter()
+                .flatten()
+                .map(BasicBlock::param_count)
+                .sum::<usize>()
+            + self.fc.weight().elem_count()
+            + self.fc.bias().map_or(0, |b| b.elem_count())
+    }
+}
