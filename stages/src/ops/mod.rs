@@ -10,7 +10,21 @@ pub use conv::{conv_backward, conv_forward, ConvGeometry};
 pub use pool::{pool_backward, pool_forward, PoolGeometry};
 
 use candle_core::{CpuStorage, DType, Device, Layout, Result, Shape, Storage, Tensor, D};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
+
+static FAST_CPU_KERNELS: AtomicBool = AtomicBool::new(true);
+
+/// Switches `conv2d` between this module's CPU kernels (the default) and candle's stock
+/// conv2d, process-wide; for benchmarks that compare the two.
+pub fn set_fast_cpu_kernels(on: bool) {
+    FAST_CPU_KERNELS.store(on, Ordering::Relaxed);
+}
+
+/// Whether `conv2d` uses this module's CPU kernels.
+pub fn fast_cpu_kernels() -> bool {
+    FAST_CPU_KERNELS.load(Ordering::Relaxed)
+}
 
 /// 2-D convolution, NCHW input `x` [B,Cin,H,W], weight [Cout,Cin,K,K], optional bias [Cout],
 /// square stride and zero padding (PyTorch's `F.conv2d` semantics).
@@ -24,7 +38,7 @@ pub fn conv2d(
     let all_f32 = x.dtype() == DType::F32
         && weight.dtype() == DType::F32
         && bias.is_none_or(|b| b.dtype() == DType::F32);
-    if x.device().is_cpu() && all_f32 {
+    if x.device().is_cpu() && all_f32 && fast_cpu_kernels() {
         let cout = weight.dim(0)?;
         let bias_arg = match bias {
             Some(b) => {
