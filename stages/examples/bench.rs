@@ -15,7 +15,13 @@ fn main() -> anyhow::Result<()> {
     let images = args.get(1).map(|s| s.parse()).transpose()?.unwrap_or(1280);
     let threads = args.get(2).map(|s| s.parse()).transpose()?.unwrap_or(2);
     let fast = !args.iter().any(|a| a == "candle");
-    let report = bench::run_with(model, images, threads, Path::new(bench::DEFAULT_DATA_DIR), fast)?;
+    let report = bench::run_with(
+        model,
+        images,
+        threads,
+        Path::new(bench::DEFAULT_DATA_DIR),
+        fast,
+    )?;
     if args.iter().any(|a| a == "--json") {
         println!("{}", serde_json::to_string(&report)?);
     } else {
