@@ -90,6 +90,7 @@ pub fn run_with(
         .build()
         .context("starting the benchmark's thread pool")?;
     let data_dir: PathBuf = data_dir.to_path_buf();
+    ops::tune_allocator_for_training();
     let previous = ops::fast_cpu_kernels();
     ops::set_fast_cpu_kernels(fast_kernels);
     let result = pool.install(|| measure(model, images, threads, &data_dir, fast_kernels));
