@@ -3,6 +3,7 @@
 //! DAGs, fingerprints or caching (the orchestrator in `src/` does), so every stage can be
 //! called and tested on its own.
 
+pub mod bench;
 pub mod context;
 pub mod data;
 pub mod device;

@@ -43,7 +43,10 @@ fn direct_conv(
 ) -> Result<(Tensor, Tensor, Tensor, Tensor)> {
     let (b, cin, h, wd) = x.dims4()?;
     let (cout, _, k, _) = w.dims4()?;
-    let (ho, wo) = ((h + 2 * padding - k) / stride + 1, (wd + 2 * padding - k) / stride + 1);
+    let (ho, wo) = (
+        (h + 2 * padding - k) / stride + 1,
+        (wd + 2 * padding - k) / stride + 1,
+    );
     let xv = x.flatten_all()?.to_vec1::<f32>()?;
     let wv = w.flatten_all()?.to_vec1::<f32>()?;
     let gyv = match grad_y {
@@ -118,7 +121,10 @@ fn check_conv(case: &Case, seed: u64, against_candle: bool) -> Result<()> {
         case.padding,
         case.bias
     );
-    let x = Var::from_tensor(&random(&mut rng, &[case.batch, case.cin, case.size, case.size])?)?;
+    let x = Var::from_tensor(&random(
+        &mut rng,
+        &[case.batch, case.cin, case.size, case.size],
+    )?)?;
     let w = Var::from_tensor(&random(
         &mut rng,
         &[case.cout, case.cin, case.kernel, case.kernel],
@@ -161,15 +167,87 @@ fn check_conv(case: &Case, seed: u64, against_candle: bool) -> Result<()> {
 fn conv_matches_candle_on_model_shapes() -> Result<()> {
     let cases = [
         // Baseline CNN.
-        Case { batch: 4, cin: 1, cout: 32, size: 28, kernel: 3, stride: 1, padding: 0, bias: true },
-        Case { batch: 3, cin: 32, cout: 64, size: 26, kernel: 3, stride: 1, padding: 0, bias: true },
+        Case {
+            batch: 4,
+            cin: 1,
+            cout: 32,
+            size: 28,
+            kernel: 3,
+            stride: 1,
+            padding: 0,
+            bias: true,
+        },
+        Case {
+            batch: 3,
+            cin: 32,
+            cout: 64,
+            size: 26,
+            kernel: 3,
+            stride: 1,
+            padding: 0,
+            bias: true,
+        },
         // ResNet-18 stem, blocks, downsampling convs.
-        Case { batch: 2, cin: 1, cout: 16, size: 28, kernel: 7, stride: 2, padding: 3, bias: false },
-        Case { batch: 5, cin: 16, cout: 16, size: 7, kernel: 3, stride: 1, padding: 1, bias: false },
-        Case { batch: 3, cin: 16, cout: 32, size: 7, kernel: 3, stride: 2, padding: 1, bias: false },
-        Case { batch: 3, cin: 16, cout: 32, size: 7, kernel: 1, stride: 2, padding: 0, bias: false },
-        Case { batch: 70, cin: 8, cout: 12, size: 1, kernel: 3, stride: 1, padding: 1, bias: false },
-        Case { batch: 20, cin: 8, cout: 8, size: 2, kernel: 3, stride: 2, padding: 1, bias: true },
+        Case {
+            batch: 2,
+            cin: 1,
+            cout: 16,
+            size: 28,
+            kernel: 7,
+            stride: 2,
+            padding: 3,
+            bias: false,
+        },
+        Case {
+            batch: 5,
+            cin: 16,
+            cout: 16,
+            size: 7,
+            kernel: 3,
+            stride: 1,
+            padding: 1,
+            bias: false,
+        },
+        Case {
+            batch: 3,
+            cin: 16,
+            cout: 32,
+            size: 7,
+            kernel: 3,
+            stride: 2,
+            padding: 1,
+            bias: false,
+        },
+        Case {
+            batch: 3,
+            cin: 16,
+            cout: 32,
+            size: 7,
+            kernel: 1,
+            stride: 2,
+            padding: 0,
+            bias: false,
+        },
+        Case {
+            batch: 70,
+            cin: 8,
+            cout: 12,
+            size: 1,
+            kernel: 3,
+            stride: 1,
+            padding: 1,
+            bias: false,
+        },
+        Case {
+            batch: 20,
+            cin: 8,
+            cout: 8,
+            size: 2,
+            kernel: 3,
+            stride: 2,
+            padding: 1,
+            bias: true,
+        },
     ];
     for (i, case) in cases.iter().enumerate() {
         check_conv(case, 100 + i as u64, true)?;
@@ -208,8 +286,16 @@ fn conv_is_bit_reproducible() -> Result<()> {
     let run = || -> Result<(Vec<f32>, Vec<f32>)> {
         let y = ops::conv2d(&x, &w, None, 1, 1)?;
         let grads = y.sqr()?.sum_all()?.backward()?;
-        let gw = grads.get(&w).expect("weight gradient").flatten_all()?.to_vec1()?;
-        let gx = grads.get(&x).expect("input gradient").flatten_all()?.to_vec1()?;
+        let gw = grads
+            .get(&w)
+            .expect("weight gradient")
+            .flatten_all()?
+            .to_vec1()?;
+        let gx = grads
+            .get(&x)
+            .expect("input gradient")
+            .flatten_all()?
+            .to_vec1()?;
         Ok((gw, gx))
     };
     let first = run()?;
@@ -262,7 +348,13 @@ fn direct_pool_grad(x: &Tensor, grad_y: &Tensor, k: usize, s: usize, p: usize) -
     Tensor::from_vec(gx, x.dims(), x.device())
 }
 
-fn check_pool(dims: [usize; 4], kernel: usize, stride: usize, padding: usize, seed: u64) -> Result<()> {
+fn check_pool(
+    dims: [usize; 4],
+    kernel: usize,
+    stride: usize,
+    padding: usize,
+    seed: u64,
+) -> Result<()> {
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
     let what = format!("pool {dims:?} k{kernel} s{stride} p{padding}");
     let x = Var::from_tensor(&random(&mut rng, &dims)?)?;
@@ -313,6 +405,14 @@ fn conv_weight_grad_without_input_grad() -> Result<()> {
     let grads = (&y * &probe)?.sum_all()?.backward()?;
     let (_, _, gw, gb) = direct_conv(&x, &w, Some(&b), Some(&probe), 1, 0)?;
     assert!(grads.get(&x).is_none());
-    assert_close("untracked input grad weight", grads.get(&w).expect("weight grad"), &gw)?;
-    assert_close("untracked input grad bias", grads.get(&b).expect("bias grad"), &gb)
+    assert_close(
+        "untracked input grad weight",
+        grads.get(&w).expect("weight grad"),
+        &gw,
+    )?;
+    assert_close(
+        "untracked input grad bias",
+        grads.get(&b).expect("bias grad"),
+        &gb,
+    )
 }

@@ -68,8 +68,26 @@ impl ConvGeometry {
         })
     }
 
-    fn patch_len(&self) -> usize {
-        self.in_channels * self.kernel * self.kernel
+    /// Kernel taps `(ki, kj)` that touch the image for at least one output pixel. On tiny
+    /// feature maps (ResNet's 1x1 layer4 with 3x3 kernels) most taps only ever see padding;
+    /// leaving them out of im2col saves their whole share of the GEMMs.
+    fn active_taps(&self) -> Vec<(usize, usize)> {
+        let (k, s, p) = (self.kernel, self.stride, self.padding);
+        let rows: Vec<usize> = (0..k)
+            .filter(|&ki| {
+                let (lo, hi) = valid_range(self.out_height, self.height, s, p, ki);
+                lo < hi
+            })
+            .collect();
+        let cols: Vec<usize> = (0..k)
+            .filter(|&kj| {
+                let (lo, hi) = valid_range(self.out_width, self.width, s, p, kj);
+                lo < hi
+            })
+            .collect();
+        rows.iter()
+            .flat_map(|&ki| cols.iter().map(move |&kj| (ki, kj)))
+            .collect()
     }
     fn out_pixels(&self) -> usize {
         self.out_height * self.out_width
@@ -89,23 +107,26 @@ impl ConvGeometry {
             .div_ceil(self.out_pixels().max(1))
             .clamp(1, self.batch.max(1))
     }
+    /// Multiply-adds x 2 of the forward pass, counting every kernel tap (as PyTorch does).
     pub fn flops(&self) -> f64 {
-        2.0 * (self.batch * self.out_image_len() * self.patch_len()) as f64
+        2.0 * (self.batch * self.out_image_len() * self.in_channels * self.kernel * self.kernel)
+            as f64
     }
 }
 
 /// im2col of `images` consecutive images: `col[patch_row][image * HoWo + pixel]`.
-fn im2col(g: &ConvGeometry, x: &[f32], images: usize, col: &mut [f32]) {
-    let (k, s, p) = (g.kernel, g.stride, g.padding);
+fn im2col(g: &ConvGeometry, taps: &[(usize, usize)], x: &[f32], images: usize, col: &mut [f32]) {
+    let (s, p) = (g.stride, g.padding);
     let (hw_out, ncols) = (g.out_pixels(), images * g.out_pixels());
     for img in 0..images {
         let x_img = &x[img * g.in_image_len()..(img + 1) * g.in_image_len()];
         for ci in 0..g.in_channels {
             let plane = &x_img[ci * g.height * g.width..(ci + 1) * g.height * g.width];
-            for ki in 0..k {
-                for kj in 0..k {
-                    let row = (ci * k + ki) * k + kj;
-                    let dst = &mut col[row * ncols + img * hw_out..row * ncols + (img + 1) * hw_out];
+            for (tap, &(ki, kj)) in taps.iter().enumerate() {
+                {
+                    let row = ci * taps.len() + tap;
+                    let dst =
+                        &mut col[row * ncols + img * hw_out..row * ncols + (img + 1) * hw_out];
                     let (lo, hi) = valid_range(g.out_width, g.width, s, p, kj);
                     for oy in 0..g.out_height {
                         let out_row = &mut dst[oy * g.out_width..(oy + 1) * g.out_width];
@@ -121,7 +142,9 @@ fn im2col(g: &ConvGeometry, x: &[f32], images: usize, col: &mut [f32]) {
                         if s == 1 {
                             out_row[lo..hi].copy_from_slice(&src[ix0..ix0 + (hi - lo)]);
                         } else {
-                            for (o, v) in out_row[lo..hi].iter_mut().zip(src[ix0..].iter().step_by(s)) {
+                            for (o, v) in
+                                out_row[lo..hi].iter_mut().zip(src[ix0..].iter().step_by(s))
+                            {
                                 *o = *v;
                             }
                         }
@@ -133,16 +156,22 @@ fn im2col(g: &ConvGeometry, x: &[f32], images: usize, col: &mut [f32]) {
 }
 
 /// col2im: adds `col` (laid out as im2col's output) back into `images` consecutive images.
-fn col2im_add(g: &ConvGeometry, col: &[f32], images: usize, x: &mut [f32]) {
-    let (k, s, p) = (g.kernel, g.stride, g.padding);
+fn col2im_add(
+    g: &ConvGeometry,
+    taps: &[(usize, usize)],
+    col: &[f32],
+    images: usize,
+    x: &mut [f32],
+) {
+    let (s, p) = (g.stride, g.padding);
     let (hw_out, ncols) = (g.out_pixels(), images * g.out_pixels());
     for img in 0..images {
         let x_img = &mut x[img * g.in_image_len()..(img + 1) * g.in_image_len()];
         for ci in 0..g.in_channels {
             let plane = &mut x_img[ci * g.height * g.width..(ci + 1) * g.height * g.width];
-            for ki in 0..k {
-                for kj in 0..k {
-                    let row = (ci * k + ki) * k + kj;
+            for (tap, &(ki, kj)) in taps.iter().enumerate() {
+                {
+                    let row = ci * taps.len() + tap;
                     let src = &col[row * ncols + img * hw_out..row * ncols + (img + 1) * hw_out];
                     let (lo, hi) = valid_range(g.out_width, g.width, s, p, kj);
                     if lo >= hi {
@@ -185,6 +214,38 @@ fn valid_range(out_w: usize, width: usize, s: usize, p: usize, kj: usize) -> (us
     (lo.min(out_w), hi.max(lo.min(out_w)))
 }
 
+/// The weight restricted to the active taps, [Cout, Cin * taps]; None when all taps are active.
+fn active_weight(g: &ConvGeometry, taps: &[(usize, usize)], w: &[f32]) -> Option<Vec<f32>> {
+    let k = g.kernel;
+    if taps.len() == k * k {
+        return None;
+    }
+    let mut out = Vec::with_capacity(g.out_channels * g.in_channels * taps.len());
+    for co in 0..g.out_channels {
+        for ci in 0..g.in_channels {
+            let filter =
+                &w[(co * g.in_channels + ci) * k * k..(co * g.in_channels + ci + 1) * k * k];
+            out.extend(taps.iter().map(|&(ki, kj)| filter[ki * k + kj]));
+        }
+    }
+    Some(out)
+}
+
+/// Spreads a gradient over the active taps back to the full [Cout, Cin, K, K] (zeros elsewhere).
+fn expand_weight_grad(g: &ConvGeometry, taps: &[(usize, usize)], grad: Vec<f32>) -> Vec<f32> {
+    let k = g.kernel;
+    if taps.len() == k * k {
+        return grad;
+    }
+    let mut full = vec![0f32; g.out_channels * g.in_channels * k * k];
+    for (filter, active) in full.chunks_mut(k * k).zip(grad.chunks(taps.len())) {
+        for (&(ki, kj), v) in taps.iter().zip(active) {
+            filter[ki * k + kj] = *v;
+        }
+    }
+    full
+}
+
 /// GEMM parallelism inside a task: use the threads only when there are too few tasks.
 fn inner_threads(tasks: usize) -> usize {
     let threads = rayon::current_num_threads();
@@ -197,7 +258,10 @@ fn inner_threads(tasks: usize) -> usize {
 
 /// Forward: `y[n, co, p] = bias[co] + sum_r w[co, r] * col_n[r, p]`.
 pub fn conv_forward(g: &ConvGeometry, x: &[f32], w: &[f32], bias: Option<&[f32]>) -> Vec<f32> {
-    let (cout, ckk, hw) = (g.out_channels, g.patch_len(), g.out_pixels());
+    let taps = g.active_taps();
+    let w_active = active_weight(g, &taps, w);
+    let w: &[f32] = w_active.as_deref().unwrap_or(w);
+    let (cout, ckk, hw) = (g.out_channels, g.in_channels * taps.len(), g.out_pixels());
     let per_chunk = g.images_per_chunk();
     let mut y = vec![0f32; g.batch * g.out_image_len()];
     let chunks = g.batch.div_ceil(per_chunk);
@@ -215,7 +279,7 @@ pub fn conv_forward(g: &ConvGeometry, x: &[f32], w: &[f32], bias: Option<&[f32]>
                 x_chunk
             } else {
                 col_buf.resize(ckk * ncols, 0.0);
-                im2col(g, x_chunk, images, &mut col_buf);
+                im2col(g, &taps, x_chunk, images, &mut col_buf);
                 &col_buf
             };
             let col_mat = MatRef::row_major(col, ncols);
@@ -226,10 +290,22 @@ pub fn conv_forward(g: &ConvGeometry, x: &[f32], w: &[f32], bias: Option<&[f32]>
                         row.fill(*bv);
                     }
                 }
-                sgemm(cout, hw, ckk, y_chunk, hw, bias.is_some(), w_mat, col_mat, threads);
+                sgemm(
+                    cout,
+                    hw,
+                    ckk,
+                    y_chunk,
+                    hw,
+                    bias.is_some(),
+                    w_mat,
+                    col_mat,
+                    threads,
+                );
             } else {
                 let mut tmp = vec![0f32; cout * ncols];
-                sgemm(cout, ncols, ckk, &mut tmp, ncols, false, w_mat, col_mat, threads);
+                sgemm(
+                    cout, ncols, ckk, &mut tmp, ncols, false, w_mat, col_mat, threads,
+                );
                 for img in 0..images {
                     for co in 0..cout {
                         let bv = bias.map_or(0.0, |b| b[co]);
@@ -260,7 +336,10 @@ pub fn conv_backward(
     want: (bool, bool, bool),
 ) -> ConvGrads {
     let (want_x, want_w, want_b) = want;
-    let (cout, ckk, hw) = (g.out_channels, g.patch_len(), g.out_pixels());
+    let taps = g.active_taps();
+    let w_active = active_weight(g, &taps, w);
+    let w: &[f32] = w_active.as_deref().unwrap_or(w);
+    let (cout, ckk, hw) = (g.out_channels, g.in_channels * taps.len(), g.out_pixels());
     let bias = want_b.then(|| {
         (0..cout)
             .into_par_iter()
@@ -333,11 +412,21 @@ pub fn conv_backward(
                     x_chunk
                 } else {
                     col_buf.resize(ckk * ncols, 0.0);
-                    im2col(g, x_chunk, images, &mut col_buf);
+                    im2col(g, &taps, x_chunk, images, &mut col_buf);
                     &col_buf
                 };
                 let col_t = MatRef::transposed(col, ncols);
-                sgemm(cout, ckk, ncols, gw, ckk, !first_chunk, gy_mat, col_t, threads);
+                sgemm(
+                    cout,
+                    ckk,
+                    ncols,
+                    gw,
+                    ckk,
+                    !first_chunk,
+                    gy_mat,
+                    col_t,
+                    threads,
+                );
             }
             if let Some(gx_group) = gx_group.as_deref_mut() {
                 let offset = (img - first_image) * g.in_image_len();
@@ -346,8 +435,18 @@ pub fn conv_backward(
                     sgemm(ckk, ncols, cout, gx, ncols, false, w_t, gy_mat, threads);
                 } else {
                     gcol_buf.resize(ckk * ncols, 0.0);
-                    sgemm(ckk, ncols, cout, &mut gcol_buf, ncols, false, w_t, gy_mat, threads);
-                    col2im_add(g, &gcol_buf, images, gx);
+                    sgemm(
+                        ckk,
+                        ncols,
+                        cout,
+                        &mut gcol_buf,
+                        ncols,
+                        false,
+                        w_t,
+                        gy_mat,
+                        threads,
+                    );
+                    col2im_add(g, &taps, &gcol_buf, images, gx);
                 }
             }
             first_chunk = false;
@@ -376,7 +475,7 @@ pub fn conv_backward(
                 *t += *v;
             }
         }
-        total
+        expand_weight_grad(g, &taps, total)
     });
     ConvGrads {
         x: want_x.then_some(grad_x),
@@ -406,7 +505,12 @@ impl CustomOp3 for Conv2dOp {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let g = ConvGeometry::new(l1.shape().dims4()?, l2.shape().dims4()?, self.stride, self.padding)?;
+        let g = ConvGeometry::new(
+            l1.shape().dims4()?,
+            l2.shape().dims4()?,
+            self.stride,
+            self.padding,
+        )?;
         let x = cpu_slice(s1, l1)?;
         let w = cpu_slice(s2, l2)?;
         let b = cpu_slice(s3, l3)?;
@@ -431,9 +535,18 @@ impl CustomOp3 for Conv2dOp {
             Ok(conv_backward(&g, s[0], s[1], s[2], want))
         })?;
         let device = x.device();
-        let gx = grads.x.map(|v| tensor_from_vec(v, x.shape(), device)).transpose()?;
-        let gw = grads.w.map(|v| tensor_from_vec(v, w.shape(), device)).transpose()?;
-        let gb = grads.bias.map(|v| tensor_from_vec(v, b.shape(), device)).transpose()?;
+        let gx = grads
+            .x
+            .map(|v| tensor_from_vec(v, x.shape(), device))
+            .transpose()?;
+        let gw = grads
+            .w
+            .map(|v| tensor_from_vec(v, w.shape(), device))
+            .transpose()?;
+        let gb = grads
+            .bias
+            .map(|v| tensor_from_vec(v, b.shape(), device))
+            .transpose()?;
         Ok((gx, gw, gb))
     }
 }

@@ -10,7 +10,44 @@ pub use conv::{conv_backward, conv_forward, ConvGeometry};
 pub use pool::{pool_backward, pool_forward, PoolGeometry};
 
 use candle_core::{CpuStorage, DType, Device, Layout, Result, Shape, Storage, Tensor, D};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
+
+static FAST_CPU_KERNELS: AtomicBool = AtomicBool::new(true);
+
+/// Switches `conv2d` between this module's CPU kernels (the default) and candle's stock
+/// conv2d, process-wide; for benchmarks that compare the two.
+pub fn set_fast_cpu_kernels(on: bool) {
+    FAST_CPU_KERNELS.store(on, Ordering::Relaxed);
+}
+
+/// Whether `conv2d` uses this module's CPU kernels.
+pub fn fast_cpu_kernels() -> bool {
+    FAST_CPU_KERNELS.load(Ordering::Relaxed)
+}
+
+/// Asks glibc's malloc to keep freed memory instead of returning it to the kernel after every
+/// training step: candle allocates and frees multi-MiB tensors each batch, and re-faulting
+/// those pages cost ~10% of a baseline training step. Process-wide; call once at start-up
+/// (the bench and training entry points). A no-op off glibc.
+pub fn tune_allocator_for_training() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    {
+        extern "C" {
+            fn mallopt(param: i32, value: i32) -> i32;
+        }
+        const M_TRIM_THRESHOLD: i32 = -1;
+        const M_TOP_PAD: i32 = -2;
+        const M_MMAP_THRESHOLD: i32 = -3;
+        // SAFETY: mallopt only adjusts allocator tuning parameters; the values are in range
+        // (the mmap threshold's maximum is 32 MiB on 64-bit glibc).
+        unsafe {
+            mallopt(M_MMAP_THRESHOLD, 32 << 20);
+            mallopt(M_TRIM_THRESHOLD, 512 << 20);
+            mallopt(M_TOP_PAD, 64 << 20);
+        }
+    }
+}
 
 /// 2-D convolution, NCHW input `x` [B,Cin,H,W], weight [Cout,Cin,K,K], optional bias [Cout],
 /// square stride and zero padding (PyTorch's `F.conv2d` semantics).
@@ -24,7 +61,7 @@ pub fn conv2d(
     let all_f32 = x.dtype() == DType::F32
         && weight.dtype() == DType::F32
         && bias.is_none_or(|b| b.dtype() == DType::F32);
-    if x.device().is_cpu() && all_f32 {
+    if x.device().is_cpu() && all_f32 && fast_cpu_kernels() {
         let cout = weight.dim(0)?;
         let bias_arg = match bias {
             Some(b) => {

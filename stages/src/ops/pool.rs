@@ -59,6 +59,10 @@ pub fn pool_forward(g: &PoolGeometry, x: &[f32]) -> (Vec<f32>, Vec<u32>) {
         .enumerate()
         .for_each(|(plane, (y_plane, idx_plane))| {
             let src = &x[plane * in_plane..(plane + 1) * in_plane];
+            if g.kernel == 2 && g.stride == 2 && g.padding == 0 {
+                pool_2x2_plane(g, src, y_plane, idx_plane);
+                return;
+            }
             for oy in 0..g.out_height {
                 let y0 = (oy * g.stride).saturating_sub(g.padding);
                 let y1 = (oy * g.stride + g.kernel - g.padding).min(g.height);
@@ -83,6 +87,34 @@ pub fn pool_forward(g: &PoolGeometry, x: &[f32]) -> (Vec<f32>, Vec<u32>) {
             }
         });
     (y, idx)
+}
+
+/// The baseline's 2x2/2 unpadded pooling without the general loop's bounds arithmetic.
+fn pool_2x2_plane(g: &PoolGeometry, src: &[f32], y: &mut [f32], idx: &mut [u32]) {
+    let w = g.width;
+    for oy in 0..g.out_height {
+        let top = &src[2 * oy * w..2 * oy * w + w];
+        let bottom = &src[(2 * oy + 1) * w..(2 * oy + 2) * w];
+        let y_row = &mut y[oy * g.out_width..(oy + 1) * g.out_width];
+        let idx_row = &mut idx[oy * g.out_width..(oy + 1) * g.out_width];
+        for ox in 0..g.out_width {
+            let candidates = [
+                top[2 * ox],
+                top[2 * ox + 1],
+                bottom[2 * ox],
+                bottom[2 * ox + 1],
+            ];
+            let mut best = 0;
+            for (i, v) in candidates.iter().enumerate().skip(1) {
+                if *v > candidates[best] || (v.is_nan() && !candidates[best].is_nan()) {
+                    best = i;
+                }
+            }
+            y_row[ox] = candidates[best];
+            let (dy, dx) = (best / 2, best % 2);
+            idx_row[ox] = ((2 * oy + dy) * w + 2 * ox + dx) as u32;
+        }
+    }
 }
 
 /// Max pooling backward: each output's gradient goes to the input that won its window.

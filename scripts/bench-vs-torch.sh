@@ -1,0 +1,77 @@
+#!/usr/bin/env bash
+# Side-by-side throughput: our candle models (fast CPU kernels) against the PyTorch reference,
+# on the same first N training images and the same thread count, one after the other, and
+# the ratios. Training: one epoch, batch 64, the study's optimizers. Inference: batch 1000.
+#
+#   scripts/bench-vs-torch.sh [baseline|resnet18|both] [IMAGES] [THREADS] [REPEATS]
+#
+# Env: PYTHON (default /tmp/t/bin/python), TORCH_REF (default /work/shared/peers/torch_reference.py),
+#      DATA (default /usr/share/datasets/fashion-mnist), WITH_CANDLE=1 also runs stock candle conv.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+models=${1:-both}
+images=${2:-3200}
+threads=${3:-2}
+repeats=${4:-1}
+python=${PYTHON:-/tmp/t/bin/python}
+torch_ref=${TORCH_REF:-/work/shared/peers/torch_reference.py}
+data=${DATA:-/usr/share/datasets/fashion-mnist}
+[ "$models" = both ] && models="baseline resnet18"
+
+for tool in "$python" "$torch_ref"; do
+  [ -e "$tool" ] || { echo "error: $tool not found (set PYTHON / TORCH_REF)" >&2; exit 2; }
+done
+
+cargo build --release -q -p fmnist-stages --example bench
+ours() { # model [candle]
+  # The CLI's `bench` command once it exists (its help mentions --images), else the example.
+  if [ -z "${2:-}" ] && [ -x target/release/fmnist-pipe ] &&
+     target/release/fmnist-pipe bench --help 2>/dev/null | grep -q -- --images; then
+    target/release/fmnist-pipe bench --model "$1" --images "$images" --threads "$threads" --json
+  else
+    target/release/examples/bench "$1" "$images" "$threads" ${2:-} --json
+  fi
+}
+
+torch_infer() { # model -> images/s of eval-mode forward over the first N images, batch 1000
+  "$python" - "$1" "$images" "$threads" "$data" "$torch_ref" <<'PY'
+import importlib.util, os, sys, time, json, torch
+model, n, threads, data, ref = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], sys.argv[5]
+torch.set_num_threads(threads)
+spec = importlib.util.spec_from_file_location("torch_reference", ref)
+tr = importlib.util.module_from_spec(spec); spec.loader.exec_module(tr)
+x = tr.read_idx(os.path.join(data, "train-images-idx3-ubyte.gz"))[:n].astype("float32") / 255.0
+x = (torch.from_numpy(x).unsqueeze(1) - 0.2860) / 0.3530
+m = (tr.Baseline() if model == "baseline" else tr.resnet18()).eval()
+with torch.no_grad():
+    m(x[:64])  # warm-up
+    t0 = time.perf_counter()
+    for i in range(0, n, 1000):
+        m(x[i:i + 1000]).numpy()
+    print(json.dumps({"infer_images_per_s": n / (time.perf_counter() - t0)}))
+PY
+}
+
+printf '# %s  images=%s threads=%s  load average: %s  cpus: %s\n' \
+  "$(date -u +%FT%TZ)" "$images" "$threads" "$(cut -d' ' -f1-3 /proc/loadavg)" "$(nproc)"
+for model in $models; do
+  for _ in $(seq "$repeats"); do
+    o=$(ours "$model")
+    t=$("$python" "$torch_ref" --model "$model" --epochs 1 --limit "$images" --threads "$threads" --data "$data")
+    ti=$(torch_infer "$model")
+    c='{}'
+    [ "${WITH_CANDLE:-0}" = 1 ] && c=$(ours "$model" candle)
+    "$python" - "$model" "$o" "$t" "$ti" "$c" <<'PY'
+import json, sys
+model, o, t, ti, c = sys.argv[1], *map(json.loads, sys.argv[2:])
+tr, ir = o["train_images_per_s"] / t["train_images_per_s"], o["infer_images_per_s"] / ti["infer_images_per_s"]
+line = (f"{model:9s} train ours {o['train_images_per_s']:7.1f}  torch {t['train_images_per_s']:7.1f}  ratio {tr:5.2f}x | "
+        f"infer ours {o['infer_images_per_s']:7.1f}  torch {ti['infer_images_per_s']:7.1f}  ratio {ir:5.2f}x | "
+        f"peak RSS {o['peak_rss_mib']:.0f} MiB")
+if c:
+    line += f" | stock candle train {c['train_images_per_s']:.1f} infer {c['infer_images_per_s']:.1f}"
+print(line)
+PY
+  done
+done

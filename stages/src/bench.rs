@@ -1,0 +1,168 @@
+//! Throughput benchmark behind `fmnist-pipe bench`: trains a model for one epoch on the first N
+//! real training images (batch 64, the study's optimizer), then runs inference over the same
+//! images, and reports images/s and peak memory. Run with the same N and threads as the PyTorch
+//! reference (`scripts/bench-vs-torch.sh` does both) to compare.
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::Context;
+use candle_core::{DType, Device};
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+use serde::Serialize;
+
+use crate::data::{Dataset, Normalization, Split};
+use crate::models::{self, ModelKind, DROPOUT_STREAM};
+use crate::ops;
+use crate::optim::OptimizerConfig;
+
+/// Where the real data set lives when no directory is given.
+pub const DEFAULT_DATA_DIR: &str = "/usr/share/datasets/fashion-mnist";
+/// Training batch size (the study's).
+pub const TRAIN_BATCH: usize = 64;
+/// Inference batch size (the PyTorch reference evaluates in batches of 1000 too).
+pub const INFER_BATCH: usize = 1000;
+
+/// What one benchmark run measured.
+#[derive(Debug, Clone, Serialize)]
+pub struct BenchReport {
+    pub model: ModelKind,
+    pub images: usize,
+    pub threads: usize,
+    /// "fast" (this crate's CPU conv kernels) or "candle" (candle's stock conv2d).
+    pub conv_kernels: String,
+    pub train_seconds: f64,
+    pub train_images_per_s: f64,
+    pub final_batch_loss: f32,
+    pub infer_seconds: f64,
+    pub infer_images_per_s: f64,
+    /// Peak resident memory of the process (VmHWM), MiB; None where /proc is unavailable.
+    pub peak_rss_mib: Option<f64>,
+}
+
+impl std::fmt::Display for BenchReport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        writeln!(
+            f,
+            "{} on {} images, {} threads, {} conv kernels",
+            self.model, self.images, self.threads, self.conv_kernels
+        )?;
+        writeln!(
+            f,
+            "  train      {:>8.1} images/s  ({:.2}s, last batch loss {:.4})",
+            self.train_images_per_s, self.train_seconds, self.final_batch_loss
+        )?;
+        writeln!(
+            f,
+            "  inference  {:>8.1} images/s  ({:.2}s, batch {INFER_BATCH})",
+            self.infer_images_per_s, self.infer_seconds
+        )?;
+        match self.peak_rss_mib {
+            Some(mib) => write!(f, "  peak RSS   {mib:>8.1} MiB"),
+            None => write!(f, "  peak RSS   unknown"),
+        }
+    }
+}
+
+/// Benchmarks `model` on the first `images` images of the real data set with `threads` threads.
+pub fn run(model: ModelKind, images: usize, threads: usize) -> anyhow::Result<BenchReport> {
+    run_with(model, images, threads, Path::new(DEFAULT_DATA_DIR), true)
+}
+
+/// [`run`] with the data directory and the conv kernels (`fast_kernels = false`: candle's
+/// stock conv2d, for comparison) chosen.
+pub fn run_with(
+    model: ModelKind,
+    images: usize,
+    threads: usize,
+    data_dir: &Path,
+    fast_kernels: bool,
+) -> anyhow::Result<BenchReport> {
+    if images == 0 {
+        anyhow::bail!("bench needs at least one image (--images N with N >= 1)");
+    }
+    if threads == 0 {
+        anyhow::bail!("bench needs at least one thread");
+    }
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .build()
+        .context("starting the benchmark's thread pool")?;
+    let data_dir: PathBuf = data_dir.to_path_buf();
+    ops::tune_allocator_for_training();
+    let previous = ops::fast_cpu_kernels();
+    ops::set_fast_cpu_kernels(fast_kernels);
+    let result = pool.install(|| measure(model, images, threads, &data_dir, fast_kernels));
+    ops::set_fast_cpu_kernels(previous);
+    result
+}
+
+fn measure(
+    kind: ModelKind,
+    images: usize,
+    threads: usize,
+    data_dir: &Path,
+    fast_kernels: bool,
+) -> anyhow::Result<BenchReport> {
+    let train_set = Dataset::load(data_dir, Split::Train)
+        .with_context(|| format!("loading the training set from {}", data_dir.display()))?
+        .truncated(images);
+    let images = train_set.len();
+    if images == 0 {
+        anyhow::bail!("the training set in {} is empty", data_dir.display());
+    }
+    let device = Device::Cpu;
+    let norm = Normalization::default();
+    let (model, varmap) = models::init(kind, 42, &device)?;
+    let optimizer_config: OptimizerConfig = serde_json::from_value(match kind {
+        ModelKind::Baseline => serde_json::json!({ "name": "adadelta", "lr": 1.0 }),
+        ModelKind::Resnet18 => serde_json::json!({ "name": "adam", "lr": 1e-4 }),
+    })?;
+    let mut optimizer = optimizer_config.build(models::trainable_vars(&varmap))?;
+    let order = train_set.shuffled_indices(42);
+    let mut dropout_rng = ChaCha8Rng::seed_from_u64(42);
+    dropout_rng.set_stream(DROPOUT_STREAM);
+
+    let started = Instant::now();
+    let mut last_loss = f32::NAN;
+    for indices in order.chunks(TRAIN_BATCH) {
+        let (x, labels) = train_set.batch(indices, norm, &device)?;
+        let logits = model.forward_train(&x, &mut dropout_rng)?;
+        let loss = candle_nn::loss::cross_entropy(&logits, &labels)?;
+        let grads = loss.backward()?;
+        optimizer.step(&grads)?;
+        last_loss = loss.to_dtype(DType::F32)?.to_scalar::<f32>()?;
+    }
+    let train_seconds = started.elapsed().as_secs_f64();
+
+    let all: Vec<usize> = (0..images).collect();
+    let started = Instant::now();
+    for indices in all.chunks(INFER_BATCH) {
+        let (x, _) = train_set.batch(indices, norm, &device)?;
+        // Reading the logits back forces the whole forward pass.
+        let _ = model.forward(&x)?.to_dtype(DType::F32)?.to_vec2::<f32>()?;
+    }
+    let infer_seconds = started.elapsed().as_secs_f64();
+
+    Ok(BenchReport {
+        model: kind,
+        images,
+        threads,
+        conv_kernels: if fast_kernels { "fast" } else { "candle" }.into(),
+        train_seconds,
+        train_images_per_s: images as f64 / train_seconds.max(1e-9),
+        final_batch_loss: last_loss,
+        infer_seconds,
+        infer_images_per_s: images as f64 / infer_seconds.max(1e-9),
+        peak_rss_mib: peak_rss_mib(),
+    })
+}
+
+/// VmHWM (the process's peak resident set) from /proc/self/status, in MiB.
+pub fn peak_rss_mib() -> Option<f64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kib: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib / 1024.0)
+}
