@@ -406,7 +406,21 @@ pub fn run(
                     let shared = &shared;
                     running += 1;
                     scope.spawn(move |_| {
-                        let outcome = process_stage(shared, i, entry, &upstream);
+                        // The pool only bounds how many stages run at once. The stage itself
+                        // runs on a thread of its own: its compute (rayon inside candle and
+                        // our kernels) then goes to the global pool, across every core,
+                        // instead of this pool, where a worker waiting on its own parallel
+                        // work would steal another whole stage and freeze its own for the
+                        // other's duration.
+                        let outcome = std::thread::scope(|t| {
+                            t.spawn(|| process_stage(shared, i, entry, &upstream))
+                                .join()
+                                .unwrap_or_else(|_| {
+                                    Outcome::Failed(
+                                        "the stage panicked (a bug: please report it)".into(),
+                                    )
+                                })
+                        });
                         let _ = tx.send((i, outcome));
                     });
                 }

@@ -80,6 +80,33 @@ enum Cmd {
     },
     /// Drop cached runs the lock no longer refers to.
     Gc,
+    /// Train one epoch on the first N real images, then infer over them: images/s and peak
+    /// memory (scripts/bench-vs-torch.sh compares with PyTorch).
+    Bench {
+        #[arg(long, value_enum, default_value_t = BenchModel::Baseline)]
+        model: BenchModel,
+        /// How many training images.
+        #[arg(long, default_value_t = 6400)]
+        images: usize,
+        /// Compute threads (default: number of CPUs).
+        #[arg(long)]
+        threads: Option<usize>,
+        /// Folder with the four IDX files (plain or .gz).
+        #[arg(long, default_value = fmnist_stages::bench::DEFAULT_DATA_DIR)]
+        data: PathBuf,
+        /// Use candle's stock convolution instead of our CPU kernels (for comparison).
+        #[arg(long)]
+        stock_kernels: bool,
+        /// One JSON object instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum BenchModel {
+    Baseline,
+    Resnet18,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -199,6 +226,33 @@ fn dispatch(cli: Cli) -> Result<(), PipeError> {
                 report.objects_removed,
                 report.bytes_freed as f64 / 1e6
             );
+            Ok(())
+        }
+        Cmd::Bench {
+            model,
+            images,
+            threads,
+            data,
+            stock_kernels,
+            json,
+        } => {
+            let model = match model {
+                BenchModel::Baseline => fmnist_stages::models::ModelKind::Baseline,
+                BenchModel::Resnet18 => fmnist_stages::models::ModelKind::Resnet18,
+            };
+            let threads = threads.unwrap_or_else(|| {
+                std::thread::available_parallelism()
+                    .map(|n| n.get())
+                    .unwrap_or(1)
+            });
+            let report =
+                fmnist_stages::bench::run_with(model, images, threads, &data, !stock_kernels)
+                    .map_err(|e| PipeError::StageFailed(format!("bench: {e:#}")))?;
+            if json {
+                println!("{}", serde_json::to_string(&report).unwrap_or_default());
+            } else {
+                println!("{report}");
+            }
             Ok(())
         }
     }

@@ -110,6 +110,7 @@ const CHECKPOINT_META: &str = "checkpoint.json";
 /// Runs the stage: see the module doc.
 pub fn run(params: Params, ctx: &StageContext) -> anyhow::Result<Metrics> {
     params.validate()?;
+    crate::ops::tune_allocator_for_training();
     let seed = params.seed.unwrap_or(ctx.seed);
     let device = device::select(ctx.device)?;
     let data_dir = &ctx.input_of_kind("download")?.dir;
