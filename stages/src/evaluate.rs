@@ -76,6 +76,22 @@ pub struct TrainedModel {
 }
 
 impl TrainedModel {
+    /// Every `train` input of the stage, or an error when there is none.
+    pub fn read_all(ctx: &StageContext) -> anyhow::Result<Vec<TrainedModel>> {
+        let trained: Vec<TrainedModel> = ctx
+            .inputs_of_kind("train")
+            .map(TrainedModel::read)
+            .collect::<anyhow::Result<_>>()?;
+        if trained.is_empty() {
+            return Err(StageError::MissingInput {
+                stage: ctx.name.to_string(),
+                kind: "train".to_string(),
+            }
+            .into());
+        }
+        Ok(trained)
+    }
+
     /// Reads the config.json a train stage wrote into `input.dir`.
     pub fn read(input: &Input) -> anyhow::Result<Self> {
         let path = input.dir.join("config.json");
@@ -183,17 +199,7 @@ pub fn run(params: Params, ctx: &StageContext) -> anyhow::Result<Metrics> {
     if test_set.is_empty() {
         anyhow::bail!("the test set in {} is empty", data_dir.display());
     }
-    let trained: Vec<TrainedModel> = ctx
-        .inputs_of_kind("train")
-        .map(TrainedModel::read)
-        .collect::<anyhow::Result<_>>()?;
-    if trained.is_empty() {
-        return Err(StageError::MissingInput {
-            stage: ctx.name.to_string(),
-            kind: "train".to_string(),
-        }
-        .into());
-    }
+    let trained = TrainedModel::read_all(ctx)?;
 
     let mut all = serde_json::Map::new();
     let mut results = Vec::new();

@@ -173,17 +173,7 @@ pub fn run(params: Params, ctx: &StageContext) -> anyhow::Result<Metrics> {
     let test_set = Dataset::load(data_dir, Split::Test)
         .with_context(|| format!("loading the test set from {}", data_dir.display()))?;
     let chosen = choose(&params.samples, &test_set)?;
-    let trained: Vec<TrainedModel> = ctx
-        .inputs_of_kind("train")
-        .map(TrainedModel::read)
-        .collect::<anyhow::Result<_>>()?;
-    if trained.is_empty() {
-        return Err(StageError::MissingInput {
-            stage: ctx.name.to_string(),
-            kind: "train".to_string(),
-        }
-        .into());
-    }
+    let trained = TrainedModel::read_all(ctx)?;
 
     let mut files = Vec::new();
     for info in &trained {
