@@ -571,9 +571,9 @@ pub fn run(params: Params, ctx: &StageContext) -> anyhow::Result<Metrics> {
     let path = ctx.out_dir.join("report.html");
     std::fs::write(&path, &html).with_context(|| format!("writing {}", path.display()))?;
     ctx.progress.println(&format!(
-        "{}: wrote {} ({} images, {:.1} MB)",
+        // out_dir is a temp folder renamed into artifacts/<stage>/ on success: name the final place.
+        "wrote artifacts/{}/report.html ({} images, {:.1} MB)",
         ctx.name,
-        path.display(),
         page.images,
         html.len() as f64 / 1e6
     ));
