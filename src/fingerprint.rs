@@ -8,6 +8,7 @@ use std::collections::BTreeMap;
 const RECIPE: &str = "fmnist-pipe fingerprint v1";
 
 /// Everything that decides a stage's outputs.
+#[derive(Clone, Copy)]
 pub struct Recipe<'a> {
     pub kind: &'a str,
     pub version: u32,
@@ -204,6 +205,7 @@ mod tests {
     #[test]
     fn every_recipe_field_counts() {
         let params = json!({});
+        let other_params = json!({"lr": 1});
         let none = BTreeMap::new();
         let mut up = BTreeMap::new();
         up.insert("a".to_string(), "00".to_string());
@@ -216,61 +218,30 @@ mod tests {
             deps_digest: "",
         };
         let h = fingerprint(&base);
-        assert_ne!(h, fingerprint(&Recipe { kind: "j", ..base }));
-        let base = Recipe {
-            kind: "k",
-            version: 1,
-            params: &params,
-            seed: Some(1),
-            upstream: &none,
-            deps_digest: "",
-        };
-        assert_ne!(h, fingerprint(&Recipe { version: 2, ..base }));
-        let base = Recipe {
-            kind: "k",
-            version: 1,
-            params: &params,
-            seed: Some(1),
-            upstream: &none,
-            deps_digest: "",
-        };
-        assert_ne!(
-            h,
-            fingerprint(&Recipe {
+        let variants = [
+            Recipe { kind: "j", ..base },
+            Recipe { version: 2, ..base },
+            Recipe {
+                params: &other_params,
+                ..base
+            },
+            Recipe {
                 seed: Some(2),
                 ..base
-            })
-        );
-        let base = Recipe {
-            kind: "k",
-            version: 1,
-            params: &params,
-            seed: Some(1),
-            upstream: &none,
-            deps_digest: "",
-        };
-        assert_ne!(
-            h,
-            fingerprint(&Recipe {
+            },
+            Recipe { seed: None, ..base },
+            Recipe {
                 upstream: &up,
                 ..base
-            })
-        );
-        let base = Recipe {
-            kind: "k",
-            version: 1,
-            params: &params,
-            seed: Some(1),
-            upstream: &none,
-            deps_digest: "",
-        };
-        assert_ne!(
-            h,
-            fingerprint(&Recipe {
+            },
+            Recipe {
                 deps_digest: "x",
                 ..base
-            })
-        );
+            },
+        ];
+        for (i, v) in variants.iter().enumerate() {
+            assert_ne!(h, fingerprint(v), "variant {i} must change the fingerprint");
+        }
     }
 
     #[test]
