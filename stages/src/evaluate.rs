@@ -16,10 +16,11 @@ use crate::device;
 use crate::models::{self, Classifier, ModelKind};
 use crate::optim::OptimizerConfig;
 use crate::plot::{self, BarSeries, Tile};
+use crate::report::group_thousands;
 use crate::train;
 
 /// Bump when outputs would change for the same params.
-pub const VERSION: u32 = 1;
+pub const VERSION: u32 = 2;
 
 /// The `[stages.NAME]` table of an evaluate stage.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -142,7 +143,16 @@ impl TrainedModel {
         } else {
             String::new()
         };
-        format!("{name} lr {lr}{decay}")
+        format!("{name} lr {}{decay}", format_lr(lr))
+    }
+}
+
+/// A learning rate as the seed study writes it: "1.0", "0.1", "1e-4", "2.5e-3".
+pub fn format_lr(lr: f64) -> String {
+    if lr != 0.0 && lr.abs() < 0.01 {
+        format!("{lr:e}")
+    } else {
+        format!("{lr:?}")
     }
 }
 
@@ -227,9 +237,9 @@ pub fn run(params: Params, ctx: &StageContext) -> anyhow::Result<Metrics> {
             &predictions,
             &params,
         )?;
-        ctx.progress.println(&format!(
-            "{}: {}: test accuracy {:.2}%, loss {:.4}, {:.0} img/s",
-            ctx.name,
+        // The engine prefixes each line with this stage's name.
+        ctx.progress.finish(&format!(
+            "{}: test accuracy {:.2}%, loss {:.4}, {:.0} images/s",
             model_info.stage,
             100.0 * metrics.accuracy,
             metrics.loss,
@@ -252,7 +262,7 @@ pub fn run(params: Params, ctx: &StageContext) -> anyhow::Result<Metrics> {
     let table = comparison_markdown(&results);
     let path = ctx.out_dir.join("comparison.md");
     std::fs::write(&path, &table).with_context(|| format!("writing {}", path.display()))?;
-    for line in table.lines() {
+    for line in table.lines().filter(|l| !l.trim().is_empty()) {
         ctx.progress.println(line);
     }
     write_per_class_chart(ctx.out_dir, &results)?;
@@ -279,11 +289,7 @@ fn predict(
 ) -> anyhow::Result<Predictions> {
     let order: Vec<usize> = (0..set.len()).collect();
     let batches = order.len().div_ceil(params.batch_size);
-    ctx.progress.start(
-        &format!("{} evaluating", ctx.name),
-        batches as u64,
-        "batches",
-    );
+    ctx.progress.start("evaluating", batches as u64, "batches");
     let mut predicted = Vec::with_capacity(set.len());
     let mut loss_sum = 0f64;
     let mut forward_seconds = 0f64;
@@ -305,7 +311,6 @@ fn predict(
         predicted.extend(classes.into_iter().map(|c| c as u8));
         ctx.progress.advance(1);
     }
-    ctx.progress.finish("");
     Ok(Predictions {
         predicted,
         loss: loss_sum / set.len().max(1) as f64,
@@ -459,6 +464,9 @@ fn write_per_class_chart(
     Ok(())
 }
 
+/// Fashion-MNIST's test images, the set the seed's figures are measured on.
+const FULL_TEST_SET: usize = 10_000;
+
 /// The seed study's table, this run's rows first, then the seed's own figures.
 fn comparison_markdown(results: &[(&TrainedModel, ModelMetrics)]) -> String {
     let mut s = String::from("## Model comparison\n\n");
@@ -479,9 +487,15 @@ fn comparison_markdown(results: &[(&TrainedModel, ModelMetrics)]) -> String {
     s.push_str("| seed (reference) | Baseline CNN | Adadelta lr 1.0 x0.7/epoch | cross-entropy | 64 | 5 | 91.34% | 0.2318 |\n");
     s.push_str("| seed (reference) | ResNet-18 | Adam lr 1e-4 | cross-entropy | 64 | 5 | 89.47% | 0.1571 |\n");
     let n = results.first().map_or(0, |(_, m)| m.test_images);
-    s.push_str(&format!(
-        "\nThis run's accuracies are on {n} test images; the seed's on all 10,000.\n"
-    ));
+    if n == FULL_TEST_SET {
+        s.push_str("\nAccuracies are on all 10,000 test images, as the seed's are.\n");
+    } else {
+        s.push_str(&format!(
+            "\nThis run's accuracies are on the first {} test images only (`test_limit`); \
+             the seed's on all 10,000.\n",
+            group_thousands(n as i128)
+        ));
+    }
     s
 }
 
@@ -505,6 +519,17 @@ mod tests {
         assert!((pc[2].f1 - 1.0).abs() < 1e-12);
         assert_eq!(pc[3].f1, 0.0);
         assert_eq!(pc[1].support, 3);
+    }
+
+    #[test]
+    fn learning_rates_and_counts_read_like_the_seed_table() {
+        assert_eq!(format_lr(1.0), "1.0");
+        assert_eq!(format_lr(0.1), "0.1");
+        assert_eq!(format_lr(1e-4), "1e-4");
+        assert_eq!(format_lr(2.5e-3), "2.5e-3");
+        assert_eq!(group_thousands(300), "300");
+        assert_eq!(group_thousands(10_000), "10,000");
+        assert_eq!(group_thousands(-1_199_882), "-1,199,882");
     }
 
     #[test]

@@ -13,7 +13,7 @@ use serde::{Deserialize, Serialize};
 use crate::context::{Input, Metrics, StageContext, StageError};
 
 /// Bump when outputs would change for the same params.
-pub const VERSION: u32 = 1;
+pub const VERSION: u32 = 2;
 
 /// The `[stages.NAME]` table of a report stage.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -132,10 +132,27 @@ impl Page {
     }
 }
 
-/// A number as people read it: integers whole, others to 4 decimals (tiny ones in e-form).
+/// An integer with thousands separators: "1,199,882".
+pub fn group_thousands(n: i128) -> String {
+    let digits = n.unsigned_abs().to_string();
+    let mut out = String::from(if n < 0 { "-" } else { "" });
+    for (i, c) in digits.chars().enumerate() {
+        if i > 0 && (digits.len() - i).is_multiple_of(3) {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
+}
+
+/// A number as people read it: integers whole (grouped by thousands), others to 4 decimals
+/// (tiny ones in e-form).
 fn format_number(n: &serde_json::Number) -> String {
-    if n.is_i64() || n.is_u64() {
-        return n.to_string();
+    if let Some(i) = n.as_i64() {
+        return group_thousands(i.into());
+    }
+    if let Some(u) = n.as_u64() {
+        return group_thousands(u.into());
     }
     let v = n.as_f64().unwrap_or(f64::NAN);
     if v != 0.0 && v.abs() < 1e-3 {
@@ -144,6 +161,22 @@ fn format_number(n: &serde_json::Number) -> String {
         format!("{v:.4}")
     }
 }
+
+/// Columns that lead a table rendered from a list of objects (histories, per-class lists),
+/// in this order; the rest follow alphabetically.
+const LEADING_COLUMNS: &[&str] = &[
+    "epoch",
+    "class",
+    "train_loss",
+    "train_accuracy",
+    "test_loss",
+    "test_accuracy",
+    "precision",
+    "recall",
+    "f1",
+    "support",
+    "lr",
+];
 
 /// Renders any JSON value as HTML: objects as key/value tables, lists of objects as tables
 /// with a column per key, lists of scalars inline (long ones shortened).
@@ -184,6 +217,13 @@ fn json_html(value: &serde_json::Value, depth: usize) -> String {
                     }
                 }
             }
+            // JSON objects come back sorted by key; put the columns people look for first.
+            columns.sort_by_key(|c| {
+                LEADING_COLUMNS
+                    .iter()
+                    .position(|l| l == c)
+                    .unwrap_or(LEADING_COLUMNS.len())
+            });
             let mut html = String::from("<table><thead><tr>");
             for c in &columns {
                 let _ = write!(html, "<th>{}</th>", escape(c));
@@ -380,16 +420,58 @@ fn metrics_tables(metrics: &serde_json::Value) -> String {
         );
     }
     html.push_str("</table>\n");
-    for (stage, m) in models {
-        if let Some(per_class) = m.get("per_class") {
-            let _ = writeln!(
-                html,
-                "<h4>Per-class precision, recall and F1: {}</h4>",
-                escape(stage)
-            );
-            html.push_str(&json_html(per_class, 0));
+    html.push_str(&per_class_table(models));
+    html
+}
+
+/// One row per class, precision/recall/F1 of every model side by side.
+fn per_class_table(models: &serde_json::Map<String, serde_json::Value>) -> String {
+    let lists: Vec<(&String, &Vec<serde_json::Value>)> = models
+        .iter()
+        .filter_map(|(stage, m)| Some((stage, m.get("per_class")?.as_array()?)))
+        .collect();
+    let Some(rows) = lists.iter().map(|(_, l)| l.len()).max() else {
+        return String::new();
+    };
+    const FIGURES: [&str; 3] = ["precision", "recall", "f1"];
+    let mut html = String::from(
+        "<h4>Per-class precision, recall and F1</h4>\n<table><thead><tr><th rowspan=\"2\">class</th>",
+    );
+    for (stage, _) in &lists {
+        let _ = write!(
+            html,
+            "<th colspan=\"{}\">{}</th>",
+            FIGURES.len(),
+            escape(stage)
+        );
+    }
+    html.push_str("</tr><tr>");
+    for _ in &lists {
+        for f in FIGURES {
+            let _ = write!(html, "<th>{f}</th>");
         }
     }
+    html.push_str("</tr></thead><tbody>\n");
+    for row in 0..rows {
+        let class = lists
+            .iter()
+            .find_map(|(_, l)| l.get(row)?.get("class")?.as_str())
+            .unwrap_or("?");
+        let _ = write!(html, "<tr><th>{}</th>", escape(class));
+        for (_, list) in &lists {
+            for f in FIGURES {
+                let cell = list
+                    .get(row)
+                    .and_then(|c| c.get(f))
+                    .and_then(|v| v.as_f64())
+                    .map(|v| format!("{v:.4}"))
+                    .unwrap_or_default();
+                let _ = write!(html, "<td>{cell}</td>");
+            }
+        }
+        html.push_str("</tr>\n");
+    }
+    html.push_str("</tbody></table>\n");
     html
 }
 
@@ -442,7 +524,13 @@ fn other_section(page: &mut Page, inputs: &[&Input]) -> anyhow::Result<String> {
 }
 
 fn provenance_section(ctx: &StageContext, params: &Params) -> anyhow::Result<String> {
-    let mut html = String::from(
+    let mut html = format!(
+        "<p>Pipeline seed <code>{}</code>, device <code>{}</code>. Each stage below is \
+         identified by its fingerprint (its kind, version, params and inputs' contents).</p>\n",
+        ctx.seed,
+        escape(ctx.device)
+    );
+    html.push_str(
         "<table><tr><th>stage</th><th>kind</th><th>fingerprint</th><th>params</th></tr>\n",
     );
     for input in ctx.inputs {
@@ -483,13 +571,17 @@ figcaption { font-size: 0.8em; color: #555; }
 code { font-size: 0.85em; }
 ";
 
-/// Marks on `<body data-images-ok="N/M">` how many of the page's images decoded, so a
-/// headless browser's DOM dump can prove the inlined images render.
+/// Marks on `<body data-images-ok="N/M" data-script-errors="K">` how many of the page's
+/// images decoded and how many script errors happened, so a headless browser's DOM dump can
+/// prove the page renders.
 const IMAGE_CHECK: &str = "
+var scriptErrors = 0;
+window.addEventListener('error', function () { scriptErrors += 1; }, true);
 window.addEventListener('load', function () {
   var imgs = Array.prototype.slice.call(document.images);
   var ok = imgs.filter(function (i) { return i.complete && i.naturalWidth > 0; }).length;
   document.body.setAttribute('data-images-ok', ok + '/' + imgs.length);
+  document.body.setAttribute('data-script-errors', String(scriptErrors));
 });
 ";
 

@@ -193,8 +193,13 @@ pub fn run(params: Params, ctx: &StageContext) -> anyhow::Result<Metrics> {
             )?);
         }
     }
-    ctx.progress
-        .println(&format!("{}: wrote {} images", ctx.name, files.len()));
+    // The engine prefixes each line with this stage's name.
+    ctx.progress.println(&format!(
+        "wrote {} images for {} models and {} test images",
+        files.len(),
+        trained.len(),
+        chosen.len()
+    ));
     let samples: Vec<serde_json::Value> = chosen
         .iter()
         .map(|c| serde_json::json!({ "index": c.index, "class": class_name(c.class) }))

@@ -235,7 +235,15 @@ fn evaluate_metrics_agree_with_the_confusion_matrix() -> anyhow::Result<()> {
     assert!(baseline["accuracy"].as_f64().unwrap_or(0.0) > 0.3);
 
     let table = std::fs::read_to_string(out.join("comparison.md"))?;
-    assert!(table.contains("| train-baseline | Baseline CNN | Adadelta lr 1 x0.7/epoch"));
+    assert!(
+        table.contains("| train-baseline | Baseline CNN | Adadelta lr 1.0 x0.7/epoch | cross-entropy | 32 | 1 |"),
+        "{table}"
+    );
+    assert!(
+        table.contains("| train-resnet | ResNet-18 | Adam lr 1e-4 |"),
+        "{table}"
+    );
+    assert!(table.contains("first 300 test images"), "{table}");
     assert!(table.contains("ResNet-18"));
     assert!(table.contains("91.34%") && table.contains("89.47%"));
     let acc_text = format!(
@@ -472,21 +480,47 @@ fn report_inlines_every_image_and_escapes_text() -> anyhow::Result<()> {
         html.contains("<th>sample_grid</th>"),
         "input params missing"
     );
+    // Parameter counts read with separators; per-class figures of both models side by side.
+    assert!(html.contains("<td>1,199,882</td>") && html.contains("<td>11,175,370</td>"));
+    assert!(
+        html.contains("<th colspan=\"3\">train-baseline</th><th colspan=\"3\">train-resnet</th>")
+    );
+    assert!(html.contains("<tr><th>Ankle boot</th><td>"));
+    // Histories list the epoch first.
+    assert!(
+        html.contains("<thead><tr><th>epoch</th><th>train_loss</th>"),
+        "history columns"
+    );
+    assert!(html.contains("Pipeline seed <code>7</code>, device <code>cpu</code>"));
     Ok(())
 }
 
-#[test]
-fn report_renders_in_headless_chromium() -> anyhow::Result<()> {
-    let chromium = Path::new("/usr/bin/chromium");
-    if !chromium.exists() {
-        eprintln!("note: /usr/bin/chromium not found; skipping the browser check");
-        return Ok(());
+/// What headless Chromium made of a page: the DOM after the load event, and every line the
+/// page wrote to the console (Chromium logs them all, errors and uncaught exceptions
+/// included, as `INFO:CONSOLE` lines on stderr).
+struct BrowserView {
+    dom: String,
+    console: Vec<String>,
+    stderr_tail: String,
+}
+
+impl BrowserView {
+    /// The value of `<body name="...">` in the dumped DOM.
+    fn body_attribute(&self, name: &str) -> Option<&str> {
+        let at = self.dom.find(&format!("{name}=\""))? + name.len() + 2;
+        let len = self.dom[at..].find('"')?;
+        Some(&self.dom[at..at + len])
     }
-    let (dir, metrics, _) = reported();
+}
+
+const CHROMIUM: &str = "/usr/bin/chromium";
+
+/// Opens `page` in headless Chromium with a fresh profile and no network features.
+fn open_in_chromium(page: &Path) -> anyhow::Result<BrowserView> {
     let profile = tempfile::tempdir()?;
     let output = std::process::Command::new("timeout")
         .arg("60")
-        .arg(chromium)
+        .arg(CHROMIUM)
         .args([
             "--headless",
             "--no-sandbox",
@@ -496,25 +530,92 @@ fn report_renders_in_headless_chromium() -> anyhow::Result<()> {
             "--disable-background-networking",
             "--disable-component-update",
             "--disable-sync",
+            "--enable-logging=stderr",
+            "--v=0",
         ])
         .arg(format!("--user-data-dir={}", profile.path().display()))
         .arg("--dump-dom")
-        .arg(format!("file://{}", dir.join("report.html").display()))
+        .arg(format!("file://{}", page.display()))
         .output()?;
-    let dom = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    anyhow::ensure!(
+        output.status.success(),
+        "chromium exited with {:?}: {stderr}",
+        output.status
+    );
+    let mut tail: Vec<&str> = stderr.lines().rev().take(10).collect();
+    tail.reverse();
+    Ok(BrowserView {
+        dom: String::from_utf8_lossy(&output.stdout).into_owned(),
+        console: stderr
+            .lines()
+            .filter(|l| l.contains(":CONSOLE"))
+            .map(str::to_string)
+            .collect(),
+        stderr_tail: tail.join("\n"),
+    })
+}
+
+fn chromium_missing() -> bool {
+    if Path::new(CHROMIUM).exists() {
+        return false;
+    }
+    eprintln!("note: {CHROMIUM} not found; skipping the browser check");
+    true
+}
+
+#[test]
+fn report_renders_in_headless_chromium() -> anyhow::Result<()> {
+    if chromium_missing() {
+        return Ok(());
+    }
+    let (dir, metrics, _) = reported();
+    let view = open_in_chromium(&dir.join("report.html"))?;
     let n = metrics["images"].as_u64().unwrap_or(0);
     assert!(n > 0);
-    let expected = format!("data-images-ok=\"{n}/{n}\"");
+    assert_eq!(
+        view.body_attribute("data-images-ok"),
+        Some(format!("{n}/{n}").as_str()),
+        "not every image decoded; stderr tail:\n{}",
+        view.stderr_tail
+    );
+    assert_eq!(view.body_attribute("data-script-errors"), Some("0"));
+    assert!(view.console.is_empty(), "console: {:?}", view.console);
+    assert!(view.dom.contains("<section id=\"activations\">"));
+    Ok(())
+}
+
+/// The browser check itself can fail: a copy of the report with a corrupt image and a
+/// script that throws is caught on all three counts.
+#[test]
+fn the_browser_check_catches_a_broken_image_and_a_script_error() -> anyhow::Result<()> {
+    if chromium_missing() {
+        return Ok(());
+    }
+    let (dir, metrics, _) = reported();
+    let html = std::fs::read_to_string(dir.join("report.html"))?;
+    let broken = html.replacen(
+        "</body>",
+        "<img src=\"data:image/png;base64,iVBORw0KGgoAAAA=\" alt=\"corrupt\">\
+         <script>notDefinedAnywhere();</script></body>",
+        1,
+    );
+    let tmp = tempfile::tempdir()?;
+    let page = tmp.path().join("broken.html");
+    std::fs::write(&page, broken)?;
+    let view = open_in_chromium(&page)?;
+    let n = metrics["images"].as_u64().unwrap_or(0);
+    assert_eq!(
+        view.body_attribute("data-images-ok"),
+        Some(format!("{n}/{}", n + 1).as_str())
+    );
+    assert_ne!(view.body_attribute("data-script-errors"), Some("0"));
     assert!(
-        dom.contains(&expected),
-        "chromium did not report {expected}; status {:?}, stderr tail: {}",
-        output.status,
-        String::from_utf8_lossy(&output.stderr)
-            .lines()
-            .rev()
-            .take(10)
-            .collect::<Vec<_>>()
-            .join("\n")
+        view.console
+            .iter()
+            .any(|l| l.contains("notDefinedAnywhere")),
+        "{:?}",
+        view.console
     );
     Ok(())
 }
