@@ -5,6 +5,7 @@
 //! a `VarMap`, whose variables the optimizer updates); evaluation code calls [`load`].
 
 pub mod baseline;
+pub mod batch_norm;
 pub mod init;
 pub mod resnet;
 

@@ -2,10 +2,11 @@
 //! 1-channel stem and 10 classes. Parameter names match torchvision's state dict.
 
 use candle_core::{Module, Result, Tensor, D};
-use candle_nn::{BatchNorm, BatchNormConfig, Linear, VarBuilder};
+use candle_nn::{Linear, VarBuilder};
 use rand::RngCore;
 
 use super::baseline::{linear, Conv};
+use super::batch_norm::BatchNorm;
 use super::init::kaiming_normal_fan_out;
 use super::Classifier;
 use crate::ops;
@@ -32,31 +33,6 @@ fn conv_no_bias(
     })
 }
 
-/// PyTorch's BatchNorm2d defaults: eps 1e-5, momentum 0.1, weight 1, bias 0, running mean 0,
-/// running var 1 (unbiased running variance, as candle-nn's implementation does).
-fn batch_norm(vb: VarBuilder, channels: usize) -> Result<BatchNorm> {
-    let config = BatchNormConfig {
-        eps: 1e-5,
-        remove_mean: true,
-        affine: true,
-        momentum: 0.1,
-    };
-    candle_nn::batch_norm(channels, config, vb)
-}
-
-fn bn_forward(bn: &BatchNorm, x: &Tensor, train: bool) -> Result<Tensor> {
-    if train {
-        bn.forward_train(x)
-    } else {
-        candle_nn::ModuleT::forward_t(bn, x, false)
-    }
-}
-
-fn bn_params(bn: &BatchNorm) -> usize {
-    bn.weight_and_bias()
-        .map_or(0, |(w, b)| w.elem_count() + b.elem_count())
-}
-
 struct BasicBlock {
     conv1: Conv,
     bn1: BatchNorm,
@@ -71,39 +47,39 @@ impl BasicBlock {
             let ds = vb.pp("downsample");
             Some((
                 conv_no_bias(ds.pp("0"), in_channels, out_channels, 1, stride, 0)?,
-                batch_norm(ds.pp("1"), out_channels)?,
+                BatchNorm::new(ds.pp("1"), out_channels)?,
             ))
         } else {
             None
         };
         Ok(BasicBlock {
             conv1: conv_no_bias(vb.pp("conv1"), in_channels, out_channels, 3, stride, 1)?,
-            bn1: batch_norm(vb.pp("bn1"), out_channels)?,
+            bn1: BatchNorm::new(vb.pp("bn1"), out_channels)?,
             conv2: conv_no_bias(vb.pp("conv2"), out_channels, out_channels, 3, 1, 1)?,
-            bn2: batch_norm(vb.pp("bn2"), out_channels)?,
+            bn2: BatchNorm::new(vb.pp("bn2"), out_channels)?,
             downsample,
         })
     }
 
     fn forward(&self, x: &Tensor, train: bool) -> Result<Tensor> {
-        let h = bn_forward(&self.bn1, &self.conv1.forward(x)?, train)?.relu()?;
-        let h = bn_forward(&self.bn2, &self.conv2.forward(&h)?, train)?;
+        let h = self.bn1.forward(&self.conv1.forward(x)?, train, true)?;
+        let h = self.bn2.forward(&self.conv2.forward(&h)?, train, false)?;
         let shortcut = match &self.downsample {
-            Some((conv, bn)) => bn_forward(bn, &conv.forward(x)?, train)?,
+            Some((conv, bn)) => bn.forward(&conv.forward(x)?, train, false)?,
             None => x.clone(),
         };
-        (h + shortcut)?.relu()
+        ops::add_relu(&h, &shortcut)
     }
 
     fn param_count(&self) -> usize {
         let ds = self
             .downsample
             .as_ref()
-            .map_or(0, |(c, bn)| c.weight.elem_count() + bn_params(bn));
+            .map_or(0, |(c, bn)| c.weight.elem_count() + bn.param_count());
         self.conv1.weight.elem_count()
-            + bn_params(&self.bn1)
+            + self.bn1.param_count()
             + self.conv2.weight.elem_count()
-            + bn_params(&self.bn2)
+            + self.bn2.param_count()
             + ds
     }
 }
@@ -121,7 +97,7 @@ const BLOCKS_PER_STAGE: usize = 2;
 impl ResNet18 {
     pub fn new(vb: VarBuilder) -> Result<Self> {
         let conv1 = conv_no_bias(vb.pp("conv1"), 1, 64, 7, 2, 3)?;
-        let bn1 = batch_norm(vb.pp("bn1"), 64)?;
+        let bn1 = BatchNorm::new(vb.pp("bn1"), 64)?;
         let mut layers = Vec::with_capacity(STAGE_WIDTHS.len());
         let mut in_channels = 64;
         for (i, &width) in STAGE_WIDTHS.iter().enumerate() {
@@ -144,7 +120,7 @@ impl ResNet18 {
     }
 
     fn stem(&self, x: &Tensor, train: bool) -> Result<Tensor> {
-        bn_forward(&self.bn1, &self.conv1.forward(x)?, train)?.relu()
+        self.bn1.forward(&self.conv1.forward(x)?, train, true)
     }
 
     fn run(&self, x: &Tensor, train: bool) -> Result<Tensor> {
@@ -186,7 +162,7 @@ impl Classifier for ResNet18 {
 
     fn param_count(&self) -> usize {
         self.conv1.weight.elem_count()
-            + bn_params(&self.bn1)
+            + self.bn1.param_count()
             + self
                 .layers
                 .iter()

@@ -1,12 +1,15 @@
-//! Convolution and pooling entry points the models call. Every model goes through these, so
-//! the CPU fast kernels (custom candle ops in `conv` and `pool`) replace candle's reference ops
-//! in one place; on GPUs, and for dtypes other than f32, candle's own kernels run.
+//! Convolution, pooling and batch-norm entry points the models call. Every model goes through
+//! these, so the CPU fast kernels (custom candle ops in `conv`, `pool` and `norm`) replace
+//! candle's reference ops in one place; on GPUs, and for dtypes other than f32, candle's own
+//! kernels run.
 
 mod conv;
 mod gemm;
+mod norm;
 mod pool;
 
 pub use conv::{conv_backward, conv_forward, ConvGeometry};
+pub use norm::{batch_norm_train_backward, batch_norm_train_forward, Planes};
 pub use pool::{pool_backward, pool_forward, PoolGeometry};
 
 use candle_core::{CpuStorage, DType, Device, Layout, Result, Shape, Storage, Tensor, D};
@@ -15,15 +18,23 @@ use std::sync::Mutex;
 
 static FAST_CPU_KERNELS: AtomicBool = AtomicBool::new(true);
 
-/// Switches `conv2d` between this module's CPU kernels (the default) and candle's stock
-/// conv2d, process-wide; for benchmarks that compare the two.
+/// Switches conv2d, batch norm and the fused ReLUs between this module's CPU kernels (the
+/// default) and candle's stock ops, process-wide; for benchmarks that compare the two.
 pub fn set_fast_cpu_kernels(on: bool) {
     FAST_CPU_KERNELS.store(on, Ordering::Relaxed);
 }
 
-/// Whether `conv2d` uses this module's CPU kernels.
+/// Whether the ops here use this module's CPU kernels.
 pub fn fast_cpu_kernels() -> bool {
     FAST_CPU_KERNELS.load(Ordering::Relaxed)
+}
+
+/// Whether the fast CPU kernels apply to all of `tensors`.
+fn use_fast_kernels(tensors: &[&Tensor]) -> bool {
+    fast_cpu_kernels()
+        && tensors
+            .iter()
+            .all(|t| t.device().is_cpu() && t.dtype() == DType::F32)
 }
 
 /// Asks glibc's malloc to keep freed memory instead of returning it to the kernel after every
@@ -58,10 +69,7 @@ pub fn conv2d(
     stride: usize,
     padding: usize,
 ) -> Result<Tensor> {
-    let all_f32 = x.dtype() == DType::F32
-        && weight.dtype() == DType::F32
-        && bias.is_none_or(|b| b.dtype() == DType::F32);
-    if x.device().is_cpu() && all_f32 && fast_cpu_kernels() {
+    if use_fast_kernels(&[x, weight]) && bias.is_none_or(|b| use_fast_kernels(&[b])) {
         let cout = weight.dim(0)?;
         let bias_arg = match bias {
             Some(b) => {
@@ -136,6 +144,132 @@ fn pad_with_neg_inf(x: &Tensor, pad: usize) -> Result<Tensor> {
     let rows = Tensor::full(f32::NEG_INFINITY, (b, c, pad, w + 2 * pad), x.device())?
         .to_dtype(x.dtype())?;
     Tensor::cat(&[&rows, &x, &rows], 2)
+}
+
+/// Training-mode batch norm over dim 1 of `x` ([N, C, ...]) with the batch's statistics,
+/// then ReLU if `relu`: returns `(y, batch mean, biased batch variance)`, the last two [C]
+/// for the caller's running statistics.
+pub fn batch_norm_train(
+    x: &Tensor,
+    gamma: &Tensor,
+    beta: &Tensor,
+    eps: f64,
+    relu: bool,
+) -> Result<(Tensor, Tensor, Tensor)> {
+    check_channel_params(x, &[gamma, beta])?;
+    if use_fast_kernels(&[x, gamma, beta]) {
+        let x = x.contiguous()?;
+        let planes = Planes::of(x.shape())?;
+        let (mean, var) = with_cpu_slices(&[&x], |s| Ok(norm::channel_mean_var(&planes, s[0])))?;
+        let mean_t = Tensor::new(mean.as_slice(), x.device())?;
+        let var_t = Tensor::new(var.as_slice(), x.device())?;
+        let op = norm::BatchNormTrainOp {
+            mean,
+            var,
+            eps: eps as f32,
+            relu,
+        };
+        let y = x.apply_op3(&gamma.contiguous()?, &beta.contiguous()?, op)?;
+        return Ok((y, mean_t, var_t));
+    }
+    reference_batch_norm_train(x, gamma, beta, eps, relu)
+}
+
+/// candle tensor ops for [`batch_norm_train`] (the GPU path and the tests' reference).
+pub fn reference_batch_norm_train(
+    x: &Tensor,
+    gamma: &Tensor,
+    beta: &Tensor,
+    eps: f64,
+    relu: bool,
+) -> Result<(Tensor, Tensor, Tensor)> {
+    let per_channel = x.transpose(0, 1)?.flatten_from(1)?;
+    let mean = per_channel.mean_keepdim(1)?;
+    let var = per_channel.broadcast_sub(&mean)?.sqr()?.mean_keepdim(1)?;
+    let shape = channel_shape(x)?;
+    let y = x
+        .broadcast_sub(&mean.reshape(shape.as_slice())?)?
+        .broadcast_div(&(var.reshape(shape.as_slice())? + eps)?.sqrt()?)?
+        .broadcast_mul(&gamma.reshape(shape.as_slice())?)?
+        .broadcast_add(&beta.reshape(shape.as_slice())?)?;
+    let y = if relu { y.relu()? } else { y };
+    Ok((y, mean.flatten_all()?, var.flatten_all()?))
+}
+
+/// Inference-mode batch norm with running statistics, then ReLU if `relu`.
+pub fn batch_norm_eval(
+    x: &Tensor,
+    gamma: &Tensor,
+    beta: &Tensor,
+    running_mean: &Tensor,
+    running_var: &Tensor,
+    eps: f64,
+    relu: bool,
+) -> Result<Tensor> {
+    check_channel_params(x, &[gamma, beta, running_mean, running_var])?;
+    if use_fast_kernels(&[x, gamma, beta, running_mean, running_var]) {
+        let (scale, shift) = norm::fold_affine(
+            &running_mean.to_vec1::<f32>()?,
+            &running_var.to_vec1::<f32>()?,
+            &gamma.to_vec1::<f32>()?,
+            &beta.to_vec1::<f32>()?,
+            eps as f32,
+        );
+        let op = norm::ChannelAffineOp { scale, shift, relu };
+        return x.contiguous()?.apply_op1(op);
+    }
+    reference_batch_norm_eval(x, gamma, beta, running_mean, running_var, eps, relu)
+}
+
+/// candle tensor ops for [`batch_norm_eval`] (the GPU path and the tests' reference).
+pub fn reference_batch_norm_eval(
+    x: &Tensor,
+    gamma: &Tensor,
+    beta: &Tensor,
+    running_mean: &Tensor,
+    running_var: &Tensor,
+    eps: f64,
+    relu: bool,
+) -> Result<Tensor> {
+    let shape = channel_shape(x)?;
+    let y = x
+        .broadcast_sub(&running_mean.reshape(shape.as_slice())?)?
+        .broadcast_div(&(running_var.reshape(shape.as_slice())? + eps)?.sqrt()?)?
+        .broadcast_mul(&gamma.reshape(shape.as_slice())?)?
+        .broadcast_add(&beta.reshape(shape.as_slice())?)?;
+    if relu {
+        y.relu()
+    } else {
+        Ok(y)
+    }
+}
+
+/// `relu(a + b)`, one pass forward and backward on the CPU.
+pub fn add_relu(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    if use_fast_kernels(&[a, b]) && a.shape() == b.shape() {
+        return a.contiguous()?.apply_op2(&b.contiguous()?, norm::AddReluOp);
+    }
+    (a + b)?.relu()
+}
+
+/// [1, C, 1, ...]: per-channel values broadcast against `x`.
+fn channel_shape(x: &Tensor) -> Result<Vec<usize>> {
+    let mut shape = vec![1; x.rank()];
+    shape[1] = x.dim(1)?;
+    Ok(shape)
+}
+
+fn check_channel_params(x: &Tensor, params: &[&Tensor]) -> Result<()> {
+    let channels = x.dim(1)?;
+    for p in params {
+        if p.dims() != [channels] {
+            candle_core::bail!(
+                "batch norm: a parameter of shape {:?} does not fit {channels} channels",
+                p.dims()
+            );
+        }
+    }
+    Ok(())
 }
 
 /// The f32 elements a contiguous CPU layout covers.

@@ -1,0 +1,68 @@
+//! BatchNorm2d as PyTorch has it (eps 1e-5, momentum 0.1, weight 1, bias 0, running mean 0,
+//! running variance 1, unbiased running variance), torchvision's parameter names, with the
+//! ReLU that follows it in ResNet optionally fused in. Compute goes through `ops`.
+
+use candle_core::{Result, Tensor, Var};
+use candle_nn::{Init, VarBuilder};
+
+use crate::ops;
+
+const EPS: f64 = 1e-5;
+const MOMENTUM: f64 = 0.1;
+
+pub struct BatchNorm {
+    weight: Tensor,
+    bias: Tensor,
+    running_mean: Var,
+    running_var: Var,
+}
+
+impl BatchNorm {
+    pub fn new(vb: VarBuilder, channels: usize) -> Result<Self> {
+        // Var::from_tensor shares a VarMap variable's storage, so running-stat updates land in
+        // the map that training saves; a loaded checkpoint's tensors are copied instead.
+        let running_mean = vb.get_with_hints(channels, "running_mean", Init::Const(0.))?;
+        let running_var = vb.get_with_hints(channels, "running_var", Init::Const(1.))?;
+        Ok(BatchNorm {
+            weight: vb.get_with_hints(channels, "weight", Init::Const(1.))?,
+            bias: vb.get_with_hints(channels, "bias", Init::Const(0.))?,
+            running_mean: Var::from_tensor(&running_mean)?,
+            running_var: Var::from_tensor(&running_var)?,
+        })
+    }
+
+    /// Training mode normalizes with the batch's statistics and folds them into the running
+    /// ones; eval mode uses the running ones. `relu` applies a ReLU to the result.
+    pub fn forward(&self, x: &Tensor, train: bool, relu: bool) -> Result<Tensor> {
+        if !train {
+            return ops::batch_norm_eval(
+                x,
+                &self.weight,
+                &self.bias,
+                self.running_mean.as_tensor(),
+                self.running_var.as_tensor(),
+                EPS,
+                relu,
+            );
+        }
+        let (y, mean, var) = ops::batch_norm_train(x, &self.weight, &self.bias, EPS, relu)?;
+        let count = (x.elem_count() / x.dim(1)?.max(1)) as f64;
+        let unbiased = if count > 1.0 {
+            count / (count - 1.0)
+        } else {
+            1.0
+        };
+        let new_mean =
+            ((self.running_mean.as_tensor() * (1.0 - MOMENTUM))? + (mean.detach() * MOMENTUM)?)?;
+        let new_var = ((self.running_var.as_tensor() * (1.0 - MOMENTUM))?
+            + (var.detach() * (MOMENTUM * unbiased))?)?;
+        self.running_mean.set(&new_mean)?;
+        self.running_var.set(&new_var)?;
+        Ok(y)
+    }
+
+    /// Trainable parameters (weight and bias).
+    pub fn param_count(&self) -> usize {
+        self.weight.elem_count() + self.bias.elem_count()
+    }
+}
