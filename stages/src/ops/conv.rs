@@ -114,8 +114,62 @@ impl ConvGeometry {
     }
 }
 
+/// Below this output width im2col and col2im go through a per-tap gather table instead of
+/// copying row segments: on ResNet's 7x7 down to 1x1 maps the per-row bookkeeping cost more
+/// than the copying.
+const GATHER_BELOW_WIDTH: usize = 16;
+/// A gather-table entry for an output pixel that reads padding.
+const PADDING: u32 = u32::MAX;
+
+/// For each active tap, the input-plane offset each output pixel reads (or `PADDING`).
+fn gather_tables(g: &ConvGeometry, taps: &[(usize, usize)]) -> Vec<Vec<u32>> {
+    let (s, p) = (g.stride as isize, g.padding as isize);
+    taps.iter()
+        .map(|&(ki, kj)| {
+            let mut table = Vec::with_capacity(g.out_pixels());
+            for oy in 0..g.out_height as isize {
+                let iy = oy * s + ki as isize - p;
+                for ox in 0..g.out_width as isize {
+                    let ix = ox * s + kj as isize - p;
+                    let inside =
+                        (0..g.height as isize).contains(&iy) && (0..g.width as isize).contains(&ix);
+                    table.push(if inside {
+                        (iy as usize * g.width + ix as usize) as u32
+                    } else {
+                        PADDING
+                    });
+                }
+            }
+            table
+        })
+        .collect()
+}
+
+/// How im2col/col2im walk the input: row segments for wide maps, gather tables for small ones.
+enum Walk {
+    Rows,
+    Gather(Vec<Vec<u32>>),
+}
+
+impl Walk {
+    fn new(g: &ConvGeometry, taps: &[(usize, usize)]) -> Self {
+        if g.out_width < GATHER_BELOW_WIDTH {
+            Walk::Gather(gather_tables(g, taps))
+        } else {
+            Walk::Rows
+        }
+    }
+}
+
 /// im2col of `images` consecutive images: `col[patch_row][image * HoWo + pixel]`.
-fn im2col(g: &ConvGeometry, taps: &[(usize, usize)], x: &[f32], images: usize, col: &mut [f32]) {
+fn im2col(
+    g: &ConvGeometry,
+    taps: &[(usize, usize)],
+    walk: &Walk,
+    x: &[f32],
+    images: usize,
+    col: &mut [f32],
+) {
     let (s, p) = (g.stride, g.padding);
     let (hw_out, ncols) = (g.out_pixels(), images * g.out_pixels());
     for img in 0..images {
@@ -123,30 +177,31 @@ fn im2col(g: &ConvGeometry, taps: &[(usize, usize)], x: &[f32], images: usize, c
         for ci in 0..g.in_channels {
             let plane = &x_img[ci * g.height * g.width..(ci + 1) * g.height * g.width];
             for (tap, &(ki, kj)) in taps.iter().enumerate() {
-                {
-                    let row = ci * taps.len() + tap;
-                    let dst =
-                        &mut col[row * ncols + img * hw_out..row * ncols + (img + 1) * hw_out];
-                    let (lo, hi) = valid_range(g.out_width, g.width, s, p, kj);
-                    for oy in 0..g.out_height {
-                        let out_row = &mut dst[oy * g.out_width..(oy + 1) * g.out_width];
-                        let iy = (oy * s + ki) as isize - p as isize;
-                        if iy < 0 || iy >= g.height as isize || lo >= hi {
-                            out_row.fill(0.0);
-                            continue;
-                        }
-                        let src = &plane[iy as usize * g.width..(iy as usize + 1) * g.width];
-                        out_row[..lo].fill(0.0);
-                        out_row[hi..].fill(0.0);
-                        let ix0 = lo * s + kj - p;
-                        if s == 1 {
-                            out_row[lo..hi].copy_from_slice(&src[ix0..ix0 + (hi - lo)]);
-                        } else {
-                            for (o, v) in
-                                out_row[lo..hi].iter_mut().zip(src[ix0..].iter().step_by(s))
-                            {
-                                *o = *v;
-                            }
+                let row = ci * taps.len() + tap;
+                let dst = &mut col[row * ncols + img * hw_out..row * ncols + (img + 1) * hw_out];
+                if let Walk::Gather(tables) = walk {
+                    for (d, &at) in dst.iter_mut().zip(&tables[tap]) {
+                        *d = plane.get(at as usize).copied().unwrap_or(0.0);
+                    }
+                    continue;
+                }
+                let (lo, hi) = valid_range(g.out_width, g.width, s, p, kj);
+                for oy in 0..g.out_height {
+                    let out_row = &mut dst[oy * g.out_width..(oy + 1) * g.out_width];
+                    let iy = (oy * s + ki) as isize - p as isize;
+                    if iy < 0 || iy >= g.height as isize || lo >= hi {
+                        out_row.fill(0.0);
+                        continue;
+                    }
+                    let src = &plane[iy as usize * g.width..(iy as usize + 1) * g.width];
+                    out_row[..lo].fill(0.0);
+                    out_row[hi..].fill(0.0);
+                    let ix0 = lo * s + kj - p;
+                    if s == 1 {
+                        out_row[lo..hi].copy_from_slice(&src[ix0..ix0 + (hi - lo)]);
+                    } else {
+                        for (o, v) in out_row[lo..hi].iter_mut().zip(src[ix0..].iter().step_by(s)) {
+                            *o = *v;
                         }
                     }
                 }
@@ -159,6 +214,7 @@ fn im2col(g: &ConvGeometry, taps: &[(usize, usize)], x: &[f32], images: usize, c
 fn col2im_add(
     g: &ConvGeometry,
     taps: &[(usize, usize)],
+    walk: &Walk,
     col: &[f32],
     images: usize,
     x: &mut [f32],
@@ -170,29 +226,35 @@ fn col2im_add(
         for ci in 0..g.in_channels {
             let plane = &mut x_img[ci * g.height * g.width..(ci + 1) * g.height * g.width];
             for (tap, &(ki, kj)) in taps.iter().enumerate() {
-                {
-                    let row = ci * taps.len() + tap;
-                    let src = &col[row * ncols + img * hw_out..row * ncols + (img + 1) * hw_out];
-                    let (lo, hi) = valid_range(g.out_width, g.width, s, p, kj);
-                    if lo >= hi {
+                let row = ci * taps.len() + tap;
+                let src = &col[row * ncols + img * hw_out..row * ncols + (img + 1) * hw_out];
+                if let Walk::Gather(tables) = walk {
+                    for (v, &at) in src.iter().zip(&tables[tap]) {
+                        if let Some(d) = plane.get_mut(at as usize) {
+                            *d += *v;
+                        }
+                    }
+                    continue;
+                }
+                let (lo, hi) = valid_range(g.out_width, g.width, s, p, kj);
+                if lo >= hi {
+                    continue;
+                }
+                for oy in 0..g.out_height {
+                    let iy = (oy * s + ki) as isize - p as isize;
+                    if iy < 0 || iy >= g.height as isize {
                         continue;
                     }
-                    for oy in 0..g.out_height {
-                        let iy = (oy * s + ki) as isize - p as isize;
-                        if iy < 0 || iy >= g.height as isize {
-                            continue;
+                    let in_row = &mut plane[iy as usize * g.width..(iy as usize + 1) * g.width];
+                    let col_row = &src[oy * g.out_width + lo..oy * g.out_width + hi];
+                    let ix0 = lo * s + kj - p;
+                    if s == 1 {
+                        for (d, v) in in_row[ix0..ix0 + (hi - lo)].iter_mut().zip(col_row) {
+                            *d += *v;
                         }
-                        let in_row = &mut plane[iy as usize * g.width..(iy as usize + 1) * g.width];
-                        let col_row = &src[oy * g.out_width + lo..oy * g.out_width + hi];
-                        let ix0 = lo * s + kj - p;
-                        if s == 1 {
-                            for (d, v) in in_row[ix0..ix0 + (hi - lo)].iter_mut().zip(col_row) {
-                                *d += *v;
-                            }
-                        } else {
-                            for (d, v) in in_row[ix0..].iter_mut().step_by(s).zip(col_row) {
-                                *d += *v;
-                            }
+                    } else {
+                        for (d, v) in in_row[ix0..].iter_mut().step_by(s).zip(col_row) {
+                            *d += *v;
                         }
                     }
                 }
@@ -259,6 +321,7 @@ fn inner_threads(tasks: usize) -> usize {
 /// Forward: `y[n, co, p] = bias[co] + sum_r w[co, r] * col_n[r, p]`.
 pub fn conv_forward(g: &ConvGeometry, x: &[f32], w: &[f32], bias: Option<&[f32]>) -> Vec<f32> {
     let taps = g.active_taps();
+    let walk = Walk::new(g, &taps);
     let w_active = active_weight(g, &taps, w);
     let w: &[f32] = w_active.as_deref().unwrap_or(w);
     let (cout, ckk, hw) = (g.out_channels, g.in_channels * taps.len(), g.out_pixels());
@@ -279,7 +342,7 @@ pub fn conv_forward(g: &ConvGeometry, x: &[f32], w: &[f32], bias: Option<&[f32]>
                 x_chunk
             } else {
                 col_buf.resize(ckk * ncols, 0.0);
-                im2col(g, &taps, x_chunk, images, &mut col_buf);
+                im2col(g, &taps, &walk, x_chunk, images, &mut col_buf);
                 &col_buf
             };
             let col_mat = MatRef::row_major(col, ncols);
@@ -337,6 +400,7 @@ pub fn conv_backward(
 ) -> ConvGrads {
     let (want_x, want_w, want_b) = want;
     let taps = g.active_taps();
+    let walk = Walk::new(g, &taps);
     let w_active = active_weight(g, &taps, w);
     let w: &[f32] = w_active.as_deref().unwrap_or(w);
     let (cout, ckk, hw) = (g.out_channels, g.in_channels * taps.len(), g.out_pixels());
@@ -412,7 +476,7 @@ pub fn conv_backward(
                     x_chunk
                 } else {
                     col_buf.resize(ckk * ncols, 0.0);
-                    im2col(g, &taps, x_chunk, images, &mut col_buf);
+                    im2col(g, &taps, &walk, x_chunk, images, &mut col_buf);
                     &col_buf
                 };
                 let col_t = MatRef::transposed(col, ncols);
@@ -446,7 +510,7 @@ pub fn conv_backward(
                         gy_mat,
                         threads,
                     );
-                    col2im_add(g, &taps, &gcol_buf, images, gx);
+                    col2im_add(g, &taps, &walk, &gcol_buf, images, gx);
                 }
             }
             first_chunk = false;
