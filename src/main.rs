@@ -25,6 +25,9 @@ use crate::executor::{RunOptions, Workspace};
 use crate::progress::Console;
 use crate::registry::Registry;
 
+#[global_allocator]
+static ALLOCATOR: fmnist_stages::ops::HugePageAlloc = fmnist_stages::ops::HugePageAlloc;
+
 #[derive(Parser)]
 #[command(
     name = "fmnist-pipe",

@@ -5,6 +5,9 @@ use fmnist_stages::bench;
 use fmnist_stages::models::ModelKind;
 use std::path::Path;
 
+#[global_allocator]
+static ALLOCATOR: fmnist_stages::ops::HugePageAlloc = fmnist_stages::ops::HugePageAlloc;
+
 fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let model = match args.first().map(String::as_str) {

@@ -9,6 +9,9 @@ use rand_chacha::ChaCha8Rng;
 use std::path::Path;
 use std::time::Instant;
 
+#[global_allocator]
+static ALLOCATOR: fmnist_stages::ops::HugePageAlloc = fmnist_stages::ops::HugePageAlloc;
+
 fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let kind = match args.first().map(String::as_str) {

@@ -5,10 +5,12 @@
 
 mod conv;
 mod gemm;
+mod huge_pages;
 mod norm;
 mod pool;
 
 pub use conv::{conv_backward, conv_forward, ConvGeometry};
+pub use huge_pages::HugePageAlloc;
 pub use norm::{batch_norm_train_backward, batch_norm_train_forward, Planes};
 pub use pool::{pool_backward, pool_forward, PoolGeometry};
 
