@@ -29,7 +29,7 @@ fn main() -> candle_core::Result<()> {
         .map(|i| ((i * 13) % 100) as f32 / 100.0)
         .collect();
     t("conv2 fwd", || {
-        conv_forward(&g, &x, &w, None);
+        conv_forward(&g, &x, &w, None, false);
     });
     t("conv2 bwd w only", || {
         conv_backward(&g, &x, &w, &gy, (false, true, false));

@@ -1,5 +1,5 @@
 //! Splits one training step into forward, backward and optimizer time, and times inference:
-//! `cargo run --release -p fmnist-stages --example step_profile -- baseline|resnet18 [THREADS]`.
+//! `cargo run --release -p fmnist-stages --example step_profile -- baseline|resnet18 [THREADS] [--train-only]`.
 use candle_core::{DType, Device};
 use fmnist_stages::data::{Dataset, Normalization, Split};
 use fmnist_stages::models::{self, ModelKind, DROPOUT_STREAM};
@@ -39,7 +39,7 @@ fn main() -> anyhow::Result<()> {
     rng.set_stream(DROPOUT_STREAM);
     let order: Vec<usize> = (0..2048).collect();
     let (mut tf, mut tb, mut ts) = (0.0, 0.0, 0.0);
-    for (i, idx) in order.chunks(64).take(16).enumerate() {
+    for (i, idx) in order.chunks(64).take(32).enumerate() {
         let (x, y) = data.batch(idx, Normalization::default(), &device)?;
         let t0 = Instant::now();
         let logits = model.forward_train(&x, &mut rng)?;
@@ -56,9 +56,12 @@ fn main() -> anyhow::Result<()> {
             ts += (t3 - t2).as_secs_f64();
         }
     }
-    let n = 14.0;
+    let n = 30.0;
     println!("{kind} per batch of 64: forward {:.1} ms, backward {:.1} ms, step {:.1} ms, total {:.1} ms ({:.0} img/s)",
         tf / n * 1e3, tb / n * 1e3, ts / n * 1e3, (tf + tb + ts) / n * 1e3, 64.0 * n / (tf + tb + ts));
+    if args.iter().any(|a| a == "--train-only") {
+        return Ok(());
+    }
     let idx: Vec<usize> = (0..1000).collect();
     let (x, _) = data.batch(&idx, Normalization::default(), &device)?;
     let _ = model.forward(&x)?.to_vec2::<f32>()?;

@@ -1,8 +1,8 @@
 //! The baseline CNN (PyTorch's MNIST example shape): two 3x3 convs, max-pool, dropout, two
 //! fully connected layers. Parameter names match the PyTorch module's state dict.
 
-use candle_core::{Module, Result, Tensor};
-use candle_nn::{Linear, VarBuilder};
+use candle_core::{Result, Tensor};
+use candle_nn::VarBuilder;
 use rand::RngCore;
 
 use super::init::{dropout, torch_default};
@@ -47,6 +47,40 @@ impl Conv {
             self.padding,
         )
     }
+
+    /// `relu(self.forward(x))`, fused.
+    pub fn forward_relu(&self, x: &Tensor) -> Result<Tensor> {
+        ops::conv2d_relu(
+            x,
+            &self.weight,
+            self.bias.as_ref(),
+            self.stride,
+            self.padding,
+        )
+    }
+}
+
+/// A fully connected layer (weight [out, in], bias [out]) whose forward goes through
+/// `ops::linear` (the fast CPU kernel).
+#[derive(Debug, Clone)]
+pub struct Linear {
+    pub weight: Tensor,
+    pub bias: Tensor,
+}
+
+impl Linear {
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        ops::linear(x, &self.weight, &self.bias, false)
+    }
+
+    /// `relu(self.forward(x))`, fused.
+    pub fn forward_relu(&self, x: &Tensor) -> Result<Tensor> {
+        ops::linear(x, &self.weight, &self.bias, true)
+    }
+
+    pub fn param_count(&self) -> usize {
+        self.weight.elem_count() + self.bias.elem_count()
+    }
 }
 
 /// A linear layer with PyTorch's default init (weight and bias U(±1/sqrt(fan_in))).
@@ -54,7 +88,7 @@ pub fn linear(vb: VarBuilder, in_features: usize, out_features: usize) -> Result
     let init = torch_default(in_features);
     let weight = vb.get_with_hints((out_features, in_features), "weight", init)?;
     let bias = vb.get_with_hints(out_features, "bias", init)?;
-    Ok(Linear::new(weight, Some(bias)))
+    Ok(Linear { weight, bias })
 }
 
 pub struct Baseline {
@@ -78,8 +112,8 @@ impl Baseline {
     }
 
     fn conv_stages(&self, x: &Tensor) -> Result<(Tensor, Tensor)> {
-        let c1 = self.conv1.forward(x)?.relu()?;
-        let c2 = self.conv2.forward(&c1)?.relu()?;
+        let c1 = self.conv1.forward_relu(x)?;
+        let c2 = self.conv2.forward_relu(&c1)?;
         Ok((c1, c2))
     }
 
@@ -90,7 +124,7 @@ impl Baseline {
         if let Some(r) = rng.as_deref_mut() {
             h = dropout(&h, DROPOUT_CONV, r)?;
         }
-        let mut h = self.fc1.forward(&h.flatten_from(1)?)?.relu()?;
+        let mut h = self.fc1.forward_relu(&h.flatten_from(1)?)?;
         if let Some(r) = rng {
             h = dropout(&h, DROPOUT_FC, r)?;
         }
@@ -118,7 +152,6 @@ impl Classifier for Baseline {
 
     fn param_count(&self) -> usize {
         let conv = |c: &Conv| c.weight.elem_count() + c.bias.as_ref().map_or(0, |b| b.elem_count());
-        let lin = |l: &Linear| l.weight().elem_count() + l.bias().map_or(0, |b| b.elem_count());
-        conv(&self.conv1) + conv(&self.conv2) + lin(&self.fc1) + lin(&self.fc2)
+        conv(&self.conv1) + conv(&self.conv2) + self.fc1.param_count() + self.fc2.param_count()
     }
 }

@@ -45,8 +45,12 @@ impl<'a> SeededInit<'a> {
 
 /// U[lo, up) from 24 random bits (exactly representable in f32, platform independent).
 fn uniform(rng: &mut dyn RngCore, lo: f32, up: f32) -> f32 {
-    let unit = (rng.next_u32() >> 8) as f32 / (1u32 << 24) as f32;
-    lo + (up - lo) * unit
+    lo + (up - lo) * unit_from_word(rng.next_u32())
+}
+
+/// A 32-bit random word as a float in [0, 1) (its top 24 bits).
+fn unit_from_word(word: u32) -> f32 {
+    (word >> 8) as f32 / (1u32 << 24) as f32
 }
 
 /// Box-Muller on f64, so the draw does not depend on a distribution crate's algorithm.
@@ -128,9 +132,14 @@ pub fn dropout(x: &Tensor, p: f32, rng: &mut dyn RngCore) -> Result<Tensor> {
         return Ok(x.clone());
     }
     let keep_scale = 1.0 / (1.0 - p);
-    let mask: Vec<f32> = (0..x.elem_count())
-        .map(|_| {
-            if uniform(rng, 0.0, 1.0) < p {
+    // One bulk draw (the same words, in the same order, as a next_u32 per element), then the
+    // same [0, 1) mapping as `uniform`: a virtual call per element cost ~4 ms a baseline batch.
+    let mut words = vec![0u32; x.elem_count()];
+    rng.fill(&mut words[..]);
+    let mask: Vec<f32> = words
+        .iter()
+        .map(|&w| {
+            if unit_from_word(w) < p {
                 0.0
             } else {
                 keep_scale
@@ -139,4 +148,35 @@ pub fn dropout(x: &Tensor, p: f32, rng: &mut dyn RngCore) -> Result<Tensor> {
         .collect();
     let mask = Tensor::from_vec(mask, x.shape(), x.device())?.to_dtype(x.dtype())?;
     x.mul(&mask)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::SeedableRng;
+
+    #[test]
+    fn dropout_draws_one_word_per_element_in_stream_order() -> Result<()> {
+        let x = Tensor::ones((3, 1000), DType::F32, &Device::Cpu)?;
+        let mut bulk = ChaCha8Rng::seed_from_u64(5);
+        let mut one_by_one = bulk.clone();
+        let y = dropout(&x, 0.25, &mut bulk)?
+            .flatten_all()?
+            .to_vec1::<f32>()?;
+        let expected: Vec<f32> = (0..3000)
+            .map(|_| {
+                if uniform(&mut one_by_one, 0.0, 1.0) < 0.25 {
+                    0.0
+                } else {
+                    1.0 / 0.75
+                }
+            })
+            .collect();
+        assert_eq!(y, expected);
+        // Both streams end at the same place: the next draws agree.
+        assert_eq!(bulk.next_u32(), one_by_one.next_u32());
+        let dropped = y.iter().filter(|v| **v == 0.0).count();
+        assert!((600..900).contains(&dropped), "{dropped} of 3000 dropped");
+        Ok(())
+    }
 }

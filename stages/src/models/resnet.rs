@@ -1,11 +1,11 @@
 //! ResNet-18 (torchvision layout: BasicBlocks [2, 2, 2, 2], batch norm, 1x1 downsample) with a
 //! 1-channel stem and 10 classes. Parameter names match torchvision's state dict.
 
-use candle_core::{Module, Result, Tensor, D};
-use candle_nn::{Linear, VarBuilder};
+use candle_core::{Result, Tensor, D};
+use candle_nn::VarBuilder;
 use rand::RngCore;
 
-use super::baseline::{linear, Conv};
+use super::baseline::{linear, Conv, Linear};
 use super::batch_norm::BatchNorm;
 use super::init::kaiming_normal_fan_out;
 use super::Classifier;
@@ -169,7 +169,6 @@ impl Classifier for ResNet18 {
                 .flatten()
                 .map(BasicBlock::param_count)
                 .sum::<usize>()
-            + self.fc.weight().elem_count()
-            + self.fc.bias().map_or(0, |b| b.elem_count())
+            + self.fc.param_count()
     }
 }

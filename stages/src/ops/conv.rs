@@ -9,7 +9,7 @@
 //! order, so the result does not depend on how rayon schedules the work (bit-reproducible).
 
 use super::gemm::{sgemm, MatRef};
-use super::{cpu_slice, tensor_from_vec};
+use super::{cpu_slice, relu_grad, tensor_from_vec, with_cpu_slices};
 use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
@@ -318,8 +318,15 @@ fn inner_threads(tasks: usize) -> usize {
     }
 }
 
-/// Forward: `y[n, co, p] = bias[co] + sum_r w[co, r] * col_n[r, p]`.
-pub fn conv_forward(g: &ConvGeometry, x: &[f32], w: &[f32], bias: Option<&[f32]>) -> Vec<f32> {
+/// Forward: `y[n, co, p] = bias[co] + sum_r w[co, r] * col_n[r, p]`, then ReLU if `relu`
+/// (applied to each chunk while it is still in cache).
+pub fn conv_forward(
+    g: &ConvGeometry,
+    x: &[f32],
+    w: &[f32],
+    bias: Option<&[f32]>,
+    relu: bool,
+) -> Vec<f32> {
     let taps = g.active_taps();
     let walk = Walk::new(g, &taps);
     let w_active = active_weight(g, &taps, w);
@@ -364,6 +371,9 @@ pub fn conv_forward(g: &ConvGeometry, x: &[f32], w: &[f32], bias: Option<&[f32]>
                     col_mat,
                     threads,
                 );
+                if relu {
+                    y_chunk.iter_mut().for_each(|v| *v = v.max(0.0));
+                }
             } else {
                 let mut tmp = vec![0f32; cout * ncols];
                 sgemm(
@@ -374,8 +384,14 @@ pub fn conv_forward(g: &ConvGeometry, x: &[f32], w: &[f32], bias: Option<&[f32]>
                         let bv = bias.map_or(0.0, |b| b[co]);
                         let src = &tmp[co * ncols + img * hw..co * ncols + (img + 1) * hw];
                         let dst = &mut y_chunk[(img * cout + co) * hw..(img * cout + co + 1) * hw];
-                        for (d, s) in dst.iter_mut().zip(src) {
-                            *d = *s + bv;
+                        if relu {
+                            for (d, s) in dst.iter_mut().zip(src) {
+                                *d = (*s + bv).max(0.0);
+                            }
+                        } else {
+                            for (d, s) in dst.iter_mut().zip(src) {
+                                *d = *s + bv;
+                            }
                         }
                     }
                 }
@@ -549,10 +565,12 @@ pub fn conv_backward(
 }
 
 /// The candle custom op: arguments (x, weight, bias); a missing bias is passed as zeros.
+/// With `relu` the op is `relu(conv(x))`, its backward masking the gradient by the output.
 pub struct Conv2dOp {
     pub stride: usize,
     pub padding: usize,
     pub has_bias: bool,
+    pub relu: bool,
 }
 
 impl CustomOp3 for Conv2dOp {
@@ -579,7 +597,7 @@ impl CustomOp3 for Conv2dOp {
         let w = cpu_slice(s2, l2)?;
         let b = cpu_slice(s3, l3)?;
         let bias = self.has_bias.then_some(b);
-        let y = conv_forward(&g, x, w, bias);
+        let y = conv_forward(&g, x, w, bias, self.relu);
         let shape = Shape::from((g.batch, g.out_channels, g.out_height, g.out_width));
         Ok((CpuStorage::F32(y), shape))
     }
@@ -589,13 +607,20 @@ impl CustomOp3 for Conv2dOp {
         x: &Tensor,
         w: &Tensor,
         b: &Tensor,
-        _res: &Tensor,
+        res: &Tensor,
         grad_res: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let g = ConvGeometry::new(x.dims4()?, w.dims4()?, self.stride, self.padding)?;
         let want = (x.track_op(), w.track_op(), self.has_bias && b.track_op());
-        let grad_res = grad_res.contiguous()?;
-        let grads = super::with_cpu_slices(&[x, w, &grad_res], |s| {
+        let grad_res = if self.relu {
+            let masked = with_cpu_slices(&[res, &grad_res.contiguous()?], |s| {
+                Ok(relu_grad(s[0], s[1]))
+            })?;
+            tensor_from_vec(masked, res.shape(), res.device())?
+        } else {
+            grad_res.contiguous()?
+        };
+        let grads = with_cpu_slices(&[x, w, &grad_res], |s| {
             Ok(conv_backward(&g, s[0], s[1], s[2], want))
         })?;
         let device = x.device();

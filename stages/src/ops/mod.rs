@@ -6,6 +6,7 @@
 mod conv;
 mod gemm;
 mod huge_pages;
+mod linear;
 mod norm;
 mod pool;
 
@@ -15,6 +16,7 @@ pub use norm::{batch_norm_train_backward, batch_norm_train_forward, Planes};
 pub use pool::{pool_backward, pool_forward, PoolGeometry};
 
 use candle_core::{CpuStorage, DType, Device, Layout, Result, Shape, Storage, Tensor, D};
+use rayon::prelude::*;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 
@@ -71,6 +73,28 @@ pub fn conv2d(
     stride: usize,
     padding: usize,
 ) -> Result<Tensor> {
+    conv2d_activated(x, weight, bias, stride, padding, false)
+}
+
+/// `relu(conv2d(..))` in one op on the CPU (no separate ReLU pass forward or backward).
+pub fn conv2d_relu(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: Option<&Tensor>,
+    stride: usize,
+    padding: usize,
+) -> Result<Tensor> {
+    conv2d_activated(x, weight, bias, stride, padding, true)
+}
+
+fn conv2d_activated(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: Option<&Tensor>,
+    stride: usize,
+    padding: usize,
+    relu: bool,
+) -> Result<Tensor> {
     if use_fast_kernels(&[x, weight]) && bias.is_none_or(|b| use_fast_kernels(&[b])) {
         let cout = weight.dim(0)?;
         let bias_arg = match bias {
@@ -86,12 +110,18 @@ pub fn conv2d(
             stride,
             padding,
             has_bias: bias.is_some(),
+            relu,
         };
         return x
             .contiguous()?
             .apply_op3(&weight.contiguous()?, &bias_arg, op);
     }
-    reference_conv2d(x, weight, bias, stride, padding)
+    let y = reference_conv2d(x, weight, bias, stride, padding)?;
+    if relu {
+        y.relu()
+    } else {
+        Ok(y)
+    }
 }
 
 /// candle's own convolution (the GPU path, and the reference the tests compare against).
@@ -146,6 +176,28 @@ fn pad_with_neg_inf(x: &Tensor, pad: usize) -> Result<Tensor> {
     let rows = Tensor::full(f32::NEG_INFINITY, (b, c, pad, w + 2 * pad), x.device())?
         .to_dtype(x.dtype())?;
     Tensor::cat(&[&rows, &x, &rows], 2)
+}
+
+/// Fully connected layer `x wᵀ + b` (x [B, in], weight [out, in], bias [out]), then ReLU if
+/// `relu`.
+pub fn linear(x: &Tensor, weight: &Tensor, bias: &Tensor, relu: bool) -> Result<Tensor> {
+    if use_fast_kernels(&[x, weight, bias]) && x.rank() == 2 {
+        let op = linear::LinearOp { relu };
+        return x
+            .contiguous()?
+            .apply_op3(&weight.contiguous()?, &bias.contiguous()?, op);
+    }
+    reference_linear(x, weight, bias, relu)
+}
+
+/// candle's matmul for [`linear`] (the GPU path and the tests' reference).
+pub fn reference_linear(x: &Tensor, weight: &Tensor, bias: &Tensor, relu: bool) -> Result<Tensor> {
+    let y = x.matmul(&weight.t()?)?.broadcast_add(bias)?;
+    if relu {
+        y.relu()
+    } else {
+        Ok(y)
+    }
 }
 
 /// Training-mode batch norm over dim 1 of `x` ([N, C, ...]) with the batch's statistics,
@@ -272,6 +324,25 @@ fn check_channel_params(x: &Tensor, params: &[&Tensor]) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// Elements per parallel task in the purely elementwise ops.
+const ELEMENTWISE_CHUNK: usize = 1 << 15;
+
+/// The gradient through a ReLU whose output was `y`: `grad_y` where `y > 0`, else 0.
+fn relu_grad(y: &[f32], grad_y: &[f32]) -> Vec<f32> {
+    let mut out = vec![0f32; y.len()];
+    out.par_chunks_mut(ELEMENTWISE_CHUNK)
+        .zip(
+            y.par_chunks(ELEMENTWISE_CHUNK)
+                .zip(grad_y.par_chunks(ELEMENTWISE_CHUNK)),
+        )
+        .for_each(|(o, (y, g))| {
+            for ((o, &yv), &gv) in o.iter_mut().zip(y).zip(g) {
+                *o = if yv > 0.0 { gv } else { 0.0 };
+            }
+        });
+    out
 }
 
 /// The f32 elements a contiguous CPU layout covers.

@@ -8,12 +8,9 @@
 //! Per-channel sums run one channel per task, in a fixed order, so the results do not depend
 //! on the thread count (bit-reproducible training).
 
-use super::{cpu_slice, tensor_from_vec, with_cpu_slices};
+use super::{cpu_slice, relu_grad, tensor_from_vec, with_cpu_slices, ELEMENTWISE_CHUNK};
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
-
-/// Elements per parallel task in the purely elementwise ops.
-const ELEMENTWISE_CHUNK: usize = 1 << 15;
 
 /// How an NCHW (or [N, C]) tensor splits into per-channel runs: `images` runs of `pixels`
 /// contiguous elements per channel.
@@ -344,29 +341,13 @@ impl CustomOp2 for AddReluOp {
         grad_res: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
         let grad_res = grad_res.contiguous()?;
-        let grad = with_cpu_slices(&[res, &grad_res], |s| Ok(relu_mask(s[0], s[1])))?;
+        let grad = with_cpu_slices(&[res, &grad_res], |s| Ok(relu_grad(s[0], s[1])))?;
         let grad = tensor_from_vec(grad, res.shape(), res.device())?;
         Ok((
             a.track_op().then(|| grad.clone()),
             b.track_op().then_some(grad),
         ))
     }
-}
-
-/// The gradient through a ReLU whose output was `y`: `grad_y` where `y > 0`, else 0.
-pub fn relu_mask(y: &[f32], grad_y: &[f32]) -> Vec<f32> {
-    let mut out = vec![0f32; y.len()];
-    out.par_chunks_mut(ELEMENTWISE_CHUNK)
-        .zip(
-            y.par_chunks(ELEMENTWISE_CHUNK)
-                .zip(grad_y.par_chunks(ELEMENTWISE_CHUNK)),
-        )
-        .for_each(|(o, (y, g))| {
-            for ((o, &yv), &gv) in o.iter_mut().zip(y).zip(g) {
-                *o = if yv > 0.0 { gv } else { 0.0 };
-            }
-        });
-    out
 }
 
 #[cfg(test)]
