@@ -416,3 +416,34 @@ fn conv_weight_grad_without_input_grad() -> Result<()> {
         &gb,
     )
 }
+
+#[test]
+fn fused_conv_relu_pool_matches_the_separate_ops() -> Result<()> {
+    let mut rng = ChaCha8Rng::seed_from_u64(11);
+    // (batch, cin, size, cout, kernel, padding): the baseline's conv2, odd sizes (the pool
+    // drops the last row and column), chunks of several images, and 1x1 kernels.
+    let cases = [
+        (64, 32, 26, 64, 3, 0),
+        (3, 2, 9, 5, 3, 1),
+        (40, 3, 5, 4, 3, 0),
+        (2, 4, 8, 3, 1, 0),
+    ];
+    for (batch, cin, size, cout, kernel, padding) in cases {
+        let x = Var::from_tensor(&random(&mut rng, &[batch, cin, size, size])?)?;
+        let w = Var::from_tensor(&random(&mut rng, &[cout, cin, kernel, kernel])?)?;
+        let b = Var::from_tensor(&random(&mut rng, &[cout])?)?;
+        let fused = ops::conv2d_relu_pool2(&x, &w, Some(&b), 1, padding)?;
+        let separate = ops::max_pool2d(&ops::conv2d_relu(&x, &w, Some(&b), 1, padding)?, 2, 2, 0)?;
+        assert_close("pooled output", &fused, &separate)?;
+        let upstream = random(&mut rng, fused.dims())?;
+        let g_fused = (&fused * &upstream)?.sum_all()?.backward()?;
+        let g_separate = (&separate * &upstream)?.sum_all()?.backward()?;
+        for (what, v) in [("x", &x), ("weight", &w), ("bias", &b)] {
+            let (Some(a), Some(r)) = (g_fused.get(v), g_separate.get(v)) else {
+                panic!("no gradient for {what}");
+            };
+            assert_close(what, a, r)?;
+        }
+    }
+    Ok(())
+}

@@ -58,6 +58,17 @@ impl Conv {
             self.padding,
         )
     }
+
+    /// `max_pool2d(relu(self.forward(x)), 2)`, fused.
+    pub fn forward_relu_pool2(&self, x: &Tensor) -> Result<Tensor> {
+        ops::conv2d_relu_pool2(
+            x,
+            &self.weight,
+            self.bias.as_ref(),
+            self.stride,
+            self.padding,
+        )
+    }
 }
 
 /// A fully connected layer (weight [out, in], bias [out]) whose forward goes through
@@ -119,8 +130,8 @@ impl Baseline {
 
     /// `rng` is Some in training mode (dropout on), None in eval mode.
     fn run(&self, x: &Tensor, mut rng: Option<&mut dyn RngCore>) -> Result<Tensor> {
-        let (_, c2) = self.conv_stages(x)?;
-        let mut h = ops::max_pool2d(&c2, 2, 2, 0)?;
+        let c1 = self.conv1.forward_relu(x)?;
+        let mut h = self.conv2.forward_relu_pool2(&c1)?;
         if let Some(r) = rng.as_deref_mut() {
             h = dropout(&h, DROPOUT_CONV, r)?;
         }

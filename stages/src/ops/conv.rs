@@ -9,9 +9,11 @@
 //! order, so the result does not depend on how rayon schedules the work (bit-reproducible).
 
 use super::gemm::{sgemm, MatRef};
+use super::pool::{pool_backward, pool_planes, PoolGeometry};
 use super::{cpu_slice, relu_grad, tensor_from_vec, with_cpu_slices};
 use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
+use std::sync::Mutex;
 
 /// Output pixels per GEMM that keep the kernel efficient: smaller feature maps are batched.
 const TARGET_COLUMNS: usize = 256;
@@ -327,77 +329,169 @@ pub fn conv_forward(
     bias: Option<&[f32]>,
     relu: bool,
 ) -> Vec<f32> {
-    let taps = g.active_taps();
-    let walk = Walk::new(g, &taps);
-    let w_active = active_weight(g, &taps, w);
-    let w: &[f32] = w_active.as_deref().unwrap_or(w);
-    let (cout, ckk, hw) = (g.out_channels, g.in_channels * taps.len(), g.out_pixels());
-    let per_chunk = g.images_per_chunk();
+    let plan = ForwardPlan::new(g, w);
     let mut y = vec![0f32; g.batch * g.out_image_len()];
-    let chunks = g.batch.div_ceil(per_chunk);
-    let threads = inner_threads(chunks);
-    let w_mat = MatRef::row_major(w, ckk);
-    y.par_chunks_mut(per_chunk * g.out_image_len())
+    y.par_chunks_mut(plan.per_chunk * g.out_image_len())
         .enumerate()
-        .for_each(|(chunk, y_chunk)| {
-            let first = chunk * per_chunk;
-            let images = y_chunk.len() / g.out_image_len();
-            let x_chunk = &x[first * g.in_image_len()..(first + images) * g.in_image_len()];
-            let ncols = images * hw;
-            let mut col_buf = Vec::new();
-            let col: &[f32] = if g.is_pointwise() && images == 1 {
-                x_chunk
-            } else {
-                col_buf.resize(ckk * ncols, 0.0);
-                im2col(g, &taps, &walk, x_chunk, images, &mut col_buf);
-                &col_buf
-            };
-            let col_mat = MatRef::row_major(col, ncols);
-            if images == 1 {
-                // The GEMM writes [Cout, HoWo] straight into the NCHW output, on top of the bias.
-                if let Some(b) = bias {
-                    for (row, bv) in y_chunk.chunks_mut(hw).zip(b) {
-                        row.fill(*bv);
-                    }
+        .for_each_init(Scratch::default, |scratch, (chunk, y_chunk)| {
+            plan.chunk(x, bias, relu, chunk, y_chunk, scratch);
+        });
+    y
+}
+
+/// [`conv_forward`] followed by 2x2/2 max pooling, each chunk pooled while in cache: the
+/// pooled output and, per pooled value, the index of its maximum in its conv output plane.
+pub fn conv_forward_pool2(
+    g: &ConvGeometry,
+    x: &[f32],
+    w: &[f32],
+    bias: Option<&[f32]>,
+    relu: bool,
+) -> Result<(Vec<f32>, Vec<u32>)> {
+    let plan = ForwardPlan::new(g, w);
+    let pool = pool2_geometry(g, g.batch)?;
+    let pooled_image = g.out_channels * pool.out_height * pool.out_width;
+    let mut y = vec![0f32; g.batch * pooled_image];
+    let mut idx = vec![0u32; g.batch * pooled_image];
+    y.par_chunks_mut(plan.per_chunk * pooled_image)
+        .zip(idx.par_chunks_mut(plan.per_chunk * pooled_image))
+        .enumerate()
+        .for_each_init(
+            || (Scratch::default(), Vec::new()),
+            |(scratch, conv_out), (chunk, (y_chunk, idx_chunk))| {
+                let images = y_chunk.len() / pooled_image;
+                conv_out.resize(images * g.out_image_len(), 0.0);
+                plan.chunk(x, bias, relu, chunk, conv_out, scratch);
+                pool_planes(&pool, conv_out, y_chunk, idx_chunk);
+            },
+        );
+    Ok((y, idx))
+}
+
+/// The 2x2/2 max pooling of this convolution's output for `images` images.
+pub fn pool2_geometry(g: &ConvGeometry, images: usize) -> Result<PoolGeometry> {
+    PoolGeometry::new((images, g.out_channels, g.out_height, g.out_width), 2, 2, 0)
+}
+
+/// Per-task buffers, reused across the chunks one task computes.
+#[derive(Default)]
+struct Scratch {
+    col: Vec<f32>,
+    gemm_out: Vec<f32>,
+}
+
+/// What every forward chunk shares: the taps, the weight restricted to them, the chunking.
+struct ForwardPlan<'a> {
+    g: &'a ConvGeometry,
+    taps: Vec<(usize, usize)>,
+    walk: Walk,
+    weight: std::borrow::Cow<'a, [f32]>,
+    per_chunk: usize,
+    threads: usize,
+}
+
+impl<'a> ForwardPlan<'a> {
+    fn new(g: &'a ConvGeometry, w: &'a [f32]) -> Self {
+        let taps = g.active_taps();
+        let walk = Walk::new(g, &taps);
+        let weight = match active_weight(g, &taps, w) {
+            Some(active) => std::borrow::Cow::Owned(active),
+            None => std::borrow::Cow::Borrowed(w),
+        };
+        let per_chunk = g.images_per_chunk();
+        let threads = inner_threads(g.batch.div_ceil(per_chunk));
+        Self {
+            g,
+            taps,
+            walk,
+            weight,
+            per_chunk,
+            threads,
+        }
+    }
+
+    /// Computes chunk `chunk` (whole images) into `out`, laid out NCHW.
+    fn chunk(
+        &self,
+        x: &[f32],
+        bias: Option<&[f32]>,
+        relu: bool,
+        chunk: usize,
+        out: &mut [f32],
+        scratch: &mut Scratch,
+    ) {
+        let g = self.g;
+        let (cout, ckk, hw) = (
+            g.out_channels,
+            g.in_channels * self.taps.len(),
+            g.out_pixels(),
+        );
+        let first = chunk * self.per_chunk;
+        let images = out.len() / g.out_image_len();
+        let x_chunk = &x[first * g.in_image_len()..(first + images) * g.in_image_len()];
+        let ncols = images * hw;
+        let col: &[f32] = if g.is_pointwise() && images == 1 {
+            x_chunk
+        } else {
+            scratch.col.resize(ckk * ncols, 0.0);
+            im2col(g, &self.taps, &self.walk, x_chunk, images, &mut scratch.col);
+            &scratch.col
+        };
+        let w_mat = MatRef::row_major(&self.weight, ckk);
+        let col_mat = MatRef::row_major(col, ncols);
+        if images == 1 {
+            // The GEMM writes [Cout, HoWo] straight into the NCHW output, on top of the bias.
+            if let Some(b) = bias {
+                for (row, bv) in out.chunks_mut(hw).zip(b) {
+                    row.fill(*bv);
                 }
-                sgemm(
-                    cout,
-                    hw,
-                    ckk,
-                    y_chunk,
-                    hw,
-                    bias.is_some(),
-                    w_mat,
-                    col_mat,
-                    threads,
-                );
+            }
+            sgemm(
+                cout,
+                hw,
+                ckk,
+                out,
+                hw,
+                bias.is_some(),
+                w_mat,
+                col_mat,
+                self.threads,
+            );
+            if relu {
+                out.iter_mut().for_each(|v| *v = v.max(0.0));
+            }
+            return;
+        }
+        let tmp = &mut scratch.gemm_out;
+        tmp.resize(cout * ncols, 0.0);
+        sgemm(
+            cout,
+            ncols,
+            ckk,
+            tmp,
+            ncols,
+            false,
+            w_mat,
+            col_mat,
+            self.threads,
+        );
+        for img in 0..images {
+            for co in 0..cout {
+                let bv = bias.map_or(0.0, |b| b[co]);
+                let src = &tmp[co * ncols + img * hw..co * ncols + (img + 1) * hw];
+                let dst = &mut out[(img * cout + co) * hw..(img * cout + co + 1) * hw];
                 if relu {
-                    y_chunk.iter_mut().for_each(|v| *v = v.max(0.0));
-                }
-            } else {
-                let mut tmp = vec![0f32; cout * ncols];
-                sgemm(
-                    cout, ncols, ckk, &mut tmp, ncols, false, w_mat, col_mat, threads,
-                );
-                for img in 0..images {
-                    for co in 0..cout {
-                        let bv = bias.map_or(0.0, |b| b[co]);
-                        let src = &tmp[co * ncols + img * hw..co * ncols + (img + 1) * hw];
-                        let dst = &mut y_chunk[(img * cout + co) * hw..(img * cout + co + 1) * hw];
-                        if relu {
-                            for (d, s) in dst.iter_mut().zip(src) {
-                                *d = (*s + bv).max(0.0);
-                            }
-                        } else {
-                            for (d, s) in dst.iter_mut().zip(src) {
-                                *d = *s + bv;
-                            }
-                        }
+                    for (d, s) in dst.iter_mut().zip(src) {
+                        *d = (*s + bv).max(0.0);
+                    }
+                } else {
+                    for (d, s) in dst.iter_mut().zip(src) {
+                        *d = *s + bv;
                     }
                 }
             }
-        });
-    y
+        }
+    }
 }
 
 /// Gradients of the convolution; each is computed only when asked for.
@@ -565,12 +659,65 @@ pub fn conv_backward(
 }
 
 /// The candle custom op: arguments (x, weight, bias); a missing bias is passed as zeros.
-/// With `relu` the op is `relu(conv(x))`, its backward masking the gradient by the output.
+/// With `relu` the op is `relu(conv(x))`, its backward masking the gradient by the output;
+/// with `pool2` the output is then max-pooled 2x2/2, the argmax indices kept in the op
+/// between the forward and the backward pass.
 pub struct Conv2dOp {
     pub stride: usize,
     pub padding: usize,
     pub has_bias: bool,
     pub relu: bool,
+    pub pool2: bool,
+    pub pool_indices: Mutex<Option<Vec<u32>>>,
+}
+
+impl Conv2dOp {
+    pub fn new(stride: usize, padding: usize, has_bias: bool, relu: bool, pool2: bool) -> Self {
+        Self {
+            stride,
+            padding,
+            has_bias,
+            relu,
+            pool2,
+            pool_indices: Mutex::new(None),
+        }
+    }
+
+    fn indices(&self) -> Result<std::sync::MutexGuard<'_, Option<Vec<u32>>>> {
+        self.pool_indices
+            .lock()
+            .map_err(|_| candle_core::Error::Msg("conv2d: poisoned pool index lock".into()))
+    }
+
+    /// The gradient at the convolution's own output, from the gradient at the op's output.
+    fn conv_output_grad(
+        &self,
+        g: &ConvGeometry,
+        res: &Tensor,
+        grad_res: &Tensor,
+    ) -> Result<Tensor> {
+        let grad_res = grad_res.contiguous()?;
+        if !self.relu && !self.pool2 {
+            return Ok(grad_res);
+        }
+        let grad = with_cpu_slices(&[res, &grad_res], |s| {
+            let masked = if self.relu {
+                relu_grad(s[0], s[1])
+            } else {
+                s[1].to_vec()
+            };
+            if !self.pool2 {
+                return Ok(masked);
+            }
+            let indices = self.indices()?;
+            let Some(idx) = indices.as_ref() else {
+                candle_core::bail!("conv2d: backward without saved pool indices");
+            };
+            Ok(pool_backward(&pool2_geometry(g, g.batch)?, idx, &masked))
+        })?;
+        let shape = Shape::from((g.batch, g.out_channels, g.out_height, g.out_width));
+        tensor_from_vec(grad, &shape, res.device())
+    }
 }
 
 impl CustomOp3 for Conv2dOp {
@@ -597,6 +744,13 @@ impl CustomOp3 for Conv2dOp {
         let w = cpu_slice(s2, l2)?;
         let b = cpu_slice(s3, l3)?;
         let bias = self.has_bias.then_some(b);
+        if self.pool2 {
+            let (y, idx) = conv_forward_pool2(&g, x, w, bias, self.relu)?;
+            *self.indices()? = Some(idx);
+            let pool = pool2_geometry(&g, g.batch)?;
+            let shape = Shape::from((g.batch, g.out_channels, pool.out_height, pool.out_width));
+            return Ok((CpuStorage::F32(y), shape));
+        }
         let y = conv_forward(&g, x, w, bias, self.relu);
         let shape = Shape::from((g.batch, g.out_channels, g.out_height, g.out_width));
         Ok((CpuStorage::F32(y), shape))
@@ -612,14 +766,7 @@ impl CustomOp3 for Conv2dOp {
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let g = ConvGeometry::new(x.dims4()?, w.dims4()?, self.stride, self.padding)?;
         let want = (x.track_op(), w.track_op(), self.has_bias && b.track_op());
-        let grad_res = if self.relu {
-            let masked = with_cpu_slices(&[res, &grad_res.contiguous()?], |s| {
-                Ok(relu_grad(s[0], s[1]))
-            })?;
-            tensor_from_vec(masked, res.shape(), res.device())?
-        } else {
-            grad_res.contiguous()?
-        };
+        let grad_res = self.conv_output_grad(&g, res, grad_res)?;
         let grads = with_cpu_slices(&[x, w, &grad_res], |s| {
             Ok(conv_backward(&g, s[0], s[1], s[2], want))
         })?;

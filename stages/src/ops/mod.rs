@@ -73,7 +73,7 @@ pub fn conv2d(
     stride: usize,
     padding: usize,
 ) -> Result<Tensor> {
-    conv2d_activated(x, weight, bias, stride, padding, false)
+    conv2d_activated(x, weight, bias, stride, padding, false, false)
 }
 
 /// `relu(conv2d(..))` in one op on the CPU (no separate ReLU pass forward or backward).
@@ -84,7 +84,19 @@ pub fn conv2d_relu(
     stride: usize,
     padding: usize,
 ) -> Result<Tensor> {
-    conv2d_activated(x, weight, bias, stride, padding, true)
+    conv2d_activated(x, weight, bias, stride, padding, true, false)
+}
+
+/// `max_pool2d(relu(conv2d(..)), 2, 2, 0)` in one op on the CPU: each chunk of the conv output
+/// is pooled while in cache, and the unpooled output never becomes a tensor.
+pub fn conv2d_relu_pool2(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: Option<&Tensor>,
+    stride: usize,
+    padding: usize,
+) -> Result<Tensor> {
+    conv2d_activated(x, weight, bias, stride, padding, true, true)
 }
 
 fn conv2d_activated(
@@ -94,6 +106,7 @@ fn conv2d_activated(
     stride: usize,
     padding: usize,
     relu: bool,
+    pool2: bool,
 ) -> Result<Tensor> {
     if use_fast_kernels(&[x, weight]) && bias.is_none_or(|b| use_fast_kernels(&[b])) {
         let cout = weight.dim(0)?;
@@ -106,19 +119,15 @@ fn conv2d_activated(
             }
             None => Tensor::zeros(cout, DType::F32, x.device())?,
         };
-        let op = conv::Conv2dOp {
-            stride,
-            padding,
-            has_bias: bias.is_some(),
-            relu,
-        };
+        let op = conv::Conv2dOp::new(stride, padding, bias.is_some(), relu, pool2);
         return x
             .contiguous()?
             .apply_op3(&weight.contiguous()?, &bias_arg, op);
     }
     let y = reference_conv2d(x, weight, bias, stride, padding)?;
-    if relu {
-        y.relu()
+    let y = if relu { y.relu()? } else { y };
+    if pool2 {
+        max_pool2d(&y, 2, 2, 0)
     } else {
         Ok(y)
     }

@@ -58,35 +58,57 @@ pub fn pool_forward(g: &PoolGeometry, x: &[f32]) -> (Vec<f32>, Vec<u32>) {
         .zip(idx.par_chunks_mut(out_plane))
         .enumerate()
         .for_each(|(plane, (y_plane, idx_plane))| {
-            let src = &x[plane * in_plane..(plane + 1) * in_plane];
-            if g.kernel == 2 && g.stride == 2 && g.padding == 0 {
-                pool_2x2_plane(g, src, y_plane, idx_plane);
-                return;
-            }
-            for oy in 0..g.out_height {
-                let y0 = (oy * g.stride).saturating_sub(g.padding);
-                let y1 = (oy * g.stride + g.kernel - g.padding).min(g.height);
-                for ox in 0..g.out_width {
-                    let x0 = (ox * g.stride).saturating_sub(g.padding);
-                    let x1 = (ox * g.stride + g.kernel - g.padding).min(g.width);
-                    let mut best = f32::NEG_INFINITY;
-                    let mut best_at = y0 * g.width + x0;
-                    for iy in y0..y1 {
-                        for ix in x0..x1 {
-                            let v = src[iy * g.width + ix];
-                            // A NaN wins its window (and then stays), as PyTorch propagates NaN.
-                            if v > best || v.is_nan() {
-                                best = v;
-                                best_at = iy * g.width + ix;
-                            }
-                        }
-                    }
-                    y_plane[oy * g.out_width + ox] = best;
-                    idx_plane[oy * g.out_width + ox] = best_at as u32;
-                }
-            }
+            pool_plane(
+                g,
+                &x[plane * in_plane..(plane + 1) * in_plane],
+                y_plane,
+                idx_plane,
+            )
         });
     (y, idx)
+}
+
+/// Pools `planes` consecutive planes of `x` into `y` and `idx` (serially; for callers that
+/// already run in parallel).
+pub fn pool_planes(g: &PoolGeometry, x: &[f32], y: &mut [f32], idx: &mut [u32]) {
+    let (in_plane, out_plane) = (g.height * g.width, g.out_height * g.out_width);
+    for ((src, y_plane), idx_plane) in x
+        .chunks(in_plane)
+        .zip(y.chunks_mut(out_plane))
+        .zip(idx.chunks_mut(out_plane))
+    {
+        pool_plane(g, src, y_plane, idx_plane);
+    }
+}
+
+/// One plane: the max of each window and where in the plane it was.
+fn pool_plane(g: &PoolGeometry, src: &[f32], y_plane: &mut [f32], idx_plane: &mut [u32]) {
+    if g.kernel == 2 && g.stride == 2 && g.padding == 0 {
+        pool_2x2_plane(g, src, y_plane, idx_plane);
+        return;
+    }
+    for oy in 0..g.out_height {
+        let y0 = (oy * g.stride).saturating_sub(g.padding);
+        let y1 = (oy * g.stride + g.kernel - g.padding).min(g.height);
+        for ox in 0..g.out_width {
+            let x0 = (ox * g.stride).saturating_sub(g.padding);
+            let x1 = (ox * g.stride + g.kernel - g.padding).min(g.width);
+            let mut best = f32::NEG_INFINITY;
+            let mut best_at = y0 * g.width + x0;
+            for iy in y0..y1 {
+                for ix in x0..x1 {
+                    let v = src[iy * g.width + ix];
+                    // A NaN wins its window (and then stays), as PyTorch propagates NaN.
+                    if v > best || v.is_nan() {
+                        best = v;
+                        best_at = iy * g.width + ix;
+                    }
+                }
+            }
+            y_plane[oy * g.out_width + ox] = best;
+            idx_plane[oy * g.out_width + ox] = best_at as u32;
+        }
+    }
 }
 
 /// The baseline's 2x2/2 unpadded pooling without the general loop's bounds arithmetic.
