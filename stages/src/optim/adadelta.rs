@@ -5,7 +5,7 @@ use std::collections::HashMap;
 use candle_core::backprop::GradStore;
 use candle_core::{Result, Tensor, Var};
 
-use super::{read_step, restore, step_tensor, with_weight_decay, zeros_like_all, Optimizer};
+use super::{fused, read_step, restore, step_tensor, with_weight_decay, zeros_like_all, Optimizer};
 
 pub struct Adadelta {
     params: Vec<(String, Var)>,
@@ -47,6 +47,26 @@ impl Optimizer for Adadelta {
                 continue;
             };
             let param = var.as_tensor();
+            if fused::applies(&[param, grad, &self.square_avg[i], &self.acc_delta[i]]) {
+                let (rho, eps) = (self.rho as f32, self.eps as f32);
+                let (wd, lr) = (self.weight_decay as f32, self.lr as f32);
+                fused::update(
+                    param,
+                    grad,
+                    &self.square_avg[i],
+                    &self.acc_delta[i],
+                    |p, g, sq, acc| {
+                        for (((p, &g), sq), acc) in p.iter_mut().zip(g).zip(sq).zip(acc) {
+                            let g = if wd != 0.0 { g + *p * wd } else { g };
+                            *sq = *sq * rho + g * g * (1.0 - rho);
+                            let delta = ((*acc + eps).sqrt() / (*sq + eps).sqrt()) * g;
+                            *acc = *acc * rho + delta * delta * (1.0 - rho);
+                            *p -= delta * lr;
+                        }
+                    },
+                )?;
+                continue;
+            }
             let grad = with_weight_decay(grad, param, self.weight_decay)?;
             let square_avg =
                 ((&self.square_avg[i] * self.rho)? + (grad.sqr()? * (1.0 - self.rho))?)?;

@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use candle_core::backprop::GradStore;
 use candle_core::{Result, Tensor, Var};
 
-use super::{read_step, restore, step_tensor, with_weight_decay, zeros_like_all, Optimizer};
+use super::{fused, read_step, restore, step_tensor, with_weight_decay, zeros_like_all, Optimizer};
 
 pub struct Adam {
     params: Vec<(String, Var)>,
@@ -54,6 +54,26 @@ impl Optimizer for Adam {
                 continue;
             };
             let param = var.as_tensor();
+            if fused::applies(&[param, grad, &self.exp_avg[i], &self.exp_avg_sq[i]]) {
+                let (beta1, beta2, eps) = (self.beta1 as f32, self.beta2 as f32, self.eps as f32);
+                let (wd, step) = (self.weight_decay as f32, step_size as f32);
+                let bc2 = bias_correction2_sqrt as f32;
+                fused::update(
+                    param,
+                    grad,
+                    &self.exp_avg[i],
+                    &self.exp_avg_sq[i],
+                    |p, g, m, v| {
+                        for (((p, &g), m), v) in p.iter_mut().zip(g).zip(m).zip(v) {
+                            let g = if wd != 0.0 { g + *p * wd } else { g };
+                            *m = *m * beta1 + g * (1.0 - beta1);
+                            *v = *v * beta2 + g * g * (1.0 - beta2);
+                            *p -= step * (*m / (v.sqrt() / bc2 + eps));
+                        }
+                    },
+                )?;
+                continue;
+            }
             let grad = with_weight_decay(grad, param, self.weight_decay)?;
             let exp_avg = ((&self.exp_avg[i] * self.beta1)? + (&grad * (1.0 - self.beta1))?)?;
             let exp_avg_sq =

@@ -4,6 +4,7 @@
 
 mod adadelta;
 mod adam;
+mod fused;
 mod sgd;
 
 use std::collections::HashMap;
@@ -220,7 +221,8 @@ fn restore(state: &HashMap<String, Tensor>, key: &str, like: &Tensor) -> Result<
             like.dims()
         );
     }
-    t.to_device(like.device())?.to_dtype(like.dtype())
+    // A copy of its own: the fast path updates optimizer state in place.
+    t.to_device(like.device())?.to_dtype(like.dtype())?.copy()
 }
 
 /// The step counter as a one-element tensor (i64: exact, and safetensors can hold it).
@@ -245,9 +247,23 @@ mod tests {
     use candle_core::{DType, Device};
 
     /// Three steps on one parameter with fixed gradients, as in PyTorch's reference script
-    /// (torch 2.x, float64): returns the parameter afterwards.
+    /// (torch 2.x, float64): returns the parameter afterwards. Runs both paths: f32 takes the
+    /// fused CPU update, f64 the tensor ops (the GPU path); they must agree.
     fn run(config: OptimizerConfig) -> Result<Vec<f32>> {
-        let p = Var::from_tensor(&Tensor::new(&[0.5f32, -1.0, 2.0, 0.0], &Device::Cpu)?)?;
+        let fused = run_in(config.clone(), DType::F32)?;
+        let tensor_ops = run_in(config, DType::F64)?;
+        for (a, b) in fused.iter().zip(&tensor_ops) {
+            assert!(
+                (a - b).abs() <= 1e-6,
+                "fused {fused:?} vs tensor ops {tensor_ops:?}"
+            );
+        }
+        Ok(fused)
+    }
+
+    fn run_in(config: OptimizerConfig, dtype: DType) -> Result<Vec<f32>> {
+        let p = Tensor::new(&[0.5f32, -1.0, 2.0, 0.0], &Device::Cpu)?.to_dtype(dtype)?;
+        let p = Var::from_tensor(&p)?;
         let mut opt = config.build(vec![("p".into(), p.clone())])?;
         let grads = [
             [0.1f32, -0.2, 0.3, 0.0],
@@ -256,7 +272,7 @@ mod tests {
         ];
         for g in grads {
             // d/dp sum(p * g) = g: a real backward pass produces the gradient.
-            let g = Tensor::new(&g, &Device::Cpu)?;
+            let g = Tensor::new(&g, &Device::Cpu)?.to_dtype(dtype)?;
             let loss = (p.as_tensor() * &g)?.sum_all()?;
             opt.step(&loss.backward()?)?;
         }
