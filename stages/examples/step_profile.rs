@@ -1,5 +1,5 @@
 //! Splits one training step into forward, backward and optimizer time, and times inference:
-//! `cargo run --release -p fmnist-stages --example step_profile -- baseline|resnet18 [THREADS] [--train-only]`.
+//! `cargo run --release -p fmnist-stages --example step_profile -- baseline|resnet18 [THREADS] [--train-only | --infer-only]`.
 use candle_core::{DType, Device};
 use fmnist_stages::data::{Dataset, Normalization, Split};
 use fmnist_stages::models::{self, ModelKind, DROPOUT_STREAM};
@@ -38,8 +38,13 @@ fn main() -> anyhow::Result<()> {
     let mut rng = ChaCha8Rng::seed_from_u64(42);
     rng.set_stream(DROPOUT_STREAM);
     let order: Vec<usize> = (0..2048).collect();
+    let infer_only = args.iter().any(|a| a == "--infer-only");
     let (mut tf, mut tb, mut ts) = (0.0, 0.0, 0.0);
-    for (i, idx) in order.chunks(64).take(32).enumerate() {
+    for (i, idx) in order
+        .chunks(64)
+        .take(if infer_only { 0 } else { 32 })
+        .enumerate()
+    {
         let (x, y) = data.batch(idx, Normalization::default(), &device)?;
         let t0 = Instant::now();
         let logits = model.forward_train(&x, &mut rng)?;
@@ -65,12 +70,14 @@ fn main() -> anyhow::Result<()> {
     let idx: Vec<usize> = (0..1000).collect();
     let (x, _) = data.batch(&idx, Normalization::default(), &device)?;
     let _ = model.forward(&x)?.to_vec2::<f32>()?;
-    let t0 = Instant::now();
-    let _ = model.forward(&x)?.to_vec2::<f32>()?;
-    println!(
-        "inference batch 1000: {:.1} ms ({:.0} img/s)",
-        t0.elapsed().as_secs_f64() * 1e3,
-        1000.0 / t0.elapsed().as_secs_f64()
-    );
+    for _ in 0..if infer_only { 5 } else { 1 } {
+        let t0 = Instant::now();
+        let _ = model.forward(&x)?.to_vec2::<f32>()?;
+        println!(
+            "inference batch 1000: {:.1} ms ({:.0} img/s)",
+            t0.elapsed().as_secs_f64() * 1e3,
+            1000.0 / t0.elapsed().as_secs_f64()
+        );
+    }
     Ok(())
 }

@@ -137,6 +137,12 @@ fn measure(
     let train_seconds = started.elapsed().as_secs_f64();
 
     let all: Vec<usize> = (0..images).collect();
+    // One small warm-up batch first, as the PyTorch side of scripts/bench-vs-torch.sh does.
+    let (warm_up, _) = train_set.batch(&all[..images.min(TRAIN_BATCH)], norm, &device)?;
+    model
+        .forward(&warm_up)?
+        .to_dtype(DType::F32)?
+        .to_vec2::<f32>()?;
     let started = Instant::now();
     for indices in all.chunks(INFER_BATCH) {
         let (x, _) = train_set.batch(indices, norm, &device)?;

@@ -61,6 +61,24 @@ impl BatchNorm {
         Ok(y)
     }
 
+    /// Eval mode folded into the convolution before it: `(weight * s, beta - mean * s)` with
+    /// `s = gamma / sqrt(running_var + eps)` per output channel, so inference runs the conv
+    /// (and its ReLU) with no separate normalization pass.
+    pub fn fold_into_conv(
+        &self,
+        conv_weight: &Tensor,
+        conv_bias: Option<&Tensor>,
+    ) -> Result<(Tensor, Tensor)> {
+        let scale = (&self.weight / (self.running_var.as_tensor() + EPS)?.sqrt()?)?;
+        let weight = conv_weight.broadcast_mul(&scale.reshape((scale.dim(0)?, 1, 1, 1))?)?;
+        let mean = match conv_bias {
+            Some(b) => (self.running_mean.as_tensor() - b)?,
+            None => self.running_mean.as_tensor().clone(),
+        };
+        let bias = (&self.bias - (mean * &scale)?)?;
+        Ok((weight, bias))
+    }
+
     /// Trainable parameters (weight and bias).
     pub fn param_count(&self) -> usize {
         self.weight.elem_count() + self.bias.elem_count()

@@ -33,6 +33,26 @@ fn conv_no_bias(
     })
 }
 
+/// `bn(conv(x))`, then ReLU if `relu`. In eval mode the batch norm is folded into the conv's
+/// weights (one op instead of two passes over the activations).
+fn conv_bn(conv: &Conv, bn: &BatchNorm, x: &Tensor, train: bool, relu: bool) -> Result<Tensor> {
+    if train {
+        return bn.forward(&conv.forward(x)?, train, relu);
+    }
+    let (weight, bias) = bn.fold_into_conv(&conv.weight, conv.bias.as_ref())?;
+    let folded = Conv {
+        weight,
+        bias: Some(bias),
+        stride: conv.stride,
+        padding: conv.padding,
+    };
+    if relu {
+        folded.forward_relu(x)
+    } else {
+        folded.forward(x)
+    }
+}
+
 struct BasicBlock {
     conv1: Conv,
     bn1: BatchNorm,
@@ -62,10 +82,10 @@ impl BasicBlock {
     }
 
     fn forward(&self, x: &Tensor, train: bool) -> Result<Tensor> {
-        let h = self.bn1.forward(&self.conv1.forward(x)?, train, true)?;
-        let h = self.bn2.forward(&self.conv2.forward(&h)?, train, false)?;
+        let h = conv_bn(&self.conv1, &self.bn1, x, train, true)?;
+        let h = conv_bn(&self.conv2, &self.bn2, &h, train, false)?;
         let shortcut = match &self.downsample {
-            Some((conv, bn)) => bn.forward(&conv.forward(x)?, train, false)?,
+            Some((conv, bn)) => conv_bn(conv, bn, x, train, false)?,
             None => x.clone(),
         };
         ops::add_relu(&h, &shortcut)
@@ -120,7 +140,7 @@ impl ResNet18 {
     }
 
     fn stem(&self, x: &Tensor, train: bool) -> Result<Tensor> {
-        self.bn1.forward(&self.conv1.forward(x)?, train, true)
+        conv_bn(&self.conv1, &self.bn1, x, train, true)
     }
 
     fn run(&self, x: &Tensor, train: bool) -> Result<Tensor> {
