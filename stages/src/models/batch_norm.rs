@@ -84,3 +84,35 @@ impl BatchNorm {
         self.weight.elem_count() + self.bias.elem_count()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{DType, Device};
+    use candle_nn::VarMap;
+
+    #[test]
+    fn folding_into_the_conv_matches_conv_then_eval_batch_norm() -> Result<()> {
+        let dev = Device::Cpu;
+        let varmap = VarMap::new();
+        let bn = BatchNorm::new(VarBuilder::from_varmap(&varmap, DType::F32, &dev), 4)?;
+        // Non-trivial statistics and affine parameters.
+        bn.running_mean.set(&Tensor::new(&[0.5f32, -1.0, 0.0, 2.0], &dev)?)?;
+        bn.running_var.set(&Tensor::new(&[0.25f32, 4.0, 1.0, 0.01], &dev)?)?;
+        let x = Tensor::randn(0f32, 1.0, (3, 2, 6, 6), &dev)?;
+        let w = Tensor::randn(0f32, 0.5, (4, 2, 3, 3), &dev)?;
+        let b = Tensor::new(&[0.1f32, -0.2, 0.3, 0.0], &dev)?;
+        for relu in [false, true] {
+            let unfolded = bn.forward(&ops::conv2d(&x, &w, Some(&b), 1, 1)?, false, relu)?;
+            let (fw, fb) = bn.fold_into_conv(&w, Some(&b))?;
+            let folded = if relu {
+                ops::conv2d_relu(&x, &fw, Some(&fb), 1, 1)?
+            } else {
+                ops::conv2d(&x, &fw, Some(&fb), 1, 1)?
+            };
+            let diff = (unfolded - folded)?.abs()?.flatten_all()?.max(0)?;
+            assert!(diff.to_scalar::<f32>()? < 1e-4, "relu={relu}");
+        }
+        Ok(())
+    }
+}
