@@ -420,20 +420,28 @@ fn conv_weight_grad_without_input_grad() -> Result<()> {
 #[test]
 fn fused_conv_relu_pool_matches_the_separate_ops() -> Result<()> {
     let mut rng = ChaCha8Rng::seed_from_u64(11);
-    // (batch, cin, size, cout, kernel, padding): the baseline's conv2, odd sizes (the pool
+    // (batch, cin, size, cout, kernel, padding, pool kernel/stride/padding): the baseline's
+    // conv2 and 2x2 pool, ResNet's eval stem with its 3x3/2 padded pool, odd sizes (the pool
     // drops the last row and column), chunks of several images, and 1x1 kernels.
     let cases = [
-        (64, 32, 26, 64, 3, 0),
-        (3, 2, 9, 5, 3, 1),
-        (40, 3, 5, 4, 3, 0),
-        (2, 4, 8, 3, 1, 0),
+        (64, 32, 26, 64, 3, 0, 2, 2, 0),
+        (5, 1, 28, 8, 7, 3, 3, 2, 1),
+        (3, 2, 9, 5, 3, 1, 2, 2, 0),
+        (40, 3, 5, 4, 3, 0, 2, 2, 0),
+        (2, 4, 8, 3, 1, 0, 3, 2, 1),
     ];
-    for (batch, cin, size, cout, kernel, padding) in cases {
+    for (batch, cin, size, cout, kernel, padding, pool_kernel, pool_stride, pool_padding) in cases {
         let x = Var::from_tensor(&random(&mut rng, &[batch, cin, size, size])?)?;
         let w = Var::from_tensor(&random(&mut rng, &[cout, cin, kernel, kernel])?)?;
         let b = Var::from_tensor(&random(&mut rng, &[cout])?)?;
-        let fused = ops::conv2d_relu_pool2(&x, &w, Some(&b), 1, padding)?;
-        let separate = ops::max_pool2d(&ops::conv2d_relu(&x, &w, Some(&b), 1, padding)?, 2, 2, 0)?;
+        let pool = ops::MaxPool {
+            kernel: pool_kernel,
+            stride: pool_stride,
+            padding: pool_padding,
+        };
+        let fused = ops::conv2d_relu_pool(&x, &w, Some(&b), 1, padding, pool)?;
+        let conv = ops::conv2d_relu(&x, &w, Some(&b), 1, padding)?;
+        let separate = ops::max_pool2d(&conv, pool_kernel, pool_stride, pool_padding)?;
         assert_close("pooled output", &fused, &separate)?;
         let upstream = random(&mut rng, fused.dims())?;
         let g_fused = (&fused * &upstream)?.sum_all()?.backward()?;

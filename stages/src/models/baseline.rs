@@ -59,14 +59,15 @@ impl Conv {
         )
     }
 
-    /// `max_pool2d(relu(self.forward(x)), 2)`, fused.
-    pub fn forward_relu_pool2(&self, x: &Tensor) -> Result<Tensor> {
-        ops::conv2d_relu_pool2(
+    /// `max_pool2d(relu(self.forward(x)), pool)`, fused.
+    pub fn forward_relu_pool(&self, x: &Tensor, pool: ops::MaxPool) -> Result<Tensor> {
+        ops::conv2d_relu_pool(
             x,
             &self.weight,
             self.bias.as_ref(),
             self.stride,
             self.padding,
+            pool,
         )
     }
 }
@@ -109,6 +110,11 @@ pub struct Baseline {
     fc2: Linear,
 }
 
+const POOL: ops::MaxPool = ops::MaxPool {
+    kernel: 2,
+    stride: 2,
+    padding: 0,
+};
 const DROPOUT_CONV: f32 = 0.25;
 const DROPOUT_FC: f32 = 0.5;
 
@@ -131,7 +137,7 @@ impl Baseline {
     /// `rng` is Some in training mode (dropout on), None in eval mode.
     fn run(&self, x: &Tensor, mut rng: Option<&mut dyn RngCore>) -> Result<Tensor> {
         let c1 = self.conv1.forward_relu(x)?;
-        let mut h = self.conv2.forward_relu_pool2(&c1)?;
+        let mut h = self.conv2.forward_relu_pool(&c1, POOL)?;
         if let Some(r) = rng.as_deref_mut() {
             h = dropout(&h, DROPOUT_CONV, r)?;
         }

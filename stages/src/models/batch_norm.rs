@@ -97,8 +97,10 @@ mod tests {
         let varmap = VarMap::new();
         let bn = BatchNorm::new(VarBuilder::from_varmap(&varmap, DType::F32, &dev), 4)?;
         // Non-trivial statistics and affine parameters.
-        bn.running_mean.set(&Tensor::new(&[0.5f32, -1.0, 0.0, 2.0], &dev)?)?;
-        bn.running_var.set(&Tensor::new(&[0.25f32, 4.0, 1.0, 0.01], &dev)?)?;
+        bn.running_mean
+            .set(&Tensor::new(&[0.5f32, -1.0, 0.0, 2.0], &dev)?)?;
+        bn.running_var
+            .set(&Tensor::new(&[0.25f32, 4.0, 1.0, 0.01], &dev)?)?;
         let x = Tensor::randn(0f32, 1.0, (3, 2, 6, 6), &dev)?;
         let w = Tensor::randn(0f32, 0.5, (4, 2, 3, 3), &dev)?;
         let b = Tensor::new(&[0.1f32, -0.2, 0.3, 0.0], &dev)?;

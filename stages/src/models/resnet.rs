@@ -39,19 +39,31 @@ fn conv_bn(conv: &Conv, bn: &BatchNorm, x: &Tensor, train: bool, relu: bool) -> 
     if train {
         return bn.forward(&conv.forward(x)?, train, relu);
     }
-    let (weight, bias) = bn.fold_into_conv(&conv.weight, conv.bias.as_ref())?;
-    let folded = Conv {
-        weight,
-        bias: Some(bias),
-        stride: conv.stride,
-        padding: conv.padding,
-    };
+    let folded = folded(conv, bn)?;
     if relu {
         folded.forward_relu(x)
     } else {
         folded.forward(x)
     }
 }
+
+/// `conv` with eval-mode `bn` folded into its weight and bias.
+fn folded(conv: &Conv, bn: &BatchNorm) -> Result<Conv> {
+    let (weight, bias) = bn.fold_into_conv(&conv.weight, conv.bias.as_ref())?;
+    Ok(Conv {
+        weight,
+        bias: Some(bias),
+        stride: conv.stride,
+        padding: conv.padding,
+    })
+}
+
+/// The stem's max pooling after conv1/bn1/ReLU.
+const STEM_POOL: ops::MaxPool = ops::MaxPool {
+    kernel: 3,
+    stride: 2,
+    padding: 1,
+};
 
 struct BasicBlock {
     conv1: Conv,
@@ -144,7 +156,13 @@ impl ResNet18 {
     }
 
     fn run(&self, x: &Tensor, train: bool) -> Result<Tensor> {
-        let mut h = ops::max_pool2d(&self.stem(x, train)?, 3, 2, 1)?;
+        // Eval mode pools each chunk of the folded stem conv's output in cache.
+        let mut h = if train {
+            let p = STEM_POOL;
+            ops::max_pool2d(&self.stem(x, train)?, p.kernel, p.stride, p.padding)?
+        } else {
+            folded(&self.conv1, &self.bn1)?.forward_relu_pool(x, STEM_POOL)?
+        };
         for stage in &self.layers {
             for block in stage {
                 h = block.forward(&h, train)?;
@@ -173,7 +191,8 @@ impl Classifier for ResNet18 {
 
     fn feature_maps(&self, x: &Tensor) -> Result<Vec<(String, Tensor)>> {
         let stem = self.stem(x, false)?;
-        let mut h = ops::max_pool2d(&stem, 3, 2, 1)?;
+        let p = STEM_POOL;
+        let mut h = ops::max_pool2d(&stem, p.kernel, p.stride, p.padding)?;
         for block in &self.layers[0] {
             h = block.forward(&h, false)?;
         }

@@ -147,18 +147,67 @@ fn gather_tables(g: &ConvGeometry, taps: &[(usize, usize)]) -> Vec<Vec<u32>> {
         .collect()
 }
 
-/// How im2col/col2im walk the input: row segments for wide maps, gather tables for small ones.
+/// For each active tap, the offset each output pixel reads in the zero-padded plane
+/// ((H + 2p) x (W + 2p)): every entry is valid, so the gather needs no padding test.
+fn padded_gather_tables(g: &ConvGeometry, taps: &[(usize, usize)]) -> Vec<Vec<u32>> {
+    let padded_width = g.width + 2 * g.padding;
+    taps.iter()
+        .map(|&(ki, kj)| {
+            (0..g.out_height)
+                .flat_map(|oy| {
+                    (0..g.out_width).map(move |ox| {
+                        ((oy * g.stride + ki) * padded_width + ox * g.stride + kj) as u32
+                    })
+                })
+                .collect()
+        })
+        .collect()
+}
+
+/// How im2col/col2im walk the input: row segments for wide maps, gather tables for small ones
+/// (im2col reads a zero-padded copy of each plane, col2im scatters into the plane itself).
 enum Walk {
     Rows,
-    Gather(Vec<Vec<u32>>),
+    Gather {
+        into_plane: Vec<Vec<u32>>,
+        into_padded: Vec<Vec<u32>>,
+    },
 }
 
 impl Walk {
     fn new(g: &ConvGeometry, taps: &[(usize, usize)]) -> Self {
         if g.out_width < GATHER_BELOW_WIDTH {
-            Walk::Gather(gather_tables(g, taps))
+            Walk::Gather {
+                into_plane: gather_tables(g, taps),
+                into_padded: padded_gather_tables(g, taps),
+            }
         } else {
             Walk::Rows
+        }
+    }
+}
+
+/// im2col through the padded gather tables (see [`Walk`]).
+fn im2col_gather(g: &ConvGeometry, tables: &[Vec<u32>], x: &[f32], images: usize, col: &mut [f32]) {
+    let (p, plane_len) = (g.padding, g.height * g.width);
+    let padded_width = g.width + 2 * p;
+    let mut padded = vec![0f32; padded_width * (g.height + 2 * p)];
+    let (hw_out, ncols) = (g.out_pixels(), images * g.out_pixels());
+    for img in 0..images {
+        for ci in 0..g.in_channels {
+            let start = (img * g.in_channels + ci) * plane_len;
+            let plane = &x[start..start + plane_len];
+            for (iy, src) in plane.chunks(g.width.max(1)).enumerate() {
+                let at = (iy + p) * padded_width + p;
+                padded[at..at + g.width].copy_from_slice(src);
+            }
+            for (tap, table) in tables.iter().enumerate() {
+                let row = ci * tables.len() + tap;
+                let dst = &mut col[row * ncols + img * hw_out..row * ncols + (img + 1) * hw_out];
+                for (d, &at) in dst.iter_mut().zip(table) {
+                    *d = padded[at as usize];
+                }
+            }
         }
     }
 }
@@ -172,6 +221,10 @@ fn im2col(
     images: usize,
     col: &mut [f32],
 ) {
+    if let Walk::Gather { into_padded, .. } = walk {
+        im2col_gather(g, into_padded, x, images, col);
+        return;
+    }
     let (s, p) = (g.stride, g.padding);
     let (hw_out, ncols) = (g.out_pixels(), images * g.out_pixels());
     for img in 0..images {
@@ -181,12 +234,6 @@ fn im2col(
             for (tap, &(ki, kj)) in taps.iter().enumerate() {
                 let row = ci * taps.len() + tap;
                 let dst = &mut col[row * ncols + img * hw_out..row * ncols + (img + 1) * hw_out];
-                if let Walk::Gather(tables) = walk {
-                    for (d, &at) in dst.iter_mut().zip(&tables[tap]) {
-                        *d = plane.get(at as usize).copied().unwrap_or(0.0);
-                    }
-                    continue;
-                }
                 let (lo, hi) = valid_range(g.out_width, g.width, s, p, kj);
                 for oy in 0..g.out_height {
                     let out_row = &mut dst[oy * g.out_width..(oy + 1) * g.out_width];
@@ -230,8 +277,8 @@ fn col2im_add(
             for (tap, &(ki, kj)) in taps.iter().enumerate() {
                 let row = ci * taps.len() + tap;
                 let src = &col[row * ncols + img * hw_out..row * ncols + (img + 1) * hw_out];
-                if let Walk::Gather(tables) = walk {
-                    for (v, &at) in src.iter().zip(&tables[tap]) {
+                if let Walk::Gather { into_plane, .. } = walk {
+                    for (v, &at) in src.iter().zip(&into_plane[tap]) {
                         if let Some(d) = plane.get_mut(at as usize) {
                             *d += *v;
                         }
@@ -339,17 +386,38 @@ pub fn conv_forward(
     y
 }
 
-/// [`conv_forward`] followed by 2x2/2 max pooling, each chunk pooled while in cache: the
-/// pooled output and, per pooled value, the index of its maximum in its conv output plane.
-pub fn conv_forward_pool2(
+/// A max pooling that follows a convolution: square window, stride, padding (-inf).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MaxPool {
+    pub kernel: usize,
+    pub stride: usize,
+    pub padding: usize,
+}
+
+impl MaxPool {
+    /// This pooling of the convolution's output for `images` images.
+    pub fn geometry(&self, g: &ConvGeometry, images: usize) -> Result<PoolGeometry> {
+        PoolGeometry::new(
+            (images, g.out_channels, g.out_height, g.out_width),
+            self.kernel,
+            self.stride,
+            self.padding,
+        )
+    }
+}
+
+/// [`conv_forward`] followed by max pooling, each chunk pooled while in cache: the pooled
+/// output and, per pooled value, the index of its maximum in its conv output plane.
+pub fn conv_forward_pooled(
     g: &ConvGeometry,
     x: &[f32],
     w: &[f32],
     bias: Option<&[f32]>,
     relu: bool,
+    pool: MaxPool,
 ) -> Result<(Vec<f32>, Vec<u32>)> {
     let plan = ForwardPlan::new(g, w);
-    let pool = pool2_geometry(g, g.batch)?;
+    let pool = pool.geometry(g, g.batch)?;
     let pooled_image = g.out_channels * pool.out_height * pool.out_width;
     let mut y = vec![0f32; g.batch * pooled_image];
     let mut idx = vec![0u32; g.batch * pooled_image];
@@ -366,11 +434,6 @@ pub fn conv_forward_pool2(
             },
         );
     Ok((y, idx))
-}
-
-/// The 2x2/2 max pooling of this convolution's output for `images` images.
-pub fn pool2_geometry(g: &ConvGeometry, images: usize) -> Result<PoolGeometry> {
-    PoolGeometry::new((images, g.out_channels, g.out_height, g.out_width), 2, 2, 0)
 }
 
 /// Per-task buffers, reused across the chunks one task computes.
@@ -660,25 +723,31 @@ pub fn conv_backward(
 
 /// The candle custom op: arguments (x, weight, bias); a missing bias is passed as zeros.
 /// With `relu` the op is `relu(conv(x))`, its backward masking the gradient by the output;
-/// with `pool2` the output is then max-pooled 2x2/2, the argmax indices kept in the op
-/// between the forward and the backward pass.
+/// with `pool` the output is then max-pooled, the argmax indices kept in the op between the
+/// forward and the backward pass.
 pub struct Conv2dOp {
     pub stride: usize,
     pub padding: usize,
     pub has_bias: bool,
     pub relu: bool,
-    pub pool2: bool,
+    pub pool: Option<MaxPool>,
     pub pool_indices: Mutex<Option<Vec<u32>>>,
 }
 
 impl Conv2dOp {
-    pub fn new(stride: usize, padding: usize, has_bias: bool, relu: bool, pool2: bool) -> Self {
+    pub fn new(
+        stride: usize,
+        padding: usize,
+        has_bias: bool,
+        relu: bool,
+        pool: Option<MaxPool>,
+    ) -> Self {
         Self {
             stride,
             padding,
             has_bias,
             relu,
-            pool2,
+            pool,
             pool_indices: Mutex::new(None),
         }
     }
@@ -697,7 +766,7 @@ impl Conv2dOp {
         grad_res: &Tensor,
     ) -> Result<Tensor> {
         let grad_res = grad_res.contiguous()?;
-        if !self.relu && !self.pool2 {
+        if !self.relu && self.pool.is_none() {
             return Ok(grad_res);
         }
         let grad = with_cpu_slices(&[res, &grad_res], |s| {
@@ -706,14 +775,14 @@ impl Conv2dOp {
             } else {
                 s[1].to_vec()
             };
-            if !self.pool2 {
+            let Some(pool) = self.pool else {
                 return Ok(masked);
-            }
+            };
             let indices = self.indices()?;
             let Some(idx) = indices.as_ref() else {
                 candle_core::bail!("conv2d: backward without saved pool indices");
             };
-            Ok(pool_backward(&pool2_geometry(g, g.batch)?, idx, &masked))
+            Ok(pool_backward(&pool.geometry(g, g.batch)?, idx, &masked))
         })?;
         let shape = Shape::from((g.batch, g.out_channels, g.out_height, g.out_width));
         tensor_from_vec(grad, &shape, res.device())
@@ -744,10 +813,10 @@ impl CustomOp3 for Conv2dOp {
         let w = cpu_slice(s2, l2)?;
         let b = cpu_slice(s3, l3)?;
         let bias = self.has_bias.then_some(b);
-        if self.pool2 {
-            let (y, idx) = conv_forward_pool2(&g, x, w, bias, self.relu)?;
+        if let Some(pool) = self.pool {
+            let (y, idx) = conv_forward_pooled(&g, x, w, bias, self.relu, pool)?;
             *self.indices()? = Some(idx);
-            let pool = pool2_geometry(&g, g.batch)?;
+            let pool = pool.geometry(&g, g.batch)?;
             let shape = Shape::from((g.batch, g.out_channels, pool.out_height, pool.out_width));
             return Ok((CpuStorage::F32(y), shape));
         }

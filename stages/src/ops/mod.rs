@@ -10,7 +10,7 @@ mod linear;
 mod norm;
 mod pool;
 
-pub use conv::{conv_backward, conv_forward, ConvGeometry};
+pub use conv::{conv_backward, conv_forward, ConvGeometry, MaxPool};
 pub use huge_pages::HugePageAlloc;
 pub use norm::{batch_norm_train_backward, batch_norm_train_forward, Planes};
 pub use pool::{pool_backward, pool_forward, PoolGeometry};
@@ -73,7 +73,7 @@ pub fn conv2d(
     stride: usize,
     padding: usize,
 ) -> Result<Tensor> {
-    conv2d_activated(x, weight, bias, stride, padding, false, false)
+    conv2d_activated(x, weight, bias, stride, padding, false, None)
 }
 
 /// `relu(conv2d(..))` in one op on the CPU (no separate ReLU pass forward or backward).
@@ -84,19 +84,20 @@ pub fn conv2d_relu(
     stride: usize,
     padding: usize,
 ) -> Result<Tensor> {
-    conv2d_activated(x, weight, bias, stride, padding, true, false)
+    conv2d_activated(x, weight, bias, stride, padding, true, None)
 }
 
-/// `max_pool2d(relu(conv2d(..)), 2, 2, 0)` in one op on the CPU: each chunk of the conv output
+/// `max_pool2d(relu(conv2d(..)), pool)` in one op on the CPU: each chunk of the conv output
 /// is pooled while in cache, and the unpooled output never becomes a tensor.
-pub fn conv2d_relu_pool2(
+pub fn conv2d_relu_pool(
     x: &Tensor,
     weight: &Tensor,
     bias: Option<&Tensor>,
     stride: usize,
     padding: usize,
+    pool: MaxPool,
 ) -> Result<Tensor> {
-    conv2d_activated(x, weight, bias, stride, padding, true, true)
+    conv2d_activated(x, weight, bias, stride, padding, true, Some(pool))
 }
 
 fn conv2d_activated(
@@ -106,7 +107,7 @@ fn conv2d_activated(
     stride: usize,
     padding: usize,
     relu: bool,
-    pool2: bool,
+    pool: Option<MaxPool>,
 ) -> Result<Tensor> {
     if use_fast_kernels(&[x, weight]) && bias.is_none_or(|b| use_fast_kernels(&[b])) {
         let cout = weight.dim(0)?;
@@ -119,17 +120,16 @@ fn conv2d_activated(
             }
             None => Tensor::zeros(cout, DType::F32, x.device())?,
         };
-        let op = conv::Conv2dOp::new(stride, padding, bias.is_some(), relu, pool2);
+        let op = conv::Conv2dOp::new(stride, padding, bias.is_some(), relu, pool);
         return x
             .contiguous()?
             .apply_op3(&weight.contiguous()?, &bias_arg, op);
     }
     let y = reference_conv2d(x, weight, bias, stride, padding)?;
     let y = if relu { y.relu()? } else { y };
-    if pool2 {
-        max_pool2d(&y, 2, 2, 0)
-    } else {
-        Ok(y)
+    match pool {
+        Some(p) => max_pool2d(&y, p.kernel, p.stride, p.padding),
+        None => Ok(y),
     }
 }
 
