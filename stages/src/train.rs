@@ -20,8 +20,9 @@ use crate::models::{self, Classifier, ModelKind, DROPOUT_STREAM};
 use crate::optim::{Optimizer, OptimizerConfig};
 use crate::plot::{self, Series};
 
-/// Bump when outputs would change for the same params.
-pub const VERSION: u32 = 1;
+/// Bump when outputs would change for the same params. 2: fused CPU kernels (batch norm,
+/// conv+ReLU+pool, linear, optimizer updates) round differently, so model bytes differ.
+pub const VERSION: u32 = 2;
 
 /// The `[stages.NAME]` table of a train stage.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
