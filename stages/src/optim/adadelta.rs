@@ -40,6 +40,8 @@ impl Adadelta {
 }
 
 impl Optimizer for Adadelta {
+    /// One fused in-place pass per parameter on the CPU (f32 arithmetic in PyTorch's order);
+    /// the tensor ops below are the general path.
     fn step(&mut self, grads: &GradStore) -> Result<()> {
         self.steps += 1;
         for (i, (_, var)) in self.params.iter().enumerate() {
@@ -47,24 +49,19 @@ impl Optimizer for Adadelta {
                 continue;
             };
             let param = var.as_tensor();
-            if fused::applies(&[param, grad, &self.square_avg[i], &self.acc_delta[i]]) {
-                let (rho, eps) = (self.rho as f32, self.eps as f32);
-                let (wd, lr) = (self.weight_decay as f32, self.lr as f32);
-                fused::update(
-                    param,
-                    grad,
-                    &self.square_avg[i],
-                    &self.acc_delta[i],
-                    |p, g, sq, acc| {
-                        for (((p, &g), sq), acc) in p.iter_mut().zip(g).zip(sq).zip(acc) {
-                            let g = if wd != 0.0 { g + *p * wd } else { g };
-                            *sq = *sq * rho + g * g * (1.0 - rho);
-                            let delta = ((*acc + eps).sqrt() / (*sq + eps).sqrt()) * g;
-                            *acc = *acc * rho + delta * delta * (1.0 - rho);
-                            *p -= delta * lr;
-                        }
-                    },
-                )?;
+            let (rho, one_minus_rho) = (self.rho as f32, (1.0 - self.rho) as f32);
+            let (lr, eps, weight_decay) =
+                (self.lr as f32, self.eps as f32, self.weight_decay as f32);
+            let states = [&self.square_avg[i], &self.acc_delta[i]];
+            let fused = fused::update_with_two_states(param, grad, states, |g, p, sq, acc| {
+                let g = g + *p * weight_decay;
+                *sq = *sq * rho + g * g * one_minus_rho;
+                let std = (*sq + eps).sqrt();
+                let delta = (*acc + eps).sqrt() / std * g;
+                *acc = *acc * rho + delta * delta * one_minus_rho;
+                *p -= delta * lr;
+            })?;
+            if fused {
                 continue;
             }
             let grad = with_weight_decay(grad, param, self.weight_decay)?;
@@ -92,8 +89,8 @@ impl Optimizer for Adadelta {
     fn state(&self) -> Result<Vec<(String, Tensor)>> {
         let mut out = vec![("step".to_string(), step_tensor(self.steps)?)];
         for (i, (name, _)) in self.params.iter().enumerate() {
-            out.push((format!("{name}.square_avg"), self.square_avg[i].clone()));
-            out.push((format!("{name}.acc_delta"), self.acc_delta[i].clone()));
+            out.push((format!("{name}.square_avg"), self.square_avg[i].copy()?));
+            out.push((format!("{name}.acc_delta"), self.acc_delta[i].copy()?));
         }
         Ok(out)
     }

@@ -43,6 +43,8 @@ impl Adam {
 }
 
 impl Optimizer for Adam {
+    /// One fused in-place pass per parameter on the CPU (f32 arithmetic in PyTorch's order);
+    /// the tensor ops below are the general path.
     fn step(&mut self, grads: &GradStore) -> Result<()> {
         self.steps += 1;
         let t = self.steps as i32;
@@ -54,24 +56,23 @@ impl Optimizer for Adam {
                 continue;
             };
             let param = var.as_tensor();
-            if fused::applies(&[param, grad, &self.exp_avg[i], &self.exp_avg_sq[i]]) {
-                let (beta1, beta2, eps) = (self.beta1 as f32, self.beta2 as f32, self.eps as f32);
-                let (wd, step) = (self.weight_decay as f32, step_size as f32);
-                let bc2 = bias_correction2_sqrt as f32;
-                fused::update(
-                    param,
-                    grad,
-                    &self.exp_avg[i],
-                    &self.exp_avg_sq[i],
-                    |p, g, m, v| {
-                        for (((p, &g), m), v) in p.iter_mut().zip(g).zip(m).zip(v) {
-                            let g = if wd != 0.0 { g + *p * wd } else { g };
-                            *m = *m * beta1 + g * (1.0 - beta1);
-                            *v = *v * beta2 + g * g * (1.0 - beta2);
-                            *p -= step * (*m / (v.sqrt() / bc2 + eps));
-                        }
-                    },
-                )?;
+            let (beta1, beta2) = (self.beta1 as f32, self.beta2 as f32);
+            let (one_minus_beta1, one_minus_beta2) =
+                ((1.0 - self.beta1) as f32, (1.0 - self.beta2) as f32);
+            let (weight_decay, eps) = (self.weight_decay as f32, self.eps as f32);
+            // The tensor ops divide by a scalar as candle does, multiplying by its reciprocal;
+            // the fused loop does the same (one division less per element, same results).
+            let (step_size_f32, inv_bias_correction2_sqrt) =
+                (step_size as f32, (1.0 / bias_correction2_sqrt) as f32);
+            let states = [&self.exp_avg[i], &self.exp_avg_sq[i]];
+            let fused = fused::update_with_two_states(param, grad, states, |g, p, m, v| {
+                let g = g + *p * weight_decay;
+                *m = *m * beta1 + g * one_minus_beta1;
+                *v = *v * beta2 + g * g * one_minus_beta2;
+                let denom = v.sqrt() * inv_bias_correction2_sqrt + eps;
+                *p -= *m / denom * step_size_f32;
+            })?;
+            if fused {
                 continue;
             }
             let grad = with_weight_decay(grad, param, self.weight_decay)?;
@@ -98,8 +99,8 @@ impl Optimizer for Adam {
     fn state(&self) -> Result<Vec<(String, Tensor)>> {
         let mut out = vec![("step".to_string(), step_tensor(self.steps)?)];
         for (i, (name, _)) in self.params.iter().enumerate() {
-            out.push((format!("{name}.exp_avg"), self.exp_avg[i].clone()));
-            out.push((format!("{name}.exp_avg_sq"), self.exp_avg_sq[i].clone()));
+            out.push((format!("{name}.exp_avg"), self.exp_avg[i].copy()?));
+            out.push((format!("{name}.exp_avg_sq"), self.exp_avg_sq[i].copy()?));
         }
         Ok(out)
     }
