@@ -361,6 +361,9 @@ fn check_pool(
     let ours = ops::max_pool2d(&x, kernel, stride, padding)?;
     let reference = ops::reference_max_pool2d(&x, kernel, stride, padding)?;
     assert_close(&format!("{what} forward"), &ours, &reference)?;
+    // Untracked input: the values-only path (no argmax bookkeeping).
+    let untracked = ops::max_pool2d(&x.as_tensor().detach(), kernel, stride, padding)?;
+    assert_close(&format!("{what} untracked"), &untracked, &reference)?;
     let probe = random(&mut rng, ours.dims())?;
     let grads = (&ours * &probe)?.sum_all()?.backward()?;
     let Some(grad) = grads.get(&x) else {
@@ -443,6 +446,13 @@ fn fused_conv_relu_pool_matches_the_separate_ops() -> Result<()> {
         let conv = ops::conv2d_relu(&x, &w, Some(&b), 1, padding)?;
         let separate = ops::max_pool2d(&conv, pool_kernel, pool_stride, pool_padding)?;
         assert_close("pooled output", &fused, &separate)?;
+        let (xd, wd, bd) = (
+            x.as_tensor().detach(),
+            w.as_tensor().detach(),
+            b.as_tensor().detach(),
+        );
+        let inference = ops::conv2d_relu_pool(&xd, &wd, Some(&bd), 1, padding, pool)?;
+        assert_close("pooled output without indices", &inference, &separate)?;
         let upstream = random(&mut rng, fused.dims())?;
         let g_fused = (&fused * &upstream)?.sum_all()?.backward()?;
         let g_separate = (&separate * &upstream)?.sum_all()?.backward()?;
@@ -452,6 +462,23 @@ fn fused_conv_relu_pool_matches_the_separate_ops() -> Result<()> {
             };
             assert_close(what, a, r)?;
         }
+    }
+    Ok(())
+}
+
+#[test]
+fn max_pool_propagates_nan_with_and_without_indices() -> Result<()> {
+    let mut values = vec![1f32; 36];
+    values[0] = f32::NAN; // only the top-left windows see it
+    let x = Var::from_tensor(&Tensor::from_vec(values, (1, 1, 6, 6), &Device::Cpu)?)?;
+    for pooled in [
+        ops::max_pool2d(&x, 2, 2, 0)?,
+        ops::max_pool2d(&x.as_tensor().detach(), 2, 2, 0)?,
+        ops::max_pool2d(&x.as_tensor().detach(), 3, 2, 1)?,
+    ] {
+        let v = pooled.flatten_all()?.to_vec1::<f32>()?;
+        assert!(v[0].is_nan(), "{v:?}");
+        assert!(v[1..].iter().any(|x| !x.is_nan()), "{v:?}");
     }
     Ok(())
 }

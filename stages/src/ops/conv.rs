@@ -407,7 +407,8 @@ impl MaxPool {
 }
 
 /// [`conv_forward`] followed by max pooling, each chunk pooled while in cache: the pooled
-/// output and, per pooled value, the index of its maximum in its conv output plane.
+/// output and, with `keep_indices`, per pooled value the index of its maximum in its conv
+/// output plane (the backward pass needs them; inference does not).
 pub fn conv_forward_pooled(
     g: &ConvGeometry,
     x: &[f32],
@@ -415,25 +416,39 @@ pub fn conv_forward_pooled(
     bias: Option<&[f32]>,
     relu: bool,
     pool: MaxPool,
-) -> Result<(Vec<f32>, Vec<u32>)> {
+    keep_indices: bool,
+) -> Result<(Vec<f32>, Option<Vec<u32>>)> {
     let plan = ForwardPlan::new(g, w);
     let pool = pool.geometry(g, g.batch)?;
     let pooled_image = g.out_channels * pool.out_height * pool.out_width;
+    let chunk_len = plan.per_chunk * pooled_image;
     let mut y = vec![0f32; g.batch * pooled_image];
-    let mut idx = vec![0u32; g.batch * pooled_image];
-    y.par_chunks_mut(plan.per_chunk * pooled_image)
-        .zip(idx.par_chunks_mut(plan.per_chunk * pooled_image))
+    let run = |(scratch, conv_out): &mut (Scratch, Vec<f32>),
+               chunk: usize,
+               y_chunk: &mut [f32],
+               idx_chunk: Option<&mut [u32]>| {
+        let images = y_chunk.len() / pooled_image;
+        conv_out.resize(images * g.out_image_len(), 0.0);
+        plan.chunk(x, bias, relu, chunk, conv_out, scratch);
+        pool_planes(&pool, conv_out, y_chunk, idx_chunk);
+    };
+    let buffers = || (Scratch::default(), Vec::new());
+    if !keep_indices {
+        y.par_chunks_mut(chunk_len)
+            .enumerate()
+            .for_each_init(buffers, |buf, (chunk, y_chunk)| {
+                run(buf, chunk, y_chunk, None)
+            });
+        return Ok((y, None));
+    }
+    let mut idx = vec![0u32; y.len()];
+    y.par_chunks_mut(chunk_len)
+        .zip(idx.par_chunks_mut(chunk_len))
         .enumerate()
-        .for_each_init(
-            || (Scratch::default(), Vec::new()),
-            |(scratch, conv_out), (chunk, (y_chunk, idx_chunk))| {
-                let images = y_chunk.len() / pooled_image;
-                conv_out.resize(images * g.out_image_len(), 0.0);
-                plan.chunk(x, bias, relu, chunk, conv_out, scratch);
-                pool_planes(&pool, conv_out, y_chunk, idx_chunk);
-            },
-        );
-    Ok((y, idx))
+        .for_each_init(buffers, |buf, (chunk, (y_chunk, idx_chunk))| {
+            run(buf, chunk, y_chunk, Some(idx_chunk))
+        });
+    Ok((y, Some(idx)))
 }
 
 /// Per-task buffers, reused across the chunks one task computes.
@@ -731,6 +746,8 @@ pub struct Conv2dOp {
     pub has_bias: bool,
     pub relu: bool,
     pub pool: Option<MaxPool>,
+    /// Whether a backward pass may follow (so the pool's argmax indices are worth keeping).
+    pub keep_indices: bool,
     pub pool_indices: Mutex<Option<Vec<u32>>>,
 }
 
@@ -741,6 +758,7 @@ impl Conv2dOp {
         has_bias: bool,
         relu: bool,
         pool: Option<MaxPool>,
+        keep_indices: bool,
     ) -> Self {
         Self {
             stride,
@@ -748,6 +766,7 @@ impl Conv2dOp {
             has_bias,
             relu,
             pool,
+            keep_indices,
             pool_indices: Mutex::new(None),
         }
     }
@@ -814,8 +833,8 @@ impl CustomOp3 for Conv2dOp {
         let b = cpu_slice(s3, l3)?;
         let bias = self.has_bias.then_some(b);
         if let Some(pool) = self.pool {
-            let (y, idx) = conv_forward_pooled(&g, x, w, bias, self.relu, pool)?;
-            *self.indices()? = Some(idx);
+            let (y, idx) = conv_forward_pooled(&g, x, w, bias, self.relu, pool, self.keep_indices)?;
+            *self.indices()? = idx;
             let pool = pool.geometry(&g, g.batch)?;
             let shape = Shape::from((g.batch, g.out_channels, pool.out_height, pool.out_width));
             return Ok((CpuStorage::F32(y), shape));

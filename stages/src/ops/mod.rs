@@ -110,6 +110,7 @@ fn conv2d_activated(
     pool: Option<MaxPool>,
 ) -> Result<Tensor> {
     if use_fast_kernels(&[x, weight]) && bias.is_none_or(|b| use_fast_kernels(&[b])) {
+        let tracked = x.track_op() || weight.track_op() || bias.is_some_and(|b| b.track_op());
         let cout = weight.dim(0)?;
         let bias_arg = match bias {
             Some(b) => {
@@ -120,7 +121,7 @@ fn conv2d_activated(
             }
             None => Tensor::zeros(cout, DType::F32, x.device())?,
         };
-        let op = conv::Conv2dOp::new(stride, padding, bias.is_some(), relu, pool);
+        let op = conv::Conv2dOp::new(stride, padding, bias.is_some(), relu, pool, tracked);
         return x
             .contiguous()?
             .apply_op3(&weight.contiguous()?, &bias_arg, op);

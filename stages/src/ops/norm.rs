@@ -50,16 +50,19 @@ impl Planes {
     }
 }
 
-/// Sums `f` over a run with eight independent f32 lanes (so it vectorizes), returned in f64.
-fn lane_sum(len: usize, f: impl Fn(usize) -> f32) -> f64 {
-    let mut lanes = [0f32; 8];
+/// Sums `f` over the elements of equal-length runs (zipped), with eight independent f32 lanes
+/// over `chunks_exact` (so the loop vectorizes), returned in f64.
+fn lane_sum<const N: usize>(runs: [&[f32]; N], f: impl Fn([f32; N]) -> f32) -> f64 {
+    let len = runs[0].len();
     let whole = len / 8 * 8;
+    let mut lanes = [0f32; 8];
     for base in (0..whole).step_by(8) {
+        let chunks = runs.map(|r| &r[base..base + 8]);
         for (lane, acc) in lanes.iter_mut().enumerate() {
-            *acc += f(base + lane);
+            *acc += f(chunks.map(|c| c[lane]));
         }
     }
-    let tail: f32 = (whole..len).map(&f).sum();
+    let tail: f32 = (whole..len).map(|i| f(runs.map(|r| r[i]))).sum();
     lanes.iter().map(|&v| v as f64).sum::<f64>() + tail as f64
 }
 
@@ -70,13 +73,10 @@ pub fn channel_mean_var(p: &Planes, x: &[f32]) -> (Vec<f32>, Vec<f32>) {
         .into_par_iter()
         .map(|c| {
             let runs = || (0..p.images).map(move |n| p.run(x, n, c));
-            let mean = runs()
-                .map(|run| lane_sum(run.len(), |i| run[i]))
-                .sum::<f64>()
-                / count;
+            let mean = runs().map(|run| lane_sum([run], |[v]| v)).sum::<f64>() / count;
             let m = mean as f32;
             let var = runs()
-                .map(|run| lane_sum(run.len(), |i| (run[i] - m) * (run[i] - m)))
+                .map(|run| lane_sum([run], |[v]| (v - m) * (v - m)))
                 .sum::<f64>()
                 / count;
             (m, var as f32)
@@ -173,9 +173,9 @@ pub fn batch_norm_train_backward(
             let mut sum = 0f64;
             let mut sum_xhat = 0f64;
             for n in 0..p.images {
-                let (xr, yr, gr) = (p.run(x, n, c), p.run(y, n, c), p.run(grad_y, n, c));
-                sum += lane_sum(xr.len(), |i| dz(gr[i], yr[i]));
-                sum_xhat += lane_sum(xr.len(), |i| dz(gr[i], yr[i]) * (xr[i] - m) * s);
+                let runs = [p.run(x, n, c), p.run(y, n, c), p.run(grad_y, n, c)];
+                sum += lane_sum(runs, |[_, yv, gv]| dz(gv, yv));
+                sum_xhat += lane_sum(runs, |[xv, yv, gv]| dz(gv, yv) * (xv - m) * s);
             }
             (sum as f32, sum_xhat as f32)
         })

@@ -68,16 +68,55 @@ pub fn pool_forward(g: &PoolGeometry, x: &[f32]) -> (Vec<f32>, Vec<u32>) {
     (y, idx)
 }
 
-/// Pools `planes` consecutive planes of `x` into `y` and `idx` (serially; for callers that
-/// already run in parallel).
-pub fn pool_planes(g: &PoolGeometry, x: &[f32], y: &mut [f32], idx: &mut [u32]) {
+/// Max pooling forward without the argmax indices (inference: nothing will backpropagate).
+pub fn pool_forward_values(g: &PoolGeometry, x: &[f32]) -> Vec<f32> {
     let (in_plane, out_plane) = (g.height * g.width, g.out_height * g.out_width);
-    for ((src, y_plane), idx_plane) in x
-        .chunks(in_plane)
-        .zip(y.chunks_mut(out_plane))
-        .zip(idx.chunks_mut(out_plane))
-    {
-        pool_plane(g, src, y_plane, idx_plane);
+    let mut y = vec![0f32; g.planes * out_plane];
+    y.par_chunks_mut(out_plane)
+        .enumerate()
+        .for_each(|(plane, y_plane)| {
+            max_only_plane(g, &x[plane * in_plane..(plane + 1) * in_plane], y_plane)
+        });
+    y
+}
+
+/// Pools consecutive planes of `x` into `y`, and the argmax indices into `idx` when given
+/// (serially; for callers that already run in parallel).
+pub fn pool_planes(g: &PoolGeometry, x: &[f32], y: &mut [f32], idx: Option<&mut [u32]>) {
+    let (in_plane, out_plane) = (g.height * g.width, g.out_height * g.out_width);
+    let planes = x.chunks(in_plane).zip(y.chunks_mut(out_plane));
+    match idx {
+        Some(idx) => {
+            for ((src, y_plane), idx_plane) in planes.zip(idx.chunks_mut(out_plane)) {
+                pool_plane(g, src, y_plane, idx_plane);
+            }
+        }
+        None => {
+            for (src, y_plane) in planes {
+                max_only_plane(g, src, y_plane);
+            }
+        }
+    }
+}
+
+/// One plane's window maxima only: no index bookkeeping, no data-dependent branches.
+fn max_only_plane(g: &PoolGeometry, src: &[f32], y_plane: &mut [f32]) {
+    for oy in 0..g.out_height {
+        let y0 = (oy * g.stride).saturating_sub(g.padding);
+        let y1 = (oy * g.stride + g.kernel - g.padding).min(g.height);
+        for ox in 0..g.out_width {
+            let x0 = (ox * g.stride).saturating_sub(g.padding);
+            let x1 = (ox * g.stride + g.kernel - g.padding).min(g.width);
+            let (mut best, mut nan) = (f32::NEG_INFINITY, false);
+            for row in src[y0 * g.width..y1 * g.width].chunks(g.width) {
+                for &v in &row[x0..x1] {
+                    best = best.max(v);
+                    nan |= v.is_nan();
+                }
+            }
+            // f32::max skips NaN; PyTorch propagates it.
+            y_plane[oy * g.out_width + ox] = if nan { f32::NAN } else { best };
+        }
     }
 }
 
@@ -172,8 +211,13 @@ impl CustomOp1 for MaxPool2dOp {
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
         let dims = layout.shape().dims4()?;
         let g = PoolGeometry::new(dims, self.kernel, self.stride, self.padding)?;
-        let (y, idx) = pool_forward(&g, cpu_slice(storage, layout)?);
-        if self.keep_indices {
+        let x = cpu_slice(storage, layout)?;
+        if !self.keep_indices {
+            let shape = Shape::from((dims.0, dims.1, g.out_height, g.out_width));
+            return Ok((CpuStorage::F32(pool_forward_values(&g, x)), shape));
+        }
+        let (y, idx) = pool_forward(&g, x);
+        {
             let mut slot = self
                 .indices
                 .lock()
