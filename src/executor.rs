@@ -765,7 +765,10 @@ fn run_builtin(
         progress: &progress,
         cancel: shared.cancel,
     };
-    let result = implementation.run(table, &ctx);
+    let result = {
+        let _running = fmnist_stages::context::RunningStage::start();
+        implementation.run(table, &ctx)
+    };
     let metrics = match result {
         Ok(metrics) => metrics,
         Err(e) => {

@@ -13,6 +13,7 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
+use crate::compute::ComputePools;
 use crate::context::{Cancelled, Metrics, StageContext, StageError};
 use crate::data::{Dataset, Normalization, Split, IMAGE_SIDE, PIXELS};
 use crate::device;
@@ -145,8 +146,16 @@ pub fn run(params: Params, ctx: &StageContext) -> anyhow::Result<Metrics> {
         train_set: &train_set,
         test_set: &test_set,
     };
+    let mut pools = ComputePools::new();
     for epoch in history.len()..params.epochs {
-        let record = train_epoch(&setup, epoch, model.as_ref(), optimizer.as_mut(), ctx)?;
+        let record = train_epoch(
+            &setup,
+            epoch,
+            model.as_ref(),
+            optimizer.as_mut(),
+            &mut pools,
+            ctx,
+        )?;
         ctx.progress.finish(&format!(
             "epoch {}/{}: loss {:.4}, train acc {:.2}%{}, lr {:.3e}, {:.1}s, {:.0} img/s",
             epoch + 1,
@@ -216,6 +225,7 @@ fn train_epoch(
     epoch: usize,
     model: &dyn Classifier,
     optimizer: &mut dyn Optimizer,
+    pools: &mut ComputePools,
     ctx: &StageContext,
 ) -> anyhow::Result<EpochRecord> {
     let params = setup.params;
@@ -251,10 +261,13 @@ fn train_epoch(
         } else {
             setup.train_set.batch(indices, setup.norm, setup.device)?
         };
-        let logits = model.forward_train(&images, &mut dropout_rng)?;
-        let loss = candle_nn::loss::cross_entropy(&logits, &labels)?;
-        let grads = loss.backward()?;
-        optimizer.step(&grads)?;
+        let (logits, loss) = pools.install(|| -> candle_core::Result<(Tensor, Tensor)> {
+            let logits = model.forward_train(&images, &mut dropout_rng)?;
+            let loss = candle_nn::loss::cross_entropy(&logits, &labels)?;
+            let grads = loss.backward()?;
+            optimizer.step(&grads)?;
+            Ok((logits, loss))
+        })??;
 
         let batch_loss = loss.to_dtype(DType::F32)?.to_scalar::<f32>()? as f64;
         if !batch_loss.is_finite() {

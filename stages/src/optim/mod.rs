@@ -180,7 +180,7 @@ impl OptimizerConfig {
 }
 
 /// One optimization algorithm over a fixed set of named variables.
-pub trait Optimizer {
+pub trait Optimizer: Send {
     /// Updates every variable that has a gradient in `grads` (others are left alone, as
     /// PyTorch skips parameters whose `.grad` is None).
     fn step(&mut self, grads: &GradStore) -> Result<()>;
