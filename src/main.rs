@@ -97,7 +97,8 @@ enum Cmd {
         /// Folder with the four IDX files (plain or .gz).
         #[arg(long, default_value = fmnist_stages::bench::DEFAULT_DATA_DIR)]
         data: PathBuf,
-        /// Use candle's stock convolution instead of our CPU kernels (for comparison).
+        /// Use candle's stock convolution, batch norm and linear layers instead of our CPU
+        /// kernels (for comparison; pooling and optimizer updates stay ours).
         #[arg(long)]
         stock_kernels: bool,
         /// One JSON object instead of text.

@@ -30,7 +30,8 @@ pub struct BenchReport {
     pub model: ModelKind,
     pub images: usize,
     pub threads: usize,
-    /// "fast" (this crate's CPU conv kernels) or "candle" (candle's stock conv2d).
+    /// "fast" (this crate's CPU kernels) or "candle" (candle's stock conv2d, batch norm and
+    /// linear).
     pub conv_kernels: String,
     pub train_seconds: f64,
     pub train_images_per_s: f64,
