@@ -59,6 +59,16 @@ impl Conv {
         )
     }
 
+    /// The same layer with its parameters cut from the autograd graph (eval mode needs no
+    /// gradients; candle then records no graph and the ops skip backward bookkeeping).
+    pub fn detached(&self) -> Conv {
+        Conv {
+            weight: self.weight.detach(),
+            bias: self.bias.as_ref().map(Tensor::detach),
+            ..*self
+        }
+    }
+
     /// `max_pool2d(relu(self.forward(x)), pool)`, fused.
     pub fn forward_relu_pool(&self, x: &Tensor, pool: ops::MaxPool) -> Result<Tensor> {
         ops::conv2d_relu_pool(
@@ -92,6 +102,14 @@ impl Linear {
 
     pub fn param_count(&self) -> usize {
         self.weight.elem_count() + self.bias.elem_count()
+    }
+
+    /// See [`Conv::detached`].
+    pub fn detached(&self) -> Linear {
+        Linear {
+            weight: self.weight.detach(),
+            bias: self.bias.detach(),
+        }
     }
 }
 
@@ -134,6 +152,16 @@ impl Baseline {
         Ok((c1, c2))
     }
 
+    /// The model with every parameter detached (see [`Conv::detached`]), for eval mode.
+    fn detached(&self) -> Baseline {
+        Baseline {
+            conv1: self.conv1.detached(),
+            conv2: self.conv2.detached(),
+            fc1: self.fc1.detached(),
+            fc2: self.fc2.detached(),
+        }
+    }
+
     /// `rng` is Some in training mode (dropout on), None in eval mode.
     fn run(&self, x: &Tensor, mut rng: Option<&mut dyn RngCore>) -> Result<Tensor> {
         let c1 = self.conv1.forward_relu(x)?;
@@ -151,7 +179,7 @@ impl Baseline {
 
 impl Classifier for Baseline {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        self.run(x, None)
+        self.detached().run(x, None)
     }
 
     fn forward_train(&self, x: &Tensor, rng: &mut dyn RngCore) -> Result<Tensor> {

@@ -47,12 +47,13 @@ fn conv_bn(conv: &Conv, bn: &BatchNorm, x: &Tensor, train: bool, relu: bool) -> 
     }
 }
 
-/// `conv` with eval-mode `bn` folded into its weight and bias.
+/// `conv` with eval-mode `bn` folded into its weight and bias, detached from the autograd
+/// graph (eval mode needs no gradients; the ops then skip their backward bookkeeping).
 fn folded(conv: &Conv, bn: &BatchNorm) -> Result<Conv> {
     let (weight, bias) = bn.fold_into_conv(&conv.weight, conv.bias.as_ref())?;
     Ok(Conv {
-        weight,
-        bias: Some(bias),
+        weight: weight.detach(),
+        bias: Some(bias.detach()),
         stride: conv.stride,
         padding: conv.padding,
     })
