@@ -10,7 +10,7 @@
 
 use super::gemm::{sgemm, MatRef};
 use super::pool::{pool_backward, pool_planes, PoolGeometry};
-use super::{cpu_slice, relu_grad, tensor_from_vec, with_cpu_slices};
+use super::{cpu_slice, relu_grad, tensor_from_vec, with_cpu_slices, zeroed};
 use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 use std::sync::Mutex;
@@ -377,7 +377,7 @@ pub fn conv_forward(
     relu: bool,
 ) -> Vec<f32> {
     let plan = ForwardPlan::new(g, w);
-    let mut y = vec![0f32; g.batch * g.out_image_len()];
+    let mut y = zeroed(g.batch * g.out_image_len());
     y.par_chunks_mut(plan.per_chunk * g.out_image_len())
         .enumerate()
         .for_each_init(Scratch::default, |scratch, (chunk, y_chunk)| {
@@ -422,7 +422,7 @@ pub fn conv_forward_pooled(
     let pool = pool.geometry(g, g.batch)?;
     let pooled_image = g.out_channels * pool.out_height * pool.out_width;
     let chunk_len = plan.per_chunk * pooled_image;
-    let mut y = vec![0f32; g.batch * pooled_image];
+    let mut y = zeroed(g.batch * pooled_image);
     let run = |(scratch, conv_out): &mut (Scratch, Vec<f32>),
                chunk: usize,
                y_chunk: &mut [f32],
@@ -441,7 +441,7 @@ pub fn conv_forward_pooled(
             });
         return Ok((y, None));
     }
-    let mut idx = vec![0u32; y.len()];
+    let mut idx = zeroed(y.len());
     y.par_chunks_mut(chunk_len)
         .zip(idx.par_chunks_mut(chunk_len))
         .enumerate()
@@ -620,7 +620,7 @@ pub fn conv_backward(
     let groups = g.batch.div_ceil(images_per_group);
     let threads = inner_threads(groups);
     let mut grad_x = if want_x {
-        vec![0f32; g.batch * g.in_image_len()]
+        zeroed(g.batch * g.in_image_len())
     } else {
         Vec::new()
     };

@@ -5,7 +5,7 @@
 //! here all three products are GEMMs on contiguous data and the bias is fused.
 
 use super::gemm::{sgemm, MatRef};
-use super::{cpu_slice, relu_grad, tensor_from_vec, with_cpu_slices};
+use super::{cpu_slice, relu_grad, tensor_from_vec, with_cpu_slices, zeroed};
 use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
 
 /// The op on (x [B, in], weight [out, in], bias [out]).
@@ -85,7 +85,7 @@ impl CustomOp3 for LinearOp {
             };
             let gy_mat = MatRef::row_major(gy, outputs);
             let gx = if want_x {
-                let mut gx = vec![0f32; batch * inputs];
+                let mut gx = zeroed(batch * inputs);
                 sgemm(
                     batch,
                     inputs,
@@ -101,7 +101,7 @@ impl CustomOp3 for LinearOp {
             } else {
                 Vec::new()
             };
-            let mut gw = vec![0f32; outputs * inputs];
+            let mut gw = zeroed(outputs * inputs);
             sgemm(
                 outputs,
                 inputs,

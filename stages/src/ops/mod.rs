@@ -339,9 +339,21 @@ fn check_channel_params(x: &Tensor, params: &[&Tensor]) -> Result<()> {
 /// Elements per parallel task in the purely elementwise ops.
 const ELEMENTWISE_CHUNK: usize = 1 << 15;
 
+/// A zero-filled buffer of `n` elements, filled in parallel when large: the ops' output
+/// buffers are allocated on the calling thread, where zeroing (and first-touch page faults)
+/// of multi-MiB buffers was a serial stretch of every training step.
+fn zeroed<T: Default + Copy + Send + Sync>(n: usize) -> Vec<T> {
+    if n < 4 * ELEMENTWISE_CHUNK {
+        return vec![T::default(); n];
+    }
+    let mut v = Vec::with_capacity(n);
+    v.par_extend(rayon::iter::repeat_n(T::default(), n));
+    v
+}
+
 /// The gradient through a ReLU whose output was `y`: `grad_y` where `y > 0`, else 0.
 fn relu_grad(y: &[f32], grad_y: &[f32]) -> Vec<f32> {
-    let mut out = vec![0f32; y.len()];
+    let mut out = zeroed(y.len());
     out.par_chunks_mut(ELEMENTWISE_CHUNK)
         .zip(
             y.par_chunks(ELEMENTWISE_CHUNK)

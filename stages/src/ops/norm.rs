@@ -8,7 +8,7 @@
 //! Per-channel sums run one channel per task, in a fixed order, so the results do not depend
 //! on the thread count (bit-reproducible training).
 
-use super::{cpu_slice, relu_grad, tensor_from_vec, with_cpu_slices, ELEMENTWISE_CHUNK};
+use super::{cpu_slice, relu_grad, tensor_from_vec, with_cpu_slices, zeroed, ELEMENTWISE_CHUNK};
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
@@ -86,7 +86,7 @@ pub fn channel_mean_var(p: &Planes, x: &[f32]) -> (Vec<f32>, Vec<f32>) {
 
 /// `y = scale[c] * x + shift[c]`, then ReLU when asked.
 fn channel_affine(p: &Planes, x: &[f32], scale: &[f32], shift: &[f32], relu: bool) -> Vec<f32> {
-    let mut y = vec![0f32; x.len()];
+    let mut y = zeroed(x.len());
     let image_len = p.image_len().max(1);
     y.par_chunks_mut(image_len)
         .zip(x.par_chunks(image_len))
@@ -181,7 +181,7 @@ pub fn batch_norm_train_backward(
         })
         .unzip();
     let count = p.per_channel().max(1) as f32;
-    let mut grad_x = vec![0f32; x.len()];
+    let mut grad_x = zeroed(x.len());
     let image_len = p.image_len().max(1);
     let pixels = p.pixels.max(1);
     grad_x
@@ -319,7 +319,7 @@ impl CustomOp2 for AddReluOp {
             );
         }
         let (a, b) = (cpu_slice(s1, l1)?, cpu_slice(s2, l2)?);
-        let mut y = vec![0f32; a.len()];
+        let mut y = zeroed(a.len());
         y.par_chunks_mut(ELEMENTWISE_CHUNK)
             .zip(
                 a.par_chunks(ELEMENTWISE_CHUNK)

@@ -2,7 +2,7 @@
 //! from, and the backward pass scatters the gradient there (one pass, no re-comparison).
 //! Padding counts as -inf, as in PyTorch.
 
-use super::{cpu_slice, tensor_from_vec};
+use super::{cpu_slice, tensor_from_vec, zeroed};
 use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 use std::sync::Mutex;
@@ -52,8 +52,8 @@ impl PoolGeometry {
 /// Max pooling forward: values, and for each output the index of its maximum in its plane.
 pub fn pool_forward(g: &PoolGeometry, x: &[f32]) -> (Vec<f32>, Vec<u32>) {
     let (in_plane, out_plane) = (g.height * g.width, g.out_height * g.out_width);
-    let mut y = vec![0f32; g.planes * out_plane];
-    let mut idx = vec![0u32; g.planes * out_plane];
+    let mut y = zeroed(g.planes * out_plane);
+    let mut idx = zeroed(g.planes * out_plane);
     y.par_chunks_mut(out_plane)
         .zip(idx.par_chunks_mut(out_plane))
         .enumerate()
@@ -71,7 +71,7 @@ pub fn pool_forward(g: &PoolGeometry, x: &[f32]) -> (Vec<f32>, Vec<u32>) {
 /// Max pooling forward without the argmax indices (inference: nothing will backpropagate).
 pub fn pool_forward_values(g: &PoolGeometry, x: &[f32]) -> Vec<f32> {
     let (in_plane, out_plane) = (g.height * g.width, g.out_height * g.out_width);
-    let mut y = vec![0f32; g.planes * out_plane];
+    let mut y = zeroed(g.planes * out_plane);
     y.par_chunks_mut(out_plane)
         .enumerate()
         .for_each(|(plane, y_plane)| {
@@ -181,7 +181,7 @@ fn pool_2x2_plane(g: &PoolGeometry, src: &[f32], y: &mut [f32], idx: &mut [u32])
 /// Max pooling backward: each output's gradient goes to the input that won its window.
 pub fn pool_backward(g: &PoolGeometry, idx: &[u32], grad_y: &[f32]) -> Vec<f32> {
     let (in_plane, out_plane) = (g.height * g.width, g.out_height * g.out_width);
-    let mut gx = vec![0f32; g.planes * in_plane];
+    let mut gx = zeroed(g.planes * in_plane);
     gx.par_chunks_mut(in_plane)
         .enumerate()
         .for_each(|(plane, gx_plane)| {
