@@ -12,7 +12,6 @@ mod pool;
 
 pub use conv::{conv_backward, conv_forward, ConvGeometry, MaxPool};
 pub use huge_pages::HugePageAlloc;
-pub use norm::{batch_norm_train_backward, batch_norm_train_forward, Planes};
 pub use pool::{pool_backward, pool_forward, PoolGeometry};
 
 use candle_core::{CpuStorage, DType, Device, Layout, Result, Shape, Storage, Tensor, D};
@@ -223,7 +222,7 @@ pub fn batch_norm_train(
     check_channel_params(x, &[gamma, beta])?;
     if use_fast_kernels(&[x, gamma, beta]) {
         let x = x.contiguous()?;
-        let planes = Planes::of(x.shape())?;
+        let planes = norm::Planes::of(x.shape())?;
         let (mean, var) = with_cpu_slices(&[&x], |s| Ok(norm::channel_mean_var(&planes, s[0])))?;
         let mean_t = Tensor::new(mean.as_slice(), x.device())?;
         let var_t = Tensor::new(var.as_slice(), x.device())?;

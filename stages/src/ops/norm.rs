@@ -111,20 +111,6 @@ fn channel_affine(p: &Planes, x: &[f32], scale: &[f32], shift: &[f32], relu: boo
     y
 }
 
-/// Batch norm's training forward on raw data: `(y, mean, biased variance)`.
-pub fn batch_norm_train_forward(
-    p: &Planes,
-    x: &[f32],
-    gamma: &[f32],
-    beta: &[f32],
-    eps: f32,
-    relu: bool,
-) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
-    let (mean, var) = channel_mean_var(p, x);
-    let (scale, shift) = fold_affine(&mean, &var, gamma, beta, eps);
-    (channel_affine(p, x, &scale, &shift, relu), mean, var)
-}
-
 /// `(gamma / sqrt(var + eps), beta - mean * that)` per channel.
 pub fn fold_affine(
     mean: &[f32],

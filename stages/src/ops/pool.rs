@@ -49,6 +49,16 @@ impl PoolGeometry {
     }
 }
 
+impl PoolGeometry {
+    /// The input rows (or columns) `lo..hi` that output row (column) `o` covers, padding
+    /// left out; `size` is the input's height (width).
+    fn window(&self, o: usize, size: usize) -> (usize, usize) {
+        let lo = (o * self.stride).saturating_sub(self.padding);
+        let hi = (o * self.stride + self.kernel - self.padding).min(size);
+        (lo, hi)
+    }
+}
+
 /// Max pooling forward: values, and for each output the index of its maximum in its plane.
 pub fn pool_forward(g: &PoolGeometry, x: &[f32]) -> (Vec<f32>, Vec<u32>) {
     let (in_plane, out_plane) = (g.height * g.width, g.out_height * g.out_width);
@@ -102,11 +112,9 @@ pub fn pool_planes(g: &PoolGeometry, x: &[f32], y: &mut [f32], idx: Option<&mut 
 /// One plane's window maxima only: no index bookkeeping, no data-dependent branches.
 fn max_only_plane(g: &PoolGeometry, src: &[f32], y_plane: &mut [f32]) {
     for oy in 0..g.out_height {
-        let y0 = (oy * g.stride).saturating_sub(g.padding);
-        let y1 = (oy * g.stride + g.kernel - g.padding).min(g.height);
+        let (y0, y1) = g.window(oy, g.height);
         for ox in 0..g.out_width {
-            let x0 = (ox * g.stride).saturating_sub(g.padding);
-            let x1 = (ox * g.stride + g.kernel - g.padding).min(g.width);
+            let (x0, x1) = g.window(ox, g.width);
             let (mut best, mut nan) = (f32::NEG_INFINITY, false);
             for row in src[y0 * g.width..y1 * g.width].chunks(g.width) {
                 for &v in &row[x0..x1] {
@@ -127,11 +135,9 @@ fn pool_plane(g: &PoolGeometry, src: &[f32], y_plane: &mut [f32], idx_plane: &mu
         return;
     }
     for oy in 0..g.out_height {
-        let y0 = (oy * g.stride).saturating_sub(g.padding);
-        let y1 = (oy * g.stride + g.kernel - g.padding).min(g.height);
+        let (y0, y1) = g.window(oy, g.height);
         for ox in 0..g.out_width {
-            let x0 = (ox * g.stride).saturating_sub(g.padding);
-            let x1 = (ox * g.stride + g.kernel - g.padding).min(g.width);
+            let (x0, x1) = g.window(ox, g.width);
             let mut best = f32::NEG_INFINITY;
             let mut best_at = y0 * g.width + x0;
             for iy in y0..y1 {
