@@ -20,7 +20,7 @@ use crate::report::group_thousands;
 use crate::train;
 
 /// Bump when outputs would change for the same params.
-pub const VERSION: u32 = 2;
+pub const VERSION: u32 = 3;
 
 /// The `[stages.NAME]` table of an evaluate stage.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

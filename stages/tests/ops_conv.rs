@@ -467,6 +467,44 @@ fn fused_conv_relu_pool_matches_the_separate_ops() -> Result<()> {
 }
 
 #[test]
+fn fused_dropout_and_flatten_match_the_separate_ops() -> Result<()> {
+    let mut rng = ChaCha8Rng::seed_from_u64(12);
+    // The baseline's conv2 + pool + dropout(0.25) + flatten, and a small odd case.
+    for (batch, cin, size, cout) in [(8, 32, 26, 64), (3, 2, 9, 5)] {
+        let x = Var::from_tensor(&random(&mut rng, &[batch, cin, size, size])?)?;
+        let w = Var::from_tensor(&random(&mut rng, &[cout, cin, 3, 3])?)?;
+        let b = Var::from_tensor(&random(&mut rng, &[cout])?)?;
+        let pool = ops::MaxPool {
+            kernel: 2,
+            stride: 2,
+            padding: 0,
+        };
+        let pooled = ops::conv2d_relu_pool(&x, &w, Some(&b), 1, 0, pool)?;
+        let mask: Vec<f32> = (0..pooled.elem_count())
+            .map(|_| if rng.gen_bool(0.25) { 0.0 } else { 1.0 / 0.75 })
+            .collect();
+        let mask_tensor = Tensor::from_vec(mask.clone(), pooled.shape(), &Device::Cpu)?;
+        let separate = (&pooled * &mask_tensor)?.flatten_from(1)?;
+        let fused = ops::conv2d_relu_pool_flat(&x, &w, Some(&b), 1, 0, pool, Some(mask))?;
+        assert_eq!(fused.dims(), separate.dims());
+        assert_close("masked flat output", &fused, &separate)?;
+        let upstream = random(&mut rng, fused.dims())?;
+        let g_fused = (&fused * &upstream)?.sum_all()?.backward()?;
+        let g_separate = (&separate * &upstream)?.sum_all()?.backward()?;
+        for (what, v) in [("x", &x), ("weight", &w), ("bias", &b)] {
+            let (Some(a), Some(r)) = (g_fused.get(v), g_separate.get(v)) else {
+                panic!("no gradient for {what}");
+            };
+            assert_close(what, a, r)?;
+        }
+        // A mask of the wrong length is an error, not a panic.
+        let short = ops::conv2d_relu_pool_flat(&x, &w, Some(&b), 1, 0, pool, Some(vec![1.0; 3]));
+        assert!(short.is_err());
+    }
+    Ok(())
+}
+
+#[test]
 fn max_pool_propagates_nan_with_and_without_indices() -> Result<()> {
     let mut values = vec![1f32; 36];
     values[0] = f32::NAN; // only the top-left windows see it

@@ -5,7 +5,7 @@ use candle_core::{Result, Tensor};
 use candle_nn::VarBuilder;
 use rand::RngCore;
 
-use super::init::{dropout, torch_default};
+use super::init::{dropout, dropout_mask, torch_default};
 use super::Classifier;
 use crate::ops;
 
@@ -67,6 +67,25 @@ impl Conv {
             bias: self.bias.as_ref().map(Tensor::detach),
             ..*self
         }
+    }
+
+    /// `flatten_from(1)(max_pool2d(relu(self.forward(x)), pool) * mask)`, fused (`mask`: a
+    /// dropout mask over the pooled output, or None).
+    pub fn forward_relu_pool_flat(
+        &self,
+        x: &Tensor,
+        pool: ops::MaxPool,
+        mask: Option<Vec<f32>>,
+    ) -> Result<Tensor> {
+        ops::conv2d_relu_pool_flat(
+            x,
+            &self.weight,
+            self.bias.as_ref(),
+            self.stride,
+            self.padding,
+            pool,
+            mask,
+        )
     }
 
     /// `max_pool2d(relu(self.forward(x)), pool)`, fused.
@@ -134,6 +153,8 @@ const POOL: ops::MaxPool = ops::MaxPool {
     padding: 0,
 };
 const DROPOUT_CONV: f32 = 0.25;
+/// conv2's pooled output per image: 64 channels of 12x12 (fc1's inputs).
+const POOLED_FEATURES: usize = 9216;
 const DROPOUT_FC: f32 = 0.5;
 
 impl Baseline {
@@ -141,7 +162,7 @@ impl Baseline {
         Ok(Baseline {
             conv1: Conv::with_bias(vb.pp("conv1"), 1, 32, 3)?,
             conv2: Conv::with_bias(vb.pp("conv2"), 32, 64, 3)?,
-            fc1: linear(vb.pp("fc1"), 9216, 128)?,
+            fc1: linear(vb.pp("fc1"), POOLED_FEATURES, 128)?,
             fc2: linear(vb.pp("fc2"), 128, 10)?,
         })
     }
@@ -165,11 +186,13 @@ impl Baseline {
     /// `rng` is Some in training mode (dropout on), None in eval mode.
     fn run(&self, x: &Tensor, mut rng: Option<&mut dyn RngCore>) -> Result<Tensor> {
         let c1 = self.conv1.forward_relu(x)?;
-        let mut h = self.conv2.forward_relu_pool(&c1, POOL)?;
-        if let Some(r) = rng.as_deref_mut() {
-            h = dropout(&h, DROPOUT_CONV, r)?;
-        }
-        let mut h = self.fc1.forward_relu(&h.flatten_from(1)?)?;
+        // The dropout after the pool is drawn here and applied inside the conv op.
+        let mask = match rng.as_deref_mut() {
+            Some(r) => dropout_mask(x.dim(0)? * POOLED_FEATURES, DROPOUT_CONV, r),
+            None => None,
+        };
+        let h = self.conv2.forward_relu_pool_flat(&c1, POOL, mask)?;
+        let mut h = self.fc1.forward_relu(&h)?;
         if let Some(r) = rng {
             h = dropout(&h, DROPOUT_FC, r)?;
         }

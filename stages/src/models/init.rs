@@ -128,26 +128,38 @@ pub fn kaiming_normal_fan_out(out_channels: usize, kernel: usize) -> Init {
 /// Dropout in training mode with a mask drawn from `rng`: zero each element with probability
 /// `p`, scale the rest by 1/(1-p) (PyTorch's inverted dropout).
 pub fn dropout(x: &Tensor, p: f32, rng: &mut dyn RngCore) -> Result<Tensor> {
+    match dropout_mask(x.elem_count(), p, rng) {
+        None => Ok(x.clone()),
+        Some(mask) => {
+            let mask = Tensor::from_vec(mask, x.shape(), x.device())?.to_dtype(x.dtype())?;
+            x.mul(&mask)
+        }
+    }
+}
+
+/// The factors of [`dropout`] for `len` elements: 0 with probability `p`, else 1/(1-p);
+/// None when `p` is 0 (nothing drawn).
+pub fn dropout_mask(len: usize, p: f32, rng: &mut dyn RngCore) -> Option<Vec<f32>> {
     if p <= 0.0 {
-        return Ok(x.clone());
+        return None;
     }
     let keep_scale = 1.0 / (1.0 - p);
     // One bulk draw (the same words, in the same order, as a next_u32 per element), then the
     // same [0, 1) mapping as `uniform`: a virtual call per element cost ~4 ms a baseline batch.
-    let mut words = vec![0u32; x.elem_count()];
+    let mut words = vec![0u32; len];
     rng.fill(&mut words[..]);
-    let mask: Vec<f32> = words
-        .iter()
-        .map(|&w| {
-            if unit_from_word(w) < p {
-                0.0
-            } else {
-                keep_scale
-            }
-        })
-        .collect();
-    let mask = Tensor::from_vec(mask, x.shape(), x.device())?.to_dtype(x.dtype())?;
-    x.mul(&mask)
+    Some(
+        words
+            .iter()
+            .map(|&w| {
+                if unit_from_word(w) < p {
+                    0.0
+                } else {
+                    keep_scale
+                }
+            })
+            .collect(),
+    )
 }
 
 #[cfg(test)]

@@ -20,6 +20,8 @@ const TARGET_COLUMNS: usize = 256;
 /// Fixed number of partial weight-gradient accumulators (independent of the thread count so
 /// that the summation order, and so the bits, never change).
 const WEIGHT_GRAD_GROUPS: usize = 8;
+/// Elements per parallel task of the output-mask multiply.
+const MASK_CHUNK: usize = 1 << 15;
 
 /// Shapes of one convolution (square kernel, stride and padding).
 #[derive(Debug, Clone, Copy)]
@@ -749,6 +751,10 @@ pub struct Conv2dOp {
     /// Whether a backward pass may follow (so the pool's argmax indices are worth keeping).
     pub keep_indices: bool,
     pub pool_indices: Mutex<Option<Vec<u32>>>,
+    /// Multiplies the output elementwise (a dropout mask, scale included), forward and backward.
+    pub output_mask: Option<Vec<f32>>,
+    /// Whether the output is [B, C * H * W] instead of [B, C, H, W].
+    pub flatten: bool,
 }
 
 impl Conv2dOp {
@@ -768,7 +774,44 @@ impl Conv2dOp {
             pool,
             keep_indices,
             pool_indices: Mutex::new(None),
+            output_mask: None,
+            flatten: false,
         }
+    }
+
+    /// The op with its output multiplied by `mask` (one factor per output element) and, with
+    /// `flatten`, shaped [B, C * H * W]: dropout and the flatten before a linear layer, fused.
+    pub fn with_output(mut self, mask: Option<Vec<f32>>, flatten: bool) -> Self {
+        self.output_mask = mask;
+        self.flatten = flatten;
+        self
+    }
+
+    /// The op's output shape for a conv output (or pooled) of `dims`.
+    fn output_shape(&self, (b, c, h, w): (usize, usize, usize, usize)) -> Shape {
+        if self.flatten {
+            Shape::from((b, c * h * w))
+        } else {
+            Shape::from((b, c, h, w))
+        }
+    }
+
+    /// `y *= mask` when the op has an output mask.
+    fn apply_mask(&self, y: &mut [f32]) -> Result<()> {
+        let Some(mask) = &self.output_mask else {
+            return Ok(());
+        };
+        if mask.len() != y.len() {
+            candle_core::bail!(
+                "conv2d: output mask of {} for {} outputs",
+                mask.len(),
+                y.len()
+            );
+        }
+        y.par_chunks_mut(MASK_CHUNK)
+            .zip(mask.par_chunks(MASK_CHUNK))
+            .for_each(|(y, m)| y.iter_mut().zip(m).for_each(|(v, k)| *v *= k));
+        Ok(())
     }
 
     fn indices(&self) -> Result<std::sync::MutexGuard<'_, Option<Vec<u32>>>> {
@@ -785,15 +828,17 @@ impl Conv2dOp {
         grad_res: &Tensor,
     ) -> Result<Tensor> {
         let grad_res = grad_res.contiguous()?;
-        if !self.relu && self.pool.is_none() {
-            return Ok(grad_res);
+        let shape = Shape::from((g.batch, g.out_channels, g.out_height, g.out_width));
+        if !self.relu && self.pool.is_none() && self.output_mask.is_none() {
+            return grad_res.reshape(shape);
         }
         let grad = with_cpu_slices(&[res, &grad_res], |s| {
-            let masked = if self.relu {
+            let mut masked = if self.relu {
                 relu_grad(s[0], s[1])
             } else {
                 s[1].to_vec()
             };
+            self.apply_mask(&mut masked)?;
             let Some(pool) = self.pool else {
                 return Ok(masked);
             };
@@ -803,7 +848,6 @@ impl Conv2dOp {
             };
             Ok(pool_backward(&pool.geometry(g, g.batch)?, idx, &masked))
         })?;
-        let shape = Shape::from((g.batch, g.out_channels, g.out_height, g.out_width));
         tensor_from_vec(grad, &shape, res.device())
     }
 }
@@ -833,14 +877,18 @@ impl CustomOp3 for Conv2dOp {
         let b = cpu_slice(s3, l3)?;
         let bias = self.has_bias.then_some(b);
         if let Some(pool) = self.pool {
-            let (y, idx) = conv_forward_pooled(&g, x, w, bias, self.relu, pool, self.keep_indices)?;
+            let (mut y, idx) =
+                conv_forward_pooled(&g, x, w, bias, self.relu, pool, self.keep_indices)?;
             *self.indices()? = idx;
+            self.apply_mask(&mut y)?;
             let pool = pool.geometry(&g, g.batch)?;
-            let shape = Shape::from((g.batch, g.out_channels, pool.out_height, pool.out_width));
+            let shape =
+                self.output_shape((g.batch, g.out_channels, pool.out_height, pool.out_width));
             return Ok((CpuStorage::F32(y), shape));
         }
-        let y = conv_forward(&g, x, w, bias, self.relu);
-        let shape = Shape::from((g.batch, g.out_channels, g.out_height, g.out_width));
+        let mut y = conv_forward(&g, x, w, bias, self.relu);
+        self.apply_mask(&mut y)?;
+        let shape = self.output_shape((g.batch, g.out_channels, g.out_height, g.out_width));
         Ok((CpuStorage::F32(y), shape))
     }
 

@@ -4,7 +4,12 @@
 //! single-threaded pass over the whole weight (1.2M elements for the baseline's fc1) every step;
 //! here all three products are GEMMs on contiguous data and the bias is fused.
 
-use super::gemm::{sgemm, MatRef};
+use super::gemm::{sgemm, sgemm_column_parallel, MatRef};
+use rayon::prelude::*;
+
+/// Fixed cuts of the wide products (columns of the gradients, the reduction of the forward):
+/// fixed so that the sums, and so the bits, do not depend on the thread count.
+const PARTS: usize = 4;
 use super::{cpu_slice, relu_grad, tensor_from_vec, with_cpu_slices, zeroed};
 use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
 
@@ -43,19 +48,34 @@ impl CustomOp3 for LinearOp {
         if b.len() != outputs {
             candle_core::bail!("linear: bias of {} for {outputs} outputs", b.len());
         }
+        // The reduction over the inputs cut into PARTS slices in parallel, partial products
+        // added in order on top of the bias (the output is too narrow to split its columns).
+        let span = inputs.div_ceil(PARTS).max(1);
+        let partials: Vec<Vec<f32>> = (0..inputs.div_ceil(span))
+            .into_par_iter()
+            .map(|part| {
+                let start = part * span;
+                let mut partial = vec![0f32; batch * outputs];
+                sgemm(
+                    batch,
+                    outputs,
+                    span.min(inputs - start),
+                    &mut partial,
+                    outputs,
+                    false,
+                    MatRef::row_major(x, inputs).skip_columns(start),
+                    MatRef::transposed(w, inputs).skip_rows(start),
+                    1,
+                );
+                partial
+            })
+            .collect();
         let mut y: Vec<f32> = (0..batch).flat_map(|_| b.iter().copied()).collect();
-        let threads = rayon::current_num_threads();
-        sgemm(
-            batch,
-            outputs,
-            inputs,
-            &mut y,
-            outputs,
-            true,
-            MatRef::row_major(x, inputs),
-            MatRef::transposed(w, inputs),
-            threads,
-        );
+        for partial in &partials {
+            for (acc, v) in y.iter_mut().zip(partial) {
+                *acc += *v;
+            }
+        }
         if self.relu {
             y.iter_mut().for_each(|v| *v = v.max(0.0));
         }
@@ -72,7 +92,6 @@ impl CustomOp3 for LinearOp {
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let (batch, inputs, outputs) = dims(x.shape(), w.shape())?;
         let grad_res = grad_res.contiguous()?;
-        let threads = rayon::current_num_threads();
         let (relu, want_x) = (self.relu, x.track_op());
         let (gx, gw, gb) = with_cpu_slices(&[x, w, res, &grad_res], |s| {
             let (x, w, y, gy) = (s[0], s[1], s[2], s[3]);
@@ -84,9 +103,12 @@ impl CustomOp3 for LinearOp {
                 gy
             };
             let gy_mat = MatRef::row_major(gy, outputs);
-            let gx = if want_x {
+            let input_grad = || {
+                if !want_x {
+                    return Vec::new();
+                }
                 let mut gx = zeroed(batch * inputs);
-                sgemm(
+                sgemm_column_parallel(
                     batch,
                     inputs,
                     outputs,
@@ -95,24 +117,26 @@ impl CustomOp3 for LinearOp {
                     false,
                     gy_mat,
                     MatRef::row_major(w, inputs),
-                    threads,
+                    PARTS,
                 );
                 gx
-            } else {
-                Vec::new()
             };
-            let mut gw = zeroed(outputs * inputs);
-            sgemm(
-                outputs,
-                inputs,
-                batch,
-                &mut gw,
-                inputs,
-                false,
-                MatRef::transposed(gy, outputs),
-                MatRef::row_major(x, inputs),
-                threads,
-            );
+            let weight_grad = || {
+                let mut gw = zeroed(outputs * inputs);
+                sgemm_column_parallel(
+                    outputs,
+                    inputs,
+                    batch,
+                    &mut gw,
+                    inputs,
+                    false,
+                    MatRef::transposed(gy, outputs),
+                    MatRef::row_major(x, inputs),
+                    PARTS,
+                );
+                gw
+            };
+            let (gx, gw) = rayon::join(input_grad, weight_grad);
             let mut gb = vec![0f32; outputs];
             for row in gy.chunks(outputs.max(1)) {
                 for (acc, v) in gb.iter_mut().zip(row) {

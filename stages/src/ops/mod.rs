@@ -72,7 +72,7 @@ pub fn conv2d(
     stride: usize,
     padding: usize,
 ) -> Result<Tensor> {
-    conv2d_activated(x, weight, bias, stride, padding, false, None)
+    conv2d_activated(x, weight, bias, stride, padding, false, None, None)
 }
 
 /// `relu(conv2d(..))` in one op on the CPU (no separate ReLU pass forward or backward).
@@ -83,7 +83,7 @@ pub fn conv2d_relu(
     stride: usize,
     padding: usize,
 ) -> Result<Tensor> {
-    conv2d_activated(x, weight, bias, stride, padding, true, None)
+    conv2d_activated(x, weight, bias, stride, padding, true, None, None)
 }
 
 /// `max_pool2d(relu(conv2d(..)), pool)` in one op on the CPU: each chunk of the conv output
@@ -96,9 +96,46 @@ pub fn conv2d_relu_pool(
     padding: usize,
     pool: MaxPool,
 ) -> Result<Tensor> {
-    conv2d_activated(x, weight, bias, stride, padding, true, Some(pool))
+    conv2d_activated(x, weight, bias, stride, padding, true, Some(pool), None)
 }
 
+/// `flatten_from(1)(max_pool2d(relu(conv2d(..)), pool) * mask)` in one op on the CPU: a
+/// dropout mask (`mask`, one factor per pooled element, scale included) and the flatten before
+/// a linear layer fused in, so neither becomes a node of the autograd graph (each such node
+/// cost a single-threaded multiply, or a zero-fill and add of its gradient, every step).
+#[allow(clippy::too_many_arguments)]
+pub fn conv2d_relu_pool_flat(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: Option<&Tensor>,
+    stride: usize,
+    padding: usize,
+    pool: MaxPool,
+    mask: Option<Vec<f32>>,
+) -> Result<Tensor> {
+    let output = OutputMask {
+        mask,
+        flatten: true,
+    };
+    conv2d_activated(
+        x,
+        weight,
+        bias,
+        stride,
+        padding,
+        true,
+        Some(pool),
+        Some(output),
+    )
+}
+
+/// What [`conv2d_relu_pool_flat`] adds after the pooling.
+struct OutputMask {
+    mask: Option<Vec<f32>>,
+    flatten: bool,
+}
+
+#[allow(clippy::too_many_arguments)]
 fn conv2d_activated(
     x: &Tensor,
     weight: &Tensor,
@@ -107,6 +144,7 @@ fn conv2d_activated(
     padding: usize,
     relu: bool,
     pool: Option<MaxPool>,
+    output: Option<OutputMask>,
 ) -> Result<Tensor> {
     if use_fast_kernels(&[x, weight]) && bias.is_none_or(|b| use_fast_kernels(&[b])) {
         let tracked = x.track_op() || weight.track_op() || bias.is_some_and(|b| b.track_op());
@@ -121,15 +159,33 @@ fn conv2d_activated(
             None => Tensor::zeros(cout, DType::F32, x.device())?,
         };
         let op = conv::Conv2dOp::new(stride, padding, bias.is_some(), relu, pool, tracked);
+        let op = match output {
+            Some(o) => op.with_output(o.mask, o.flatten),
+            None => op,
+        };
         return x
             .contiguous()?
             .apply_op3(&weight.contiguous()?, &bias_arg, op);
     }
     let y = reference_conv2d(x, weight, bias, stride, padding)?;
     let y = if relu { y.relu()? } else { y };
-    match pool {
-        Some(p) => max_pool2d(&y, p.kernel, p.stride, p.padding),
-        None => Ok(y),
+    let y = match pool {
+        Some(p) => max_pool2d(&y, p.kernel, p.stride, p.padding)?,
+        None => y,
+    };
+    let Some(output) = output else {
+        return Ok(y);
+    };
+    let y = match output.mask {
+        Some(mask) => {
+            y.mul(&Tensor::from_vec(mask, y.shape(), y.device())?.to_dtype(y.dtype())?)?
+        }
+        None => y,
+    };
+    if output.flatten {
+        y.flatten_from(1)
+    } else {
+        Ok(y)
     }
 }
 
