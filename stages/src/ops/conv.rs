@@ -9,7 +9,7 @@
 //! order, so the result does not depend on how rayon schedules the work (bit-reproducible).
 
 use super::gemm::{sgemm, MatRef};
-use super::pool::{pool_backward, pool_planes, PoolGeometry};
+use super::pool::{pool_planes, PoolGeometry};
 use super::{cpu_slice, relu_grad, tensor_from_vec, with_cpu_slices, zeroed};
 use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
@@ -588,6 +588,99 @@ pub fn conv_backward(
     grad_y: &[f32],
     want: (bool, bool, bool),
 ) -> ConvGrads {
+    conv_backward_from(g, x, w, OutputGrad::Dense(grad_y), want)
+}
+
+/// The gradient at a convolution's output, as the backward pass receives it.
+#[derive(Clone, Copy)]
+pub enum OutputGrad<'a> {
+    /// One value per output pixel, NCHW.
+    Dense(&'a [f32]),
+    /// A max pool followed the convolution: the gradient at the pooled output and, per pooled
+    /// value, where in its conv output plane the maximum was. Each chunk of images is expanded
+    /// to the dense gradient only while in cache, so the full-size (mostly zero) gradient never
+    /// exists.
+    Pooled {
+        pool: &'a PoolGeometry,
+        indices: &'a [u32],
+        grad: &'a [f32],
+    },
+}
+
+impl OutputGrad<'_> {
+    /// The sum of one output plane's gradient (image `n`, channel `co`).
+    fn plane_sum(&self, g: &ConvGeometry, n: usize, co: usize) -> f32 {
+        let plane = n * g.out_channels + co;
+        match *self {
+            OutputGrad::Dense(grad) => {
+                let hw = g.out_pixels();
+                grad[plane * hw..(plane + 1) * hw].iter().sum()
+            }
+            OutputGrad::Pooled { pool, grad, .. } => {
+                let len = pool.out_height * pool.out_width;
+                grad[plane * len..(plane + 1) * len].iter().sum()
+            }
+        }
+    }
+
+    /// Images `first..first + images` as one [Cout, images * HoWo] matrix: the dense gradient
+    /// itself when that is one image, else gathered (or expanded from the pooled one) into
+    /// `buf`.
+    fn chunk<'b>(
+        &'b self,
+        g: &ConvGeometry,
+        first: usize,
+        images: usize,
+        buf: &'b mut Vec<f32>,
+    ) -> &'b [f32] {
+        let (cout, hw) = (g.out_channels, g.out_pixels());
+        let ncols = images * hw;
+        match *self {
+            OutputGrad::Dense(grad) => {
+                let raw = &grad[first * cout * hw..(first + images) * cout * hw];
+                if images == 1 {
+                    return raw;
+                }
+                buf.resize(cout * ncols, 0.0);
+                for i in 0..images {
+                    for co in 0..cout {
+                        let src = &raw[(i * cout + co) * hw..(i * cout + co + 1) * hw];
+                        buf[co * ncols + i * hw..co * ncols + (i + 1) * hw].copy_from_slice(src);
+                    }
+                }
+            }
+            OutputGrad::Pooled {
+                pool,
+                indices,
+                grad,
+            } => {
+                let len = pool.out_height * pool.out_width;
+                buf.clear();
+                buf.resize(cout * ncols, 0.0);
+                for i in 0..images {
+                    for co in 0..cout {
+                        let plane = (first + i) * cout + co;
+                        let range = plane * len..(plane + 1) * len;
+                        let dst = &mut buf[co * ncols + i * hw..co * ncols + (i + 1) * hw];
+                        for (at, gv) in indices[range.clone()].iter().zip(&grad[range]) {
+                            dst[*at as usize] += *gv;
+                        }
+                    }
+                }
+            }
+        }
+        buf
+    }
+}
+
+/// [`conv_backward`] from either form of the output gradient.
+pub fn conv_backward_from(
+    g: &ConvGeometry,
+    x: &[f32],
+    w: &[f32],
+    grad_y: OutputGrad,
+    want: (bool, bool, bool),
+) -> ConvGrads {
     let (want_x, want_w, want_b) = want;
     let taps = g.active_taps();
     let walk = Walk::new(g, &taps);
@@ -597,14 +690,7 @@ pub fn conv_backward(
     let bias = want_b.then(|| {
         (0..cout)
             .into_par_iter()
-            .map(|co| {
-                (0..g.batch)
-                    .map(|n| {
-                        let start = (n * cout + co) * hw;
-                        grad_y[start..start + hw].iter().sum::<f32>()
-                    })
-                    .sum()
-            })
+            .map(|co| (0..g.batch).map(|n| grad_y.plane_sum(g, n, co)).sum())
             .collect()
     });
     if !want_x && !want_w {
@@ -646,20 +732,7 @@ pub fn conv_backward(
             let images = per_chunk.min(last_image - img);
             let ncols = images * hw;
             let x_chunk = &x[img * g.in_image_len()..(img + images) * g.in_image_len()];
-            let gy_raw = &grad_y[img * g.out_image_len()..(img + images) * g.out_image_len()];
-            // grad_y of the chunk as one [Cout, images*HoWo] matrix.
-            let gy: &[f32] = if images == 1 {
-                gy_raw
-            } else {
-                gy_buf.resize(cout * ncols, 0.0);
-                for i in 0..images {
-                    for co in 0..cout {
-                        let src = &gy_raw[(i * cout + co) * hw..(i * cout + co + 1) * hw];
-                        gy_buf[co * ncols + i * hw..co * ncols + (i + 1) * hw].copy_from_slice(src);
-                    }
-                }
-                &gy_buf
-            };
+            let gy = grad_y.chunk(g, img, images, &mut gy_buf);
             let gy_mat = MatRef::row_major(gy, ncols);
             if let Some(gw) = gw.as_deref_mut() {
                 let col: &[f32] = if g.is_pointwise() && images == 1 {
@@ -820,35 +893,16 @@ impl Conv2dOp {
             .map_err(|_| candle_core::Error::Msg("conv2d: poisoned pool index lock".into()))
     }
 
-    /// The gradient at the convolution's own output, from the gradient at the op's output.
-    fn conv_output_grad(
-        &self,
-        g: &ConvGeometry,
-        res: &Tensor,
-        grad_res: &Tensor,
-    ) -> Result<Tensor> {
-        let grad_res = grad_res.contiguous()?;
-        let shape = Shape::from((g.batch, g.out_channels, g.out_height, g.out_width));
-        if !self.relu && self.pool.is_none() && self.output_mask.is_none() {
-            return grad_res.reshape(shape);
-        }
-        let grad = with_cpu_slices(&[res, &grad_res], |s| {
-            let mut masked = if self.relu {
-                relu_grad(s[0], s[1])
-            } else {
-                s[1].to_vec()
-            };
-            self.apply_mask(&mut masked)?;
-            let Some(pool) = self.pool else {
-                return Ok(masked);
-            };
-            let indices = self.indices()?;
-            let Some(idx) = indices.as_ref() else {
-                candle_core::bail!("conv2d: backward without saved pool indices");
-            };
-            Ok(pool_backward(&pool.geometry(g, g.batch)?, idx, &masked))
-        })?;
-        tensor_from_vec(grad, &shape, res.device())
+    /// The gradient at the op's output taken back through the output mask and the ReLU (both
+    /// elementwise on the op's output): what the pooling (if any) received.
+    fn activation_grad(&self, res: &[f32], grad_res: &[f32]) -> Result<Vec<f32>> {
+        let mut grad = if self.relu {
+            relu_grad(res, grad_res)
+        } else {
+            grad_res.to_vec()
+        };
+        self.apply_mask(&mut grad)?;
+        Ok(grad)
     }
 }
 
@@ -902,9 +956,24 @@ impl CustomOp3 for Conv2dOp {
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let g = ConvGeometry::new(x.dims4()?, w.dims4()?, self.stride, self.padding)?;
         let want = (x.track_op(), w.track_op(), self.has_bias && b.track_op());
-        let grad_res = self.conv_output_grad(&g, res, grad_res)?;
-        let grads = with_cpu_slices(&[x, w, &grad_res], |s| {
-            Ok(conv_backward(&g, s[0], s[1], s[2], want))
+        let grad_res = grad_res.contiguous()?;
+        let grads = with_cpu_slices(&[x, w, res, &grad_res], |s| {
+            let (x, w) = (s[0], s[1]);
+            let grad = self.activation_grad(s[2], s[3])?;
+            let Some(pool) = self.pool else {
+                return Ok(conv_backward_from(&g, x, w, OutputGrad::Dense(&grad), want));
+            };
+            let pool = pool.geometry(&g, g.batch)?;
+            let indices = self.indices()?;
+            let Some(indices) = indices.as_ref() else {
+                candle_core::bail!("conv2d: backward without saved pool indices");
+            };
+            let source = OutputGrad::Pooled {
+                pool: &pool,
+                indices,
+                grad: &grad,
+            };
+            Ok(conv_backward_from(&g, x, w, source, want))
         })?;
         let device = x.device();
         let gx = grads
