@@ -10,6 +10,7 @@
 
 use super::gemm::{sgemm, MatRef};
 use super::pool::{pool_planes, PoolGeometry};
+use super::winograd;
 use super::{cpu_slice, relu_grad, tensor_from_vec, with_cpu_slices, zeroed};
 use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
@@ -369,9 +370,24 @@ fn inner_threads(tasks: usize) -> usize {
     }
 }
 
+/// Forward, then ReLU if `relu`: Winograd for the 3x3 stride-1 layers it suits, else
+/// [`im2col_forward`].
+pub fn conv_forward(
+    g: &ConvGeometry,
+    x: &[f32],
+    w: &[f32],
+    bias: Option<&[f32]>,
+    relu: bool,
+) -> Vec<f32> {
+    if winograd::suits(g) {
+        return winograd::forward(g, x, w, winograd::Epilogue::Map { bias, relu }).0;
+    }
+    im2col_forward(g, x, w, bias, relu)
+}
+
 /// Forward: `y[n, co, p] = bias[co] + sum_r w[co, r] * col_n[r, p]`, then ReLU if `relu`
 /// (applied to each chunk while it is still in cache).
-pub fn conv_forward(
+pub fn im2col_forward(
     g: &ConvGeometry,
     x: &[f32],
     w: &[f32],
@@ -420,6 +436,14 @@ pub fn conv_forward_pooled(
     pool: MaxPool,
     keep_indices: bool,
 ) -> Result<(Vec<f32>, Option<Vec<u32>>)> {
+    if winograd::suits_pooled(g, pool.kernel, pool.stride, pool.padding) {
+        let epilogue = winograd::Epilogue::Pooled {
+            bias,
+            relu,
+            indices: keep_indices,
+        };
+        return Ok(winograd::forward(g, x, w, epilogue));
+    }
     let plan = ForwardPlan::new(g, w);
     let pool = pool.geometry(g, g.batch)?;
     let pooled_image = g.out_channels * pool.out_height * pool.out_width;

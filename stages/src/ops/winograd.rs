@@ -1,0 +1,549 @@
+//! Winograd F(2x2, 3x3) convolution for 3x3 stride-1 layers on the CPU (Lavin & Gray, 2015):
+//! each 2x2 block of output pixels comes from a 4x4 input tile with 16 multiplies per channel
+//! pair instead of im2col's 36, as 16 small GEMMs over all the tiles of an image. The output
+//! transform can end in bias, ReLU and a 2x2/2 max pool, whose windows are exactly the 2x2
+//! output blocks, so the unpooled map is never stored. The input transform works on the image
+//! channels-last, eight channels per vector, the output transform on eight tiles per vector.
+//! (Only the forward pass: for the input gradient, whose transform has twice the channels, the
+//! transforms cost more than the GEMM time they saved on these 2 cores.)
+
+use super::conv::ConvGeometry;
+use super::gemm::{sgemm, MatRef};
+use super::zeroed;
+use rayon::prelude::*;
+
+/// Transform points per tile (4x4).
+const POINTS: usize = 16;
+
+/// Whether the layer is a 3x3 stride-1 convolution wide and deep enough for the transforms to
+/// pay (the baseline's conv2; ResNet's 3x3 layers see maps of 7x7 and less).
+pub fn suits(g: &ConvGeometry) -> bool {
+    g.kernel == 3
+        && g.stride == 1
+        && g.padding <= 2
+        && g.in_channels >= 8
+        && g.out_channels >= 8
+        && g.out_height >= 8
+        && g.out_width >= 8
+}
+
+/// Whether `suits(g)` and the 2x2/2 unpadded max pool that follows lines up with the 2x2
+/// output blocks.
+pub fn suits_pooled(g: &ConvGeometry, kernel: usize, stride: usize, padding: usize) -> bool {
+    suits(g)
+        && (kernel, stride, padding) == (2, 2, 0)
+        && g.out_height.is_multiple_of(2)
+        && g.out_width.is_multiple_of(2)
+}
+
+/// What follows the transform back to pixels.
+#[derive(Clone, Copy)]
+pub enum Epilogue<'a> {
+    /// Bias (optional) and ReLU (optional); the full output map, NCHW.
+    Map { bias: Option<&'a [f32]>, relu: bool },
+    /// Bias, ReLU, then the 2x2/2 max pool: pooled values, and with indices the position of
+    /// each window's maximum in its output plane (ties to the first in row-major order, NaN
+    /// wins, as [`super::pool`] does).
+    Pooled {
+        bias: Option<&'a [f32]>,
+        relu: bool,
+        indices: bool,
+    },
+}
+
+/// The filters in the transform domain, laid out for the GEMMs: `u[point][co][ci]` =
+/// (G w G^T)[point], input channels padded with zeros to whole lanes.
+fn transform_weight(g: &ConvGeometry, w: &[f32]) -> Vec<f32> {
+    let (cout, cin) = (g.out_channels, g.in_channels);
+    let cin_p = lanes(cin);
+    let mut u = vec![0f32; POINTS * cout * cin_p];
+    for co in 0..cout {
+        for ci in 0..cin {
+            let f = &w[(co * cin + ci) * 9..(co * cin + ci + 1) * 9];
+            // G f: rows f0, (f0 + f1 + f2)/2, (f0 - f1 + f2)/2, f2 (each a row of 3).
+            let mut gf = [[0f32; 3]; 4];
+            for j in 0..3 {
+                let (a, b, c) = (f[j], f[3 + j], f[6 + j]);
+                gf[0][j] = a;
+                gf[1][j] = 0.5 * (a + b + c);
+                gf[2][j] = 0.5 * (a - b + c);
+                gf[3][j] = c;
+            }
+            for (i, row) in gf.iter().enumerate() {
+                let [a, b, c] = *row;
+                let out = [a, 0.5 * (a + b + c), 0.5 * (a - b + c), c];
+                for (j, v) in out.into_iter().enumerate() {
+                    u[((4 * i + j) * cout + co) * cin_p + ci] = v;
+                }
+            }
+        }
+    }
+    u
+}
+
+/// Tile counts of one output plane.
+fn tiles(g: &ConvGeometry) -> (usize, usize) {
+    (g.out_height.div_ceil(2), g.out_width.div_ceil(2))
+}
+
+/// Channels per vector lane group: the transforms work on 8 channels at once (one AVX
+/// register), channel counts are padded with zeros to a multiple.
+const LANE: usize = 8;
+type Lanes = [f32; LANE];
+
+fn lanes(channels: usize) -> usize {
+    channels.next_multiple_of(LANE)
+}
+
+/// Per-task buffers: the zero-padded image channels-last `xt[row][col][ci]`, the transformed
+/// input `v[point][tile][ci]` and the GEMM output `m[point][tile][co]`.
+#[derive(Default)]
+struct Scratch {
+    xt: Vec<f32>,
+    v: Vec<f32>,
+    m: Vec<f32>,
+    pixels: Vec<f32>,
+}
+
+#[inline(always)]
+fn load(s: &[f32]) -> Lanes {
+    let mut out = [0f32; LANE];
+    out.copy_from_slice(&s[..LANE]);
+    out
+}
+
+#[inline(always)]
+fn add(mut a: Lanes, b: Lanes) -> Lanes {
+    for (x, y) in a.iter_mut().zip(b) {
+        *x += y;
+    }
+    a
+}
+
+#[inline(always)]
+fn sub(mut a: Lanes, b: Lanes) -> Lanes {
+    for (x, y) in a.iter_mut().zip(b) {
+        *x -= y;
+    }
+    a
+}
+
+/// `B^T` applied to four values (rows or columns of a tile): `d0 - d2, d1 + d2, d2 - d1,
+/// d1 - d3`.
+#[inline(always)]
+fn input_1d([d0, d1, d2, d3]: [Lanes; 4]) -> [Lanes; 4] {
+    [sub(d0, d2), add(d1, d2), sub(d2, d1), sub(d1, d3)]
+}
+
+/// `A^T` applied to four values: `m0 + m1 + m2, m1 - m2 - m3`.
+#[inline(always)]
+fn output_1d([m0, m1, m2, m3]: [Lanes; 4]) -> [Lanes; 2] {
+    [add(add(m0, m1), m2), sub(sub(m1, m2), m3)]
+}
+
+/// B^T down each column j of the 4x4 tile whose top-left pixel's lanes start at `base`.
+#[inline(always)]
+fn input_tile_columns(xt: &[f32], base: usize, row: usize, pixel: usize) -> [[Lanes; 4]; 4] {
+    let d = |i: usize, j: usize| load(&xt[base + i * row + j * pixel..]);
+    [0, 1, 2, 3].map(
+        #[inline(always)]
+        |j| input_1d([d(0, j), d(1, j), d(2, j), d(3, j)]),
+    )
+}
+
+/// A^T m A of eight tiles: `m` holds the 16 transform points of one output channel,
+/// `point` apart, the tiles' lanes starting at `base`; their four pixels top-left, top-right,
+/// bottom-left, bottom-right.
+#[inline(always)]
+fn output_tiles(m: &[f32], base: usize, point: usize) -> [Lanes; 4] {
+    let at = |k: usize| load(&m[base + k * point..]);
+    // m A along each row i (left and right pixel columns), then A^T down them.
+    let r0 = output_1d([at(0), at(1), at(2), at(3)]);
+    let r1 = output_1d([at(4), at(5), at(6), at(7)]);
+    let r2 = output_1d([at(8), at(9), at(10), at(11)]);
+    let r3 = output_1d([at(12), at(13), at(14), at(15)]);
+    let [top_left, bottom_left] = output_1d([r0[0], r1[0], r2[0], r3[0]]);
+    let [top_right, bottom_right] = output_1d([r0[1], r1[1], r2[1], r3[1]]);
+    [top_left, top_right, bottom_left, bottom_right]
+}
+
+/// The image channels-last and zero-padded, then B^T d B of every tile, 8 channels at a time.
+#[inline(always)]
+fn transform_input(
+    g: &ConvGeometry,
+    x_img: &[f32],
+    xt: &mut Vec<f32>,
+    v: &mut [f32],
+    tiles_padded: usize,
+) {
+    let (th, tw) = tiles(g);
+    let (h, w, p, cin) = (g.height, g.width, g.padding, g.in_channels);
+    let cin_p = lanes(cin);
+    let (rows, cols) = (2 * th + 2, 2 * tw + 2);
+    xt.clear();
+    xt.resize(rows * cols * cin_p, 0.0);
+    // Eight channels by eight pixels at a time: eight contiguous loads, eight contiguous
+    // stores.
+    let zeros = vec![0f32; w.next_multiple_of(LANE)];
+    let mut widened: [Vec<f32>; LANE] = Default::default();
+    for c in (0..cin).step_by(LANE) {
+        for iy in 0..h {
+            for (k, row) in widened.iter_mut().enumerate() {
+                let ci = c + k;
+                row.clear();
+                if ci < cin {
+                    row.extend_from_slice(&x_img[(ci * h + iy) * w..(ci * h + iy + 1) * w]);
+                }
+                row.resize(zeros.len(), 0.0);
+            }
+            let start = ((iy + p) * cols + p) * cin_p;
+            for ix in (0..w).step_by(LANE) {
+                let block: [Lanes; LANE] = std::array::from_fn(|k| load(&widened[k][ix..]));
+                let pixels = xt[start + ix * cin_p..].chunks_exact_mut(cin_p);
+                for (q, pixel) in pixels.take(LANE.min(w - ix)).enumerate() {
+                    pixel[c..c + LANE]
+                        .copy_from_slice(&std::array::from_fn::<f32, LANE, _>(|k| block[k][q]));
+                }
+            }
+        }
+    }
+    for ty in 0..th {
+        for tx in 0..tw {
+            let t = ty * tw + tx;
+            for c in (0..cin_p).step_by(LANE) {
+                let row_stride = cols * cin_p;
+                let base = (2 * ty * cols + 2 * tx) * cin_p + c;
+                let [c0, c1, c2, c3] = input_tile_columns(xt, base, row_stride, cin_p);
+                let rows = [
+                    [c0[0], c1[0], c2[0], c3[0]],
+                    [c0[1], c1[1], c2[1], c3[1]],
+                    [c0[2], c1[2], c2[2], c3[2]],
+                    [c0[3], c1[3], c2[3], c3[3]],
+                ];
+                for (i, row) in rows.into_iter().enumerate() {
+                    for (j, lanes) in input_1d(row).iter().enumerate() {
+                        let at = ((4 * i + j) * tiles_padded + t) * cin_p + c;
+                        v[at..at + LANE].copy_from_slice(lanes);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// A^T m A of every tile, eight tiles at a time, then the epilogue, into the image's NCHW
+/// output (and pool indices). `m` is `[point][co][tile]` with `tiles` columns per row (the tile
+/// count rounded up to whole lanes); `corners[t]` is tile t's top-left pixel in its plane.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn transform_output(
+    g: &ConvGeometry,
+    m: &[f32],
+    tiles_padded: usize,
+    corners: &[u32],
+    epilogue: Epilogue,
+    out: &mut [f32],
+    mut idx: Option<&mut [u32]>,
+    pixels: &mut Vec<f32>,
+) {
+    let (th, tw) = tiles(g);
+    let tile_count = th * tw;
+    let cout = g.out_channels;
+    let (ho, wo) = (g.out_height, g.out_width);
+    let (bias, relu) = match epilogue {
+        Epilogue::Map { bias, relu } | Epilogue::Pooled { bias, relu, .. } => (bias, relu),
+    };
+    let floor = if relu { 0.0 } else { f32::NEG_INFINITY };
+    let point = cout * tiles_padded;
+    // Offsets of the four pixels from the tile's corner, in the pool's row-major order.
+    let offsets = [0, 1, wo as u32, wo as u32 + 1];
+    pixels.clear();
+    pixels.resize(4 * tiles_padded, 0.0);
+    for co in 0..cout {
+        let bv = bias.map_or(0.0, |b| b[co]);
+        for t in (0..tiles_padded).step_by(LANE) {
+            let quad = output_tiles(m, co * tiles_padded + t, point).map(|p| {
+                let mut out = p;
+                for v in &mut out {
+                    *v = (*v + bv).max(floor);
+                }
+                out
+            });
+            match epilogue {
+                Epilogue::Map { .. } => {
+                    for (q, lanes) in quad.iter().enumerate() {
+                        pixels[q * tiles_padded + t..q * tiles_padded + t + LANE]
+                            .copy_from_slice(lanes);
+                    }
+                }
+                Epilogue::Pooled { .. } => {
+                    let mut best = quad[0];
+                    let mut which = [0usize; LANE];
+                    for (q, lanes) in quad.iter().enumerate().skip(1) {
+                        for k in 0..LANE {
+                            let v = lanes[k];
+                            let take = v > best[k] || (v.is_nan() && !best[k].is_nan());
+                            best[k] = if take { v } else { best[k] };
+                            which[k] = if take { q } else { which[k] };
+                        }
+                    }
+                    let real = LANE.min(tile_count - t.min(tile_count));
+                    let at = co * tile_count + t;
+                    out[at..at + real].copy_from_slice(&best[..real]);
+                    if let Some(positions) = idx.as_deref_mut() {
+                        for k in 0..real {
+                            positions[at + k] = corners[t + k] + offsets[which[k]];
+                        }
+                    }
+                }
+            }
+        }
+        if let Epilogue::Map { .. } = epilogue {
+            let plane = &mut out[co * ho * wo..(co + 1) * ho * wo];
+            let quarter = |q: usize| &pixels[q * tiles_padded..q * tiles_padded + tile_count];
+            for (oy, row) in plane.chunks_exact_mut(wo).enumerate() {
+                let (ty, dy) = (oy / 2, oy % 2);
+                let left = &quarter(2 * dy)[ty * tw..(ty + 1) * tw];
+                let right = &quarter(2 * dy + 1)[ty * tw..(ty + 1) * tw];
+                for (pair, (l, r)) in row.chunks_mut(2).zip(left.iter().zip(right)) {
+                    pair[0] = *l;
+                    if let Some(d) = pair.get_mut(1) {
+                        *d = *r;
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// One image: input transform, the 16 GEMMs, output transform. Compiled for AVX2 where the CPU
+/// has it: the transforms are short additions over contiguous slices, which then run on 8 lanes
+/// instead of 4 (same results: IEEE arithmetic per lane, no contraction into FMAs).
+#[allow(clippy::too_many_arguments)]
+fn image(
+    g: &ConvGeometry,
+    x_img: &[f32],
+    u: &[f32],
+    corners: &[u32],
+    epilogue: Epilogue,
+    out: &mut [f32],
+    idx: Option<&mut [u32]>,
+    s: &mut Scratch,
+) {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") {
+        // SAFETY: the CPU supports AVX2 (just checked), the only features `image_avx2` needs.
+        unsafe { image_avx2(g, x_img, u, corners, epilogue, out, idx, s) };
+        return;
+    }
+    image_generic(g, x_img, u, corners, epilogue, out, idx, s)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx,avx2")]
+#[allow(clippy::too_many_arguments)]
+fn image_avx2(
+    g: &ConvGeometry,
+    x_img: &[f32],
+    u: &[f32],
+    corners: &[u32],
+    epilogue: Epilogue,
+    out: &mut [f32],
+    idx: Option<&mut [u32]>,
+    s: &mut Scratch,
+) {
+    image_generic(g, x_img, u, corners, epilogue, out, idx, s)
+}
+
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn image_generic(
+    g: &ConvGeometry,
+    x_img: &[f32],
+    u: &[f32],
+    corners: &[u32],
+    epilogue: Epilogue,
+    out: &mut [f32],
+    idx: Option<&mut [u32]>,
+    s: &mut Scratch,
+) {
+    let (th, tw) = tiles(g);
+    let tile_count = th * tw;
+    let tiles_padded = lanes(tile_count);
+    let (cin_p, cout) = (lanes(g.in_channels), g.out_channels);
+    // The transformed input `v[point][tile][ci]` (tiles beyond the count: never read back).
+    s.v.resize(POINTS * tiles_padded * cin_p, 0.0);
+    s.m.resize(POINTS * cout * tiles_padded, 0.0);
+    transform_input(g, x_img, &mut s.xt, &mut s.v, tiles_padded);
+    for point in 0..POINTS {
+        let v = &s.v[point * tiles_padded * cin_p..(point + 1) * tiles_padded * cin_p];
+        sgemm(
+            cout,
+            tiles_padded,
+            cin_p,
+            &mut s.m[point * cout * tiles_padded..(point + 1) * cout * tiles_padded],
+            tiles_padded,
+            false,
+            MatRef::row_major(&u[point * cout * cin_p..(point + 1) * cout * cin_p], cin_p),
+            MatRef::transposed(v, cin_p),
+            1,
+        );
+    }
+    transform_output(
+        g,
+        &s.m,
+        tiles_padded,
+        corners,
+        epilogue,
+        out,
+        idx,
+        &mut s.pixels,
+    );
+}
+
+/// The convolution of every image (NCHW) with weight `w` [Cout, Cin, 3, 3] under `g`
+/// (`suits(g)`), through `epilogue`; with the pooled epilogue the output is
+/// [B, Cout, Ho/2, Wo/2] and the indices come back when asked for.
+pub fn forward(
+    g: &ConvGeometry,
+    x: &[f32],
+    w: &[f32],
+    epilogue: Epilogue,
+) -> (Vec<f32>, Option<Vec<u32>>) {
+    let u = transform_weight(g, w);
+    let corners: Vec<u32> = (0..g.out_height.div_ceil(2))
+        .flat_map(|ty| {
+            (0..g.out_width.div_ceil(2)).map(move |tx| (2 * ty * g.out_width + 2 * tx) as u32)
+        })
+        .collect();
+    let (th, tw) = tiles(g);
+    let tiles_per_image = th * tw;
+    let (cin, cout) = (g.in_channels, g.out_channels);
+    let (out_image, want_idx) = match epilogue {
+        Epilogue::Map { .. } => (cout * g.out_height * g.out_width, false),
+        Epilogue::Pooled { indices, .. } => (cout * tiles_per_image, indices),
+    };
+    let mut y = zeroed(g.batch * out_image);
+    let mut idx: Vec<u32> = if want_idx {
+        zeroed(g.batch * out_image)
+    } else {
+        Vec::new()
+    };
+    let in_image = cin * g.height * g.width;
+    let run = |s: &mut Scratch, n: usize, out: &mut [f32], idx: Option<&mut [u32]>| {
+        let x_img = &x[n * in_image..(n + 1) * in_image];
+        image(g, x_img, &u, &corners, epilogue, out, idx, s);
+    };
+    if want_idx {
+        y.par_chunks_mut(out_image)
+            .zip(idx.par_chunks_mut(out_image))
+            .enumerate()
+            .for_each_init(Scratch::default, |s, (n, (out, i))| run(s, n, out, Some(i)));
+        (y, Some(idx))
+    } else {
+        y.par_chunks_mut(out_image)
+            .enumerate()
+            .for_each_init(Scratch::default, |s, (n, out)| run(s, n, out, None));
+        (y, None)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::conv::im2col_forward;
+    use super::super::pool::{pool_forward, PoolGeometry};
+    use super::*;
+
+    fn pseudo_random(len: usize, seed: u64) -> Vec<f32> {
+        let mut s = seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        (0..len)
+            .map(|_| {
+                s = s
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+            })
+            .collect()
+    }
+
+    fn max_diff(a: &[f32], b: &[f32]) -> f32 {
+        assert_eq!(a.len(), b.len());
+        a.iter()
+            .zip(b)
+            .map(|(x, y)| (x - y).abs())
+            .fold(0.0, f32::max)
+    }
+
+    #[test]
+    fn matches_im2col_forward_on_odd_and_even_maps_and_paddings() {
+        for &(cin, cout, h, w, p) in &[
+            (8, 16, 26, 26, 0),
+            (9, 8, 11, 13, 1),
+            (16, 12, 10, 9, 2),
+            (8, 8, 12, 12, 1),
+        ] {
+            let g = ConvGeometry::new((3, cin, h, w), (cout, cin, 3, 3), 1, p).unwrap();
+            assert!(suits(&g));
+            let x = pseudo_random(3 * cin * h * w, 1);
+            let wt = pseudo_random(cout * cin * 9, 2);
+            let b = pseudo_random(cout, 3);
+            for relu in [false, true] {
+                let want = im2col_forward(&g, &x, &wt, Some(&b), relu);
+                let (got, idx) = forward(
+                    &g,
+                    &x,
+                    &wt,
+                    Epilogue::Map {
+                        bias: Some(&b),
+                        relu,
+                    },
+                );
+                assert!(idx.is_none());
+                let d = max_diff(&got, &want);
+                assert!(d < 1e-4, "{cin}->{cout} {h}x{w} p{p} relu {relu}: {d}");
+            }
+        }
+    }
+
+    #[test]
+    fn pooled_epilogue_matches_conv_then_pool_with_indices() {
+        let g = ConvGeometry::new((2, 8, 14, 14), (8, 8, 3, 3), 1, 0).unwrap();
+        assert!(suits_pooled(&g, 2, 2, 0));
+        let x = pseudo_random(2 * 8 * 14 * 14, 4);
+        let wt = pseudo_random(8 * 8 * 9, 5);
+        let b = pseudo_random(8, 6);
+        let conv = im2col_forward(&g, &x, &wt, Some(&b), true);
+        let pg = PoolGeometry::new((2, 8, 12, 12), 2, 2, 0).unwrap();
+        let (want, want_idx) = pool_forward(&pg, &conv);
+        let (got, idx) = forward(
+            &g,
+            &x,
+            &wt,
+            Epilogue::Pooled {
+                bias: Some(&b),
+                relu: true,
+                indices: true,
+            },
+        );
+        assert!(max_diff(&got, &want) < 1e-4);
+        // Winograd rounds differently, so a near-tie may pick the other pixel; ReLU zeros tie
+        // exactly (all four clamp to 0) and then both pick the first.
+        let idx = idx.unwrap();
+        let agree = idx.iter().zip(&want_idx).filter(|(a, b)| a == b).count();
+        assert!(agree * 100 >= idx.len() * 99, "{agree} of {}", idx.len());
+        let (values, none) = forward(
+            &g,
+            &x,
+            &wt,
+            Epilogue::Pooled {
+                bias: Some(&b),
+                relu: true,
+                indices: false,
+            },
+        );
+        assert!(none.is_none());
+        assert_eq!(values, got);
+    }
+}
