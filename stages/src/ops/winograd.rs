@@ -4,8 +4,8 @@
 //! transform can end in bias, ReLU and a 2x2/2 max pool, whose windows are exactly the 2x2
 //! output blocks, so the unpooled map is never stored. The input transform works on the image
 //! channels-last, eight channels per vector, the output transform on eight tiles per vector.
-//! (Only the forward pass: for the input gradient, whose transform has twice the channels, the
-//! transforms cost more than the GEMM time they saved on these 2 cores.)
+//! (Only the forward pass: as the input gradient, a separate pass from the weight gradient, it
+//! ran a baseline step ~2% slower than im2col's shared pass on these 2 cores.)
 
 use super::conv::ConvGeometry;
 use super::gemm::{sgemm, MatRef};
@@ -144,11 +144,25 @@ fn output_1d([m0, m1, m2, m3]: [Lanes; 4]) -> [Lanes; 2] {
 /// B^T down each column j of the 4x4 tile whose top-left pixel's lanes start at `base`.
 #[inline(always)]
 fn input_tile_columns(xt: &[f32], base: usize, row: usize, pixel: usize) -> [[Lanes; 4]; 4] {
-    let d = |i: usize, j: usize| load(&xt[base + i * row + j * pixel..]);
-    [0, 1, 2, 3].map(
-        #[inline(always)]
-        |j| input_1d([d(0, j), d(1, j), d(2, j), d(3, j)]),
-    )
+    // Plain inlined calls: array `map`/`from_fn` and closures called four times were left out
+    // of line (and so without AVX2), spilling every lane.
+    [
+        input_column(xt, base, row),
+        input_column(xt, base + pixel, row),
+        input_column(xt, base + 2 * pixel, row),
+        input_column(xt, base + 3 * pixel, row),
+    ]
+}
+
+/// B^T down one column of a tile: four pixels `row` apart from `base`.
+#[inline(always)]
+fn input_column(xt: &[f32], base: usize, row: usize) -> [Lanes; 4] {
+    input_1d([
+        load(&xt[base..]),
+        load(&xt[base + row..]),
+        load(&xt[base + 2 * row..]),
+        load(&xt[base + 3 * row..]),
+    ])
 }
 
 /// A^T m A of eight tiles: `m` holds the 16 transform points of one output channel,
@@ -171,42 +185,19 @@ fn output_tiles(m: &[f32], base: usize, point: usize) -> [Lanes; 4] {
 #[inline(always)]
 fn transform_input(
     g: &ConvGeometry,
-    x_img: &[f32],
+    x: &[f32],
+    n: usize,
     xt: &mut Vec<f32>,
     v: &mut [f32],
     tiles_padded: usize,
 ) {
     let (th, tw) = tiles(g);
-    let (h, w, p, cin) = (g.height, g.width, g.padding, g.in_channels);
-    let cin_p = lanes(cin);
-    let (rows, cols) = (2 * th + 2, 2 * tw + 2);
+    let cin_p = lanes(g.in_channels);
+    let cols = 2 * tw + 2;
     xt.clear();
-    xt.resize(rows * cols * cin_p, 0.0);
-    // Eight channels by eight pixels at a time: eight contiguous loads, eight contiguous
-    // stores.
-    let zeros = vec![0f32; w.next_multiple_of(LANE)];
-    let mut widened: [Vec<f32>; LANE] = Default::default();
-    for c in (0..cin).step_by(LANE) {
-        for iy in 0..h {
-            for (k, row) in widened.iter_mut().enumerate() {
-                let ci = c + k;
-                row.clear();
-                if ci < cin {
-                    row.extend_from_slice(&x_img[(ci * h + iy) * w..(ci * h + iy + 1) * w]);
-                }
-                row.resize(zeros.len(), 0.0);
-            }
-            let start = ((iy + p) * cols + p) * cin_p;
-            for ix in (0..w).step_by(LANE) {
-                let block: [Lanes; LANE] = std::array::from_fn(|k| load(&widened[k][ix..]));
-                let pixels = xt[start + ix * cin_p..].chunks_exact_mut(cin_p);
-                for (q, pixel) in pixels.take(LANE.min(w - ix)).enumerate() {
-                    pixel[c..c + LANE]
-                        .copy_from_slice(&std::array::from_fn::<f32, LANE, _>(|k| block[k][q]));
-                }
-            }
-        }
-    }
+    xt.resize((2 * th + 2) * cols * cin_p, 0.0);
+    let image = g.in_channels * g.height * g.width;
+    fill_channels_last(g, &x[n * image..(n + 1) * image], xt);
     for ty in 0..th {
         for tx in 0..tw {
             let t = ty * tw + tx;
@@ -224,6 +215,42 @@ fn transform_input(
                     for (j, lanes) in input_1d(row).iter().enumerate() {
                         let at = ((4 * i + j) * tiles_padded + t) * cin_p + c;
                         v[at..at + LANE].copy_from_slice(lanes);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The NCHW image into the zeroed, zero-padded channels-last `xt`, eight channels by eight
+/// pixels at a time: eight contiguous loads, eight contiguous stores.
+#[inline(always)]
+fn fill_channels_last(g: &ConvGeometry, x_img: &[f32], xt: &mut [f32]) {
+    let (h, w, p, cin) = (g.height, g.width, g.padding, g.in_channels);
+    let cin_p = lanes(cin);
+    let cols = 2 * tiles(g).1 + 2;
+    let zeros = vec![0f32; w.next_multiple_of(LANE)];
+    let mut widened: [Vec<f32>; LANE] = Default::default();
+    for c in (0..cin).step_by(LANE) {
+        for iy in 0..h {
+            for (k, row) in widened.iter_mut().enumerate() {
+                let ci = c + k;
+                row.clear();
+                if ci < cin {
+                    row.extend_from_slice(&x_img[(ci * h + iy) * w..(ci * h + iy + 1) * w]);
+                }
+                row.resize(zeros.len(), 0.0);
+            }
+            let start = ((iy + p) * cols + p) * cin_p;
+            for ix in (0..w).step_by(LANE) {
+                let mut block = [[0f32; LANE]; LANE];
+                for (lanes, row) in block.iter_mut().zip(&widened) {
+                    *lanes = load(&row[ix..]);
+                }
+                let pixels = xt[start + ix * cin_p..].chunks_exact_mut(cin_p);
+                for (q, pixel) in pixels.take(LANE.min(w - ix)).enumerate() {
+                    for (d, lanes) in pixel[c..c + LANE].iter_mut().zip(&block) {
+                        *d = lanes[q];
                     }
                 }
             }
@@ -262,13 +289,12 @@ fn transform_output(
     for co in 0..cout {
         let bv = bias.map_or(0.0, |b| b[co]);
         for t in (0..tiles_padded).step_by(LANE) {
-            let quad = output_tiles(m, co * tiles_padded + t, point).map(|p| {
-                let mut out = p;
-                for v in &mut out {
+            let mut quad = output_tiles(m, co * tiles_padded + t, point);
+            for lanes in &mut quad {
+                for v in lanes.iter_mut() {
                     *v = (*v + bv).max(floor);
                 }
-                out
-            });
+            }
             match epilogue {
                 Epilogue::Map { .. } => {
                     for (q, lanes) in quad.iter().enumerate() {
@@ -322,7 +348,8 @@ fn transform_output(
 #[allow(clippy::too_many_arguments)]
 fn image(
     g: &ConvGeometry,
-    x_img: &[f32],
+    x: &[f32],
+    n: usize,
     u: &[f32],
     corners: &[u32],
     epilogue: Epilogue,
@@ -333,10 +360,10 @@ fn image(
     #[cfg(target_arch = "x86_64")]
     if std::arch::is_x86_feature_detected!("avx2") {
         // SAFETY: the CPU supports AVX2 (just checked), the only features `image_avx2` needs.
-        unsafe { image_avx2(g, x_img, u, corners, epilogue, out, idx, s) };
+        unsafe { image_avx2(g, x, n, u, corners, epilogue, out, idx, s) };
         return;
     }
-    image_generic(g, x_img, u, corners, epilogue, out, idx, s)
+    image_generic(g, x, n, u, corners, epilogue, out, idx, s)
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -344,7 +371,8 @@ fn image(
 #[allow(clippy::too_many_arguments)]
 fn image_avx2(
     g: &ConvGeometry,
-    x_img: &[f32],
+    x: &[f32],
+    n: usize,
     u: &[f32],
     corners: &[u32],
     epilogue: Epilogue,
@@ -352,14 +380,15 @@ fn image_avx2(
     idx: Option<&mut [u32]>,
     s: &mut Scratch,
 ) {
-    image_generic(g, x_img, u, corners, epilogue, out, idx, s)
+    image_generic(g, x, n, u, corners, epilogue, out, idx, s)
 }
 
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
 fn image_generic(
     g: &ConvGeometry,
-    x_img: &[f32],
+    x: &[f32],
+    n: usize,
     u: &[f32],
     corners: &[u32],
     epilogue: Epilogue,
@@ -374,7 +403,7 @@ fn image_generic(
     // The transformed input `v[point][tile][ci]` (tiles beyond the count: never read back).
     s.v.resize(POINTS * tiles_padded * cin_p, 0.0);
     s.m.resize(POINTS * cout * tiles_padded, 0.0);
-    transform_input(g, x_img, &mut s.xt, &mut s.v, tiles_padded);
+    transform_input(g, x, n, &mut s.xt, &mut s.v, tiles_padded);
     for point in 0..POINTS {
         let v = &s.v[point * tiles_padded * cin_p..(point + 1) * tiles_padded * cin_p];
         sgemm(
@@ -418,7 +447,7 @@ pub fn forward(
         .collect();
     let (th, tw) = tiles(g);
     let tiles_per_image = th * tw;
-    let (cin, cout) = (g.in_channels, g.out_channels);
+    let cout = g.out_channels;
     let (out_image, want_idx) = match epilogue {
         Epilogue::Map { .. } => (cout * g.out_height * g.out_width, false),
         Epilogue::Pooled { indices, .. } => (cout * tiles_per_image, indices),
@@ -429,10 +458,8 @@ pub fn forward(
     } else {
         Vec::new()
     };
-    let in_image = cin * g.height * g.width;
     let run = |s: &mut Scratch, n: usize, out: &mut [f32], idx: Option<&mut [u32]>| {
-        let x_img = &x[n * in_image..(n + 1) * in_image];
-        image(g, x_img, &u, &corners, epilogue, out, idx, s);
+        image(g, x, n, &u, &corners, epilogue, out, idx, s);
     };
     if want_idx {
         y.par_chunks_mut(out_image)
