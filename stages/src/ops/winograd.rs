@@ -170,15 +170,25 @@ fn input_column(xt: &[f32], base: usize, row: usize) -> [Lanes; 4] {
 /// bottom-left, bottom-right.
 #[inline(always)]
 fn output_tiles(m: &[f32], base: usize, point: usize) -> [Lanes; 4] {
-    let at = |k: usize| load(&m[base + k * point..]);
     // m A along each row i (left and right pixel columns), then A^T down them.
-    let r0 = output_1d([at(0), at(1), at(2), at(3)]);
-    let r1 = output_1d([at(4), at(5), at(6), at(7)]);
-    let r2 = output_1d([at(8), at(9), at(10), at(11)]);
-    let r3 = output_1d([at(12), at(13), at(14), at(15)]);
+    let r0 = output_row(m, base, point);
+    let r1 = output_row(m, base + 4 * point, point);
+    let r2 = output_row(m, base + 8 * point, point);
+    let r3 = output_row(m, base + 12 * point, point);
     let [top_left, bottom_left] = output_1d([r0[0], r1[0], r2[0], r3[0]]);
     let [top_right, bottom_right] = output_1d([r0[1], r1[1], r2[1], r3[1]]);
     [top_left, top_right, bottom_left, bottom_right]
+}
+
+/// A along one row of the tile: four transform points `point` apart from `base`.
+#[inline(always)]
+fn output_row(m: &[f32], base: usize, point: usize) -> [Lanes; 2] {
+    output_1d([
+        load(&m[base..]),
+        load(&m[base + point..]),
+        load(&m[base + 2 * point..]),
+        load(&m[base + 3 * point..]),
+    ])
 }
 
 /// The image channels-last and zero-padded, then B^T d B of every tile, 8 channels at a time.
@@ -303,22 +313,26 @@ fn transform_output(
                     }
                 }
                 Epilogue::Pooled { .. } => {
+                    // Lane-wise selects (no branches): the winner's value and its offset from
+                    // the tile's corner.
                     let mut best = quad[0];
-                    let mut which = [0usize; LANE];
-                    for (q, lanes) in quad.iter().enumerate().skip(1) {
-                        for k in 0..LANE {
-                            let v = lanes[k];
-                            let take = v > best[k] || (v.is_nan() && !best[k].is_nan());
-                            best[k] = if take { v } else { best[k] };
-                            which[k] = if take { q } else { which[k] };
+                    let mut offset = [0u32; LANE];
+                    for (lanes, step) in quad[1..].iter().zip(&offsets[1..]) {
+                        for ((b, o), v) in best.iter_mut().zip(offset.iter_mut()).zip(lanes) {
+                            let take = *v > *b || (v.is_nan() && !b.is_nan());
+                            *b = if take { *v } else { *b };
+                            *o = if take { *step } else { *o };
                         }
                     }
                     let real = LANE.min(tile_count - t.min(tile_count));
                     let at = co * tile_count + t;
                     out[at..at + real].copy_from_slice(&best[..real]);
                     if let Some(positions) = idx.as_deref_mut() {
-                        for k in 0..real {
-                            positions[at + k] = corners[t + k] + offsets[which[k]];
+                        let corner = &corners[t..t + real];
+                        for ((p, c), o) in
+                            positions[at..at + real].iter_mut().zip(corner).zip(offset)
+                        {
+                            *p = c + o;
                         }
                     }
                 }
