@@ -697,8 +697,40 @@ impl OutputGrad<'_> {
     }
 }
 
-/// [`conv_backward`] from either form of the output gradient.
+/// [`conv_backward`] from either form of the output gradient: the weight gradient through
+/// Winograd where a 2x2 pool follows a 3x3 stride-1 layer with wide maps, everything else
+/// through [`im2col_backward`].
 pub fn conv_backward_from(
+    g: &ConvGeometry,
+    x: &[f32],
+    w: &[f32],
+    grad_y: OutputGrad,
+    want: (bool, bool, bool),
+) -> ConvGrads {
+    let (want_x, want_w, want_b) = want;
+    if let (
+        true,
+        OutputGrad::Pooled {
+            pool,
+            indices,
+            grad,
+        },
+    ) = (want_w, grad_y)
+    {
+        if let Some(grad_w) = winograd::weight_grad_pooled(g, x, pool, indices, grad) {
+            let rest = im2col_backward(g, x, w, grad_y, (want_x, false, want_b));
+            return ConvGrads {
+                w: Some(grad_w),
+                ..rest
+            };
+        }
+    }
+    im2col_backward(g, x, w, grad_y, want)
+}
+
+/// The gradients through im2col: the weight's as a GEMM against im2col, the input's as a GEMM
+/// followed by col2im, the bias's as a sum.
+pub fn im2col_backward(
     g: &ConvGeometry,
     x: &[f32],
     w: &[f32],
