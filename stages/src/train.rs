@@ -23,6 +23,7 @@ use crate::plot::{self, Series};
 
 /// Bump when outputs would change for the same params. 2: fused CPU kernels (batch norm,
 /// conv+ReLU+pool, linear, optimizer updates) round differently, so model bytes differ.
+/// 3: Winograd for the baseline's conv2 and a split fully connected product, likewise.
 pub const VERSION: u32 = 3;
 
 /// The `[stages.NAME]` table of a train stage.
