@@ -420,6 +420,25 @@ fn conv_weight_grad_without_input_grad() -> Result<()> {
     )
 }
 
+/// The gradients backprop gives each of `vars` through `ours` and through `reference`, both
+/// weighted by `upstream`, agree.
+fn assert_grads_close(
+    ours: &Tensor,
+    reference: &Tensor,
+    upstream: &Tensor,
+    vars: [(&str, &Var); 3],
+) -> Result<()> {
+    let g_ours = (ours * upstream)?.sum_all()?.backward()?;
+    let g_reference = (reference * upstream)?.sum_all()?.backward()?;
+    for (what, v) in vars {
+        let (Some(a), Some(r)) = (g_ours.get(v), g_reference.get(v)) else {
+            panic!("no gradient for {what}");
+        };
+        assert_close(what, a, r)?;
+    }
+    Ok(())
+}
+
 #[test]
 fn fused_conv_relu_pool_matches_the_separate_ops() -> Result<()> {
     let mut rng = ChaCha8Rng::seed_from_u64(11);
@@ -454,14 +473,12 @@ fn fused_conv_relu_pool_matches_the_separate_ops() -> Result<()> {
         let inference = ops::conv2d_relu_pool(&xd, &wd, Some(&bd), 1, padding, pool)?;
         assert_close("pooled output without indices", &inference, &separate)?;
         let upstream = random(&mut rng, fused.dims())?;
-        let g_fused = (&fused * &upstream)?.sum_all()?.backward()?;
-        let g_separate = (&separate * &upstream)?.sum_all()?.backward()?;
-        for (what, v) in [("x", &x), ("weight", &w), ("bias", &b)] {
-            let (Some(a), Some(r)) = (g_fused.get(v), g_separate.get(v)) else {
-                panic!("no gradient for {what}");
-            };
-            assert_close(what, a, r)?;
-        }
+        assert_grads_close(
+            &fused,
+            &separate,
+            &upstream,
+            [("x", &x), ("weight", &w), ("bias", &b)],
+        )?;
     }
     Ok(())
 }
@@ -489,14 +506,12 @@ fn fused_dropout_and_flatten_match_the_separate_ops() -> Result<()> {
         assert_eq!(fused.dims(), separate.dims());
         assert_close("masked flat output", &fused, &separate)?;
         let upstream = random(&mut rng, fused.dims())?;
-        let g_fused = (&fused * &upstream)?.sum_all()?.backward()?;
-        let g_separate = (&separate * &upstream)?.sum_all()?.backward()?;
-        for (what, v) in [("x", &x), ("weight", &w), ("bias", &b)] {
-            let (Some(a), Some(r)) = (g_fused.get(v), g_separate.get(v)) else {
-                panic!("no gradient for {what}");
-            };
-            assert_close(what, a, r)?;
-        }
+        assert_grads_close(
+            &fused,
+            &separate,
+            &upstream,
+            [("x", &x), ("weight", &w), ("bias", &b)],
+        )?;
         // A mask of the wrong length is an error, not a panic.
         let short = ops::conv2d_relu_pool_flat(&x, &w, Some(&b), 1, 0, pool, Some(vec![1.0; 3]));
         assert!(short.is_err());

@@ -84,13 +84,7 @@ pub fn sgemm(
         }
         return;
     }
-    assert!(
-        (m - 1) * dst_stride + n <= dst.len(),
-        "gemm: destination {m}x{n} exceeds its buffer of {}",
-        dst.len()
-    );
-    lhs.check(m, k, "lhs");
-    rhs.check(k, n, "rhs");
+    check_operands(m, n, k, dst.len(), dst_stride, lhs, rhs);
     let parallelism = if threads > 1 {
         Parallelism::Rayon(threads)
     } else {
@@ -99,28 +93,77 @@ pub fn sgemm(
     // SAFETY: every index the kernel touches lies inside the three slices (checked above), `dst`
     // is exclusively borrowed and cannot alias the shared `lhs`/`rhs` borrows.
     unsafe {
-        gemm::gemm(
+        raw_sgemm(
             m,
             n,
             k,
             dst.as_mut_ptr(),
-            1,
-            dst_stride as isize,
+            dst_stride,
             accumulate,
-            lhs.data.as_ptr(),
-            lhs.col_stride as isize,
-            lhs.row_stride as isize,
-            rhs.data.as_ptr(),
-            rhs.col_stride as isize,
-            rhs.row_stride as isize,
-            1.0,
-            1.0,
-            false,
-            false,
-            false,
+            lhs,
+            rhs,
             parallelism,
         )
     }
+}
+
+/// Panics unless an `m x n` destination with row stride `dst_stride` fits `dst_len` elements
+/// and the operand views fit their buffers.
+fn check_operands(
+    m: usize,
+    n: usize,
+    k: usize,
+    dst_len: usize,
+    dst_stride: usize,
+    lhs: MatRef<'_>,
+    rhs: MatRef<'_>,
+) {
+    assert!(
+        (m - 1) * dst_stride + n <= dst_len,
+        "gemm: destination {m}x{n} exceeds its buffer of {dst_len}"
+    );
+    lhs.check(m, k, "lhs");
+    rhs.check(k, n, "rhs");
+}
+
+/// The gemm crate's product into the `m x n` row-major matrix at `dst`.
+///
+/// # Safety
+/// `dst` must point at `m` rows of `n` writable elements `dst_stride` apart that nothing else
+/// reads or writes during the call; `lhs` and `rhs` must hold the `m x k` and `k x n` views.
+#[allow(clippy::too_many_arguments)]
+unsafe fn raw_sgemm(
+    m: usize,
+    n: usize,
+    k: usize,
+    dst: *mut f32,
+    dst_stride: usize,
+    accumulate: bool,
+    lhs: MatRef<'_>,
+    rhs: MatRef<'_>,
+    parallelism: Parallelism,
+) {
+    gemm::gemm(
+        m,
+        n,
+        k,
+        dst,
+        1,
+        dst_stride as isize,
+        accumulate,
+        lhs.data.as_ptr(),
+        lhs.col_stride as isize,
+        lhs.row_stride as isize,
+        rhs.data.as_ptr(),
+        rhs.col_stride as isize,
+        rhs.row_stride as isize,
+        1.0,
+        1.0,
+        false,
+        false,
+        false,
+        parallelism,
+    )
 }
 
 /// The destination's address, shared by tasks that write disjoint column ranges of it.
@@ -160,13 +203,7 @@ pub fn sgemm_column_parallel(
         sgemm(m, n, k, dst, dst_stride, accumulate, lhs, rhs, 1);
         return;
     }
-    assert!(
-        (m - 1) * dst_stride + n <= dst.len(),
-        "gemm: destination {m}x{n} exceeds its buffer of {}",
-        dst.len()
-    );
-    lhs.check(m, k, "lhs");
-    rhs.check(k, n, "rhs");
+    check_operands(m, n, k, dst.len(), dst_stride, lhs, rhs);
     let width = n.div_ceil(parts);
     let base = SharedDst(dst.as_mut_ptr());
     (0..n.div_ceil(width)).into_par_iter().for_each(|part| {
@@ -178,25 +215,15 @@ pub fn sgemm_column_parallel(
         // exclusively borrowed for the whole call, so nothing else reads or writes it; `lhs`
         // and `rhs` were bounds-checked for the full product, of which this is a part.
         unsafe {
-            gemm::gemm(
+            raw_sgemm(
                 m,
                 cols,
                 k,
                 base.at(start),
-                1,
-                dst_stride as isize,
+                dst_stride,
                 accumulate,
-                lhs.data.as_ptr(),
-                lhs.col_stride as isize,
-                lhs.row_stride as isize,
-                rhs.data.as_ptr(),
-                rhs.col_stride as isize,
-                rhs.row_stride as isize,
-                1.0,
-                1.0,
-                false,
-                false,
-                false,
+                lhs,
+                rhs,
                 Parallelism::None,
             )
         }

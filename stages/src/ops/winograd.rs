@@ -148,22 +148,22 @@ fn input_tile_columns(xt: &[f32], base: usize, row: usize, pixel: usize) -> [[La
     // Plain inlined calls: array `map`/`from_fn` and closures called four times were left out
     // of line (and so without AVX2), spilling every lane.
     [
-        input_column(xt, base, row),
-        input_column(xt, base + pixel, row),
-        input_column(xt, base + 2 * pixel, row),
-        input_column(xt, base + 3 * pixel, row),
+        input_1d(load4(xt, base, row)),
+        input_1d(load4(xt, base + pixel, row)),
+        input_1d(load4(xt, base + 2 * pixel, row)),
+        input_1d(load4(xt, base + 3 * pixel, row)),
     ]
 }
 
-/// B^T down one column of a tile: four pixels `row` apart from `base`.
+/// Four lane groups `stride` apart from `base`.
 #[inline(always)]
-fn input_column(xt: &[f32], base: usize, row: usize) -> [Lanes; 4] {
-    input_1d([
-        load(&xt[base..]),
-        load(&xt[base + row..]),
-        load(&xt[base + 2 * row..]),
-        load(&xt[base + 3 * row..]),
-    ])
+fn load4(buf: &[f32], base: usize, stride: usize) -> [Lanes; 4] {
+    [
+        load(&buf[base..]),
+        load(&buf[base + stride..]),
+        load(&buf[base + 2 * stride..]),
+        load(&buf[base + 3 * stride..]),
+    ]
 }
 
 /// A^T m A of eight tiles: `m` holds the 16 transform points of one output channel,
@@ -172,24 +172,13 @@ fn input_column(xt: &[f32], base: usize, row: usize) -> [Lanes; 4] {
 #[inline(always)]
 fn output_tiles(m: &[f32], base: usize, point: usize) -> [Lanes; 4] {
     // m A along each row i (left and right pixel columns), then A^T down them.
-    let r0 = output_row(m, base, point);
-    let r1 = output_row(m, base + 4 * point, point);
-    let r2 = output_row(m, base + 8 * point, point);
-    let r3 = output_row(m, base + 12 * point, point);
+    let r0 = output_1d(load4(m, base, point));
+    let r1 = output_1d(load4(m, base + 4 * point, point));
+    let r2 = output_1d(load4(m, base + 8 * point, point));
+    let r3 = output_1d(load4(m, base + 12 * point, point));
     let [top_left, bottom_left] = output_1d([r0[0], r1[0], r2[0], r3[0]]);
     let [top_right, bottom_right] = output_1d([r0[1], r1[1], r2[1], r3[1]]);
     [top_left, top_right, bottom_left, bottom_right]
-}
-
-/// A along one row of the tile: four transform points `point` apart from `base`.
-#[inline(always)]
-fn output_row(m: &[f32], base: usize, point: usize) -> [Lanes; 2] {
-    output_1d([
-        load(&m[base..]),
-        load(&m[base + point..]),
-        load(&m[base + 2 * point..]),
-        load(&m[base + 3 * point..]),
-    ])
 }
 
 /// The image channels-last and zero-padded, then B^T d B of every tile, 8 channels at a time.
