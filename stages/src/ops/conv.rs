@@ -338,8 +338,9 @@ fn active_weight(g: &ConvGeometry, taps: &[(usize, usize)], w: &[f32]) -> Option
     let mut out = vec![0f32; g.out_channels * g.in_channels * taps.len()];
     // In parallel over whole filters: ResNet's 1x1-map layers pick 1 of 9 taps out of up to
     // 2.4M weights, in the forward and again in the backward pass of every step.
-    out.par_chunks_mut(ELEMENTS_PER_TASK.next_multiple_of(taps.len()))
-        .zip(w.par_chunks(ELEMENTS_PER_TASK.next_multiple_of(taps.len()) / taps.len() * k * k))
+    let filters_per_task = ELEMENTS_PER_TASK.div_ceil(taps.len());
+    out.par_chunks_mut(filters_per_task * taps.len())
+        .zip(w.par_chunks(filters_per_task * k * k))
         .for_each(|(dst, src)| {
             for (active, filter) in dst
                 .chunks_exact_mut(taps.len())
