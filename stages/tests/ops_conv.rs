@@ -2,7 +2,7 @@
 //! forward values and the gradients backprop gives for x, weight and bias, over kernel sizes,
 //! strides, paddings, channel counts and batch sizes the two models use (and a few more).
 
-use candle_core::{Device, Result, Tensor, Var};
+use candle_core::{DType, Device, Result, Tensor, Var};
 use fmnist_stages::ops;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -512,6 +512,20 @@ fn fused_dropout_and_flatten_match_the_separate_ops() -> Result<()> {
             &upstream,
             [("x", &x), ("weight", &w), ("bias", &b)],
         )?;
+        // Off the fast path (f64 here, as on a GPU) the same op is candle's ops in sequence.
+        let as_f64 = |t: &Tensor| t.to_dtype(DType::F64);
+        let mask: Vec<f32> = mask_tensor.flatten_all()?.to_vec1()?;
+        let reference = ops::conv2d_relu_pool_flat(
+            &as_f64(&x)?,
+            &as_f64(&w)?,
+            Some(&as_f64(&b)?),
+            1,
+            0,
+            pool,
+            Some(mask),
+        )?;
+        assert_eq!(reference.dtype(), DType::F64);
+        assert_close("reference path", &fused, &reference.to_dtype(DType::F32)?)?;
         // A mask of the wrong length is an error, not a panic.
         let short = ops::conv2d_relu_pool_flat(&x, &w, Some(&b), 1, 0, pool, Some(vec![1.0; 3]));
         assert!(short.is_err());
