@@ -11,7 +11,7 @@ mod norm;
 mod pool;
 mod winograd;
 
-pub use conv::{conv_backward, conv_forward, im2col_forward, ConvGeometry, MaxPool};
+pub use conv::{conv_backward, conv_forward, ConvGeometry, MaxPool};
 pub use huge_pages::HugePageAlloc;
 pub use pool::{pool_backward, pool_forward, PoolGeometry};
 

@@ -97,13 +97,16 @@ fn lanes(channels: usize) -> usize {
 }
 
 /// Per-task buffers: the zero-padded image channels-last `xt[row][col][ci]`, the transformed
-/// input `v[point][tile][ci]` and the GEMM output `m[point][tile][co]`.
+/// input `v[point][tile][ci]`, the GEMM output `m[point][co][tile]` (the weight gradient's
+/// transformed output gradient, one point at a time), the output transform's pixels, and for
+/// the weight gradient which pixel of its tile each pooled value came from.
 #[derive(Default)]
 struct Scratch {
     xt: Vec<f32>,
     v: Vec<f32>,
     m: Vec<f32>,
     pixels: Vec<f32>,
+    which: Vec<u32>,
 }
 
 #[inline(always)]
@@ -346,45 +349,47 @@ fn transform_output(
     }
 }
 
-/// One image: input transform, the 16 GEMMs, output transform. Compiled for AVX2 where the CPU
-/// has it: the transforms are short additions over contiguous slices, which then run on 8 lanes
-/// instead of 4 (same results: IEEE arithmetic per lane, no contraction into FMAs).
-#[allow(clippy::too_many_arguments)]
-fn image(
-    g: &ConvGeometry,
-    x: &[f32],
-    n: usize,
-    u: &[f32],
-    corners: &[u32],
-    epilogue: Epilogue,
-    out: &mut [f32],
-    idx: Option<&mut [u32]>,
-    s: &mut Scratch,
-) {
-    #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx2") {
-        // SAFETY: the CPU supports AVX2 (just checked), the only features `image_avx2` needs.
-        unsafe { image_avx2(g, x, n, u, corners, epilogue, out, idx, s) };
-        return;
-    }
-    image_generic(g, x, n, u, corners, epilogue, out, idx, s)
+/// Defines `$name`, which runs `$generic` (an `#[inline(always)]` function of the same
+/// parameters) compiled for AVX2 where the CPU has it: the transforms are additions over
+/// 8-lane groups, which then take one instruction instead of two (same results: IEEE
+/// arithmetic per lane, no contraction into FMAs). A named `#[target_feature]` function, not a
+/// closure handed to one: closures with real work in them stayed out of line, without AVX2.
+macro_rules! with_avx2 {
+    ($(#[$meta:meta])* fn $name:ident => $generic:ident($($arg:ident: $ty:ty),* $(,)?)) => {
+        $(#[$meta])*
+        #[allow(clippy::too_many_arguments)]
+        fn $name($($arg: $ty),*) {
+            #[cfg(target_arch = "x86_64")]
+            {
+                #[target_feature(enable = "avx,avx2")]
+                #[allow(clippy::too_many_arguments)]
+                fn avx2($($arg: $ty),*) {
+                    $generic($($arg),*)
+                }
+                if std::arch::is_x86_feature_detected!("avx2") {
+                    // SAFETY: the CPU supports AVX2 (just checked), all `avx2` is built for.
+                    unsafe { avx2($($arg),*) };
+                    return;
+                }
+            }
+            $generic($($arg),*)
+        }
+    };
 }
 
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx,avx2")]
-#[allow(clippy::too_many_arguments)]
-fn image_avx2(
-    g: &ConvGeometry,
-    x: &[f32],
-    n: usize,
-    u: &[f32],
-    corners: &[u32],
-    epilogue: Epilogue,
-    out: &mut [f32],
-    idx: Option<&mut [u32]>,
-    s: &mut Scratch,
-) {
-    image_generic(g, x, n, u, corners, epilogue, out, idx, s)
+with_avx2! {
+    /// One image: input transform, the 16 GEMMs, output transform.
+    fn image => image_generic(
+        g: &ConvGeometry,
+        x: &[f32],
+        n: usize,
+        u: &[f32],
+        corners: &[u32],
+        epilogue: Epilogue,
+        out: &mut [f32],
+        idx: Option<&mut [u32]>,
+        s: &mut Scratch,
+    )
 }
 
 #[inline(always)]
@@ -571,38 +576,18 @@ fn tile_corners(g: &ConvGeometry) -> Vec<u32> {
         .collect()
 }
 
-/// One image's share of the weight gradient, added to `m` (`[point][co][ci]`; overwritten when
-/// not `accumulate`). AVX2 where the CPU has it, as [`image`].
-fn weight_image(
-    g: &ConvGeometry,
-    x: &[f32],
-    n: usize,
-    pooled: &PooledGrad,
-    m: &mut [f32],
-    accumulate: bool,
-    s: &mut Scratch,
-) {
-    #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx2") {
-        // SAFETY: the CPU supports AVX2 (just checked), the only features needed.
-        unsafe { weight_image_avx2(g, x, n, pooled, m, accumulate, s) };
-        return;
-    }
-    weight_image_generic(g, x, n, pooled, m, accumulate, s)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx,avx2")]
-fn weight_image_avx2(
-    g: &ConvGeometry,
-    x: &[f32],
-    n: usize,
-    pooled: &PooledGrad,
-    m: &mut [f32],
-    accumulate: bool,
-    s: &mut Scratch,
-) {
-    weight_image_generic(g, x, n, pooled, m, accumulate, s)
+with_avx2! {
+    /// One image's share of the weight gradient, added to `m` (`[point][co][ci]`; overwritten
+    /// when not `accumulate`).
+    fn weight_image => weight_image_generic(
+        g: &ConvGeometry,
+        x: &[f32],
+        n: usize,
+        pooled: &PooledGrad,
+        m: &mut [f32],
+        accumulate: bool,
+        s: &mut Scratch,
+    )
 }
 
 #[inline(always)]
@@ -625,16 +610,16 @@ fn weight_image_generic(
     let wo = g.out_width as u32;
     let plane = n * cout * tile_count..(n + 1) * cout * tile_count;
     let (idx, grad) = (&pooled.indices[plane.clone()], &pooled.grad[plane]);
-    s.pixels.clear();
-    s.pixels.extend(
+    s.which.clear();
+    s.which.extend(
         idx.iter()
             .zip(pooled.corners.iter().cycle())
             .map(|(at, corner)| {
                 let offset = at.wrapping_sub(*corner);
-                (2 * u32::from(offset >= wo) + offset % 2) as f32
+                2 * u32::from(offset >= wo) + offset % 2
             }),
     );
-    let which = &s.pixels;
+    let which = &s.which;
     // A e A^T for that pixel e is the outer product of A's columns (1, 1, 1, 0) (d = 0) and
     // (0, 1, -1, -1) (d = 1): the tile's transformed gradient at each point is the pooled value
     // times 0 or +-1. One point at a time, so the [Cout x tiles] operand stays in cache.
@@ -650,11 +635,11 @@ fn weight_image_generic(
             A[1][i] * A[1][j],
         ];
         for ((out, gv), q) in z.iter_mut().zip(grad).zip(which) {
-            let c = if *q == 0.0 {
+            let c = if *q == 0 {
                 coef[0]
-            } else if *q == 1.0 {
+            } else if *q == 1 {
                 coef[1]
-            } else if *q == 2.0 {
+            } else if *q == 2 {
                 coef[2]
             } else {
                 coef[3]
