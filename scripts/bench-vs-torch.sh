@@ -5,8 +5,10 @@
 #
 #   scripts/bench-vs-torch.sh [baseline|resnet18|both] [IMAGES] [THREADS] [REPEATS]
 #
-# Env: PYTHON (default /tmp/t/bin/python), TORCH_REF (default /work/shared/peers/torch_reference.py),
-#      DATA (default /usr/share/datasets/fashion-mnist), WITH_CANDLE=1 also runs stock candle conv.
+# Env: PYTHON (required: a python with torch), TORCH_REF (default ../shared/peers/torch_reference.py
+#      beside the repo),
+#      DATA (default /usr/share/datasets/fashion-mnist), WITH_CANDLE=1 also runs the portable
+#      path (candle's ops only, as a GPU runs them).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -14,8 +16,8 @@ models=${1:-both}
 images=${2:-3200}
 threads=${3:-2}
 repeats=${4:-1}
-python=${PYTHON:-/tmp/t/bin/python}
-torch_ref=${TORCH_REF:-/work/shared/peers/torch_reference.py}
+python=${PYTHON:?set PYTHON to a python that has torch installed (e.g. a venv's bin/python)}
+torch_ref=${TORCH_REF:-../shared/peers/torch_reference.py}
 data=${DATA:-/usr/share/datasets/fashion-mnist}
 [ "$models" = both ] && models="baseline resnet18"
 
@@ -23,15 +25,10 @@ for tool in "$python" "$torch_ref"; do
   [ -e "$tool" ] || { echo "error: $tool not found (set PYTHON / TORCH_REF)" >&2; exit 2; }
 done
 
-cargo build --release -q -p fmnist-stages --example bench
-ours() { # model [candle]
-  # The CLI's `bench` command once it exists (its help mentions --images), else the example.
-  if [ -z "${2:-}" ] && [ -x target/release/fmnist-pipe ] &&
-     target/release/fmnist-pipe bench --help 2>/dev/null | grep -q -- --images; then
-    target/release/fmnist-pipe bench --model "$1" --images "$images" --threads "$threads" --json
-  else
-    target/release/examples/bench "$1" "$images" "$threads" ${2:-} --json
-  fi
+cargo build --release -q
+ours() { # model [fast|portable]
+  target/release/fmnist-pipe bench --model "$1" --images "$images" --threads "$threads" \
+    --data "$data" --kernels "${2:-fast}" --json
 }
 
 torch_infer() { # model -> images/s of eval-mode forward over the first N images, batch 1000
@@ -61,7 +58,7 @@ for model in $models; do
     t=$("$python" "$torch_ref" --model "$model" --epochs 1 --limit "$images" --threads "$threads" --data "$data")
     ti=$(torch_infer "$model")
     c='{}'
-    [ "${WITH_CANDLE:-0}" = 1 ] && c=$(ours "$model" candle)
+    [ "${WITH_CANDLE:-0}" = 1 ] && c=$(ours "$model" portable)
     "$python" - "$model" "$o" "$t" "$ti" "$c" <<'PY'
 import json, sys
 model, o, t, ti, c = sys.argv[1], *map(json.loads, sys.argv[2:])
@@ -70,7 +67,7 @@ line = (f"{model:9s} train ours {o['train_images_per_s']:7.1f}  torch {t['train_
         f"infer ours {o['infer_images_per_s']:7.1f}  torch {ti['infer_images_per_s']:7.1f}  ratio {ir:5.2f}x | "
         f"peak RSS {o['peak_rss_mib']:.0f} MiB")
 if c:
-    line += f" | stock candle train {c['train_images_per_s']:.1f} infer {c['infer_images_per_s']:.1f}"
+    line += f" | portable train {c['train_images_per_s']:.1f} infer {c['infer_images_per_s']:.1f}"
 print(line)
 PY
   done

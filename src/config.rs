@@ -13,7 +13,7 @@ use crate::error::{suggestion, PipeError};
 use crate::registry::Registry;
 
 const TOP_KEYS: &[&str] = &["pipeline", "stages"];
-const PIPELINE_KEYS: &[&str] = &["device", "seed"];
+const PIPELINE_KEYS: &[&str] = &["device", "kernels", "seed"];
 const COMMAND_KEYS: &[&str] = &["cmd", "deps", "outs", "needs"];
 /// Keys of a built-in stage's table that belong to the engine, not to the kind's params.
 const BUILTIN_ENGINE_KEYS: &[&str] = &["kind", "needs"];
@@ -26,6 +26,9 @@ pub struct Pipeline {
     /// The workspace root: the folder holding pipeline.toml. Commands run here.
     pub root: PathBuf,
     pub device: String,
+    /// The CPU's ops: "fast" kernels or the "portable" path a GPU runs (FMNIST_KERNELS
+    /// overrides the file). Recorded, not hashed, like the device.
+    pub kernels: fmnist_stages::ops::Kernels,
     pub seed: u64,
     /// In file order.
     pub stages: Vec<Stage>,
@@ -318,7 +321,11 @@ pub fn load(
         apply_override(target, o)?;
     }
 
-    let (device, seed) = pipeline_settings(&src, &pipeline_entries)?;
+    let PipelineSettings {
+        device,
+        kernels,
+        seed,
+    } = pipeline_settings(&src, &pipeline_entries)?;
 
     let mut stages = Vec::with_capacity(stage_tables.len());
     for (name, span, e) in stage_tables {
@@ -331,6 +338,7 @@ pub fn load(
     Ok(Pipeline {
         root,
         device,
+        kernels,
         seed,
         stages,
     })
@@ -376,8 +384,17 @@ fn apply_override(target: &mut Entries, o: &Override) -> Result<(), PipeError> {
     Ok(())
 }
 
-fn pipeline_settings(src: &Source, entries: &Entries) -> Result<(String, u64), PipeError> {
+/// The `[pipeline]` table's values, defaults filled in.
+struct PipelineSettings {
+    device: String,
+    kernels: fmnist_stages::ops::Kernels,
+    seed: u64,
+}
+
+fn pipeline_settings(src: &Source, entries: &Entries) -> Result<PipelineSettings, PipeError> {
+    use fmnist_stages::ops::{kernels_from_env, Kernels, KERNELS_ENV};
     let mut device = "auto".to_string();
+    let mut kernels = Kernels::Fast;
     let mut seed = 42u64;
     for (key, entry) in entries {
         let at = entry.value_span.as_ref();
@@ -407,6 +424,16 @@ fn pipeline_settings(src: &Source, entries: &Entries) -> Result<(String, u64), P
                     return Err(src.error(at, format!("[pipeline] device `{device}` is not one of auto, cpu, cuda, cuda:N, metal")));
                 }
             }
+            "kernels" => {
+                kernels = entry
+                    .value
+                    .as_str()
+                    .ok_or_else(|| {
+                        wrong_type(src, entry, "pipeline", key, "a string (fast | portable)")
+                    })?
+                    .parse()
+                    .map_err(|e| src.error(at, format!("[pipeline] {e}")))?;
+            }
             "seed" => {
                 seed = entry
                     .value
@@ -427,7 +454,16 @@ fn pipeline_settings(src: &Source, entries: &Entries) -> Result<(String, u64), P
             }
         }
     }
-    Ok((device, seed))
+    if let Some(from_env) =
+        kernels_from_env().map_err(|e| PipeError::Config(format!("{KERNELS_ENV}: {e}")))?
+    {
+        kernels = from_env;
+    }
+    Ok(PipelineSettings {
+        device,
+        kernels,
+        seed,
+    })
 }
 
 fn wrong_type(src: &Source, entry: &Entry, table: &str, key: &str, expected: &str) -> PipeError {

@@ -33,6 +33,9 @@ pub struct LockEntry {
     /// Recorded, not hashed: where it ran.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub device: Option<String>,
+    /// Recorded, not hashed: "fast" CPU kernels or the "portable" path.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kernels: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub seed: Option<u64>,
     #[serde(default)]

@@ -3,6 +3,7 @@
 //! pipeline file or a run in progress, 130 interrupted).
 
 mod cache;
+mod check;
 mod config;
 mod dag;
 mod error;
@@ -97,10 +98,43 @@ enum Cmd {
         /// Folder with the four IDX files (plain or .gz).
         #[arg(long, default_value = fmnist_stages::bench::DEFAULT_DATA_DIR)]
         data: PathBuf,
-        /// Use candle's stock convolution, batch norm and linear layers instead of our CPU
-        /// kernels (for comparison; pooling and optimizer updates stay ours).
-        #[arg(long)]
+        /// fast: our CPU kernels; portable: candle's tensor ops only, every op (the path a GPU
+        /// runs).
+        #[arg(long, value_enum, default_value_t = KernelsArg::Fast)]
+        kernels: KernelsArg,
+        /// Same as --kernels portable.
+        #[arg(long, hide = true)]
         stock_kernels: bool,
+        /// cpu | cuda | cuda:N | metal | auto.
+        #[arg(long, default_value = "cpu")]
+        device: String,
+        /// One JSON object instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Train a few steps of both models on DEVICE and on the CPU's portable path from the same
+    /// weights and batches, and compare losses, gradients and eval logits (exit 1 when they
+    /// differ beyond the stated tolerance). `--device cpu` checks the fast CPU kernels.
+    Check {
+        /// The device to check: cuda | cuda:N | metal | cpu | auto.
+        #[arg(long, default_value = "auto")]
+        device: String,
+        /// Kernels on that device (off the CPU every op is portable anyway).
+        #[arg(long, value_enum, default_value_t = KernelsArg::Fast)]
+        kernels: KernelsArg,
+        /// The CPU reference: portable (f32, the graph a GPU runs) or f64 (near-exact).
+        #[arg(long, value_enum, default_value_t = ReferenceArg::Portable)]
+        reference: ReferenceArg,
+        /// Folder with the four IDX files (plain or .gz).
+        #[arg(long, default_value = fmnist_stages::bench::DEFAULT_DATA_DIR)]
+        data: PathBuf,
+        #[arg(long, default_value_t = 5)]
+        steps: usize,
+        #[arg(long, default_value_t = 64)]
+        batch_size: usize,
+        /// Which models (repeatable; default both).
+        #[arg(long = "model", value_enum)]
+        models: Vec<BenchModel>,
         /// One JSON object instead of text.
         #[arg(long)]
         json: bool,
@@ -108,9 +142,39 @@ enum Cmd {
 }
 
 #[derive(Clone, Copy, ValueEnum)]
+enum ReferenceArg {
+    Portable,
+    F64,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum KernelsArg {
+    Fast,
+    Portable,
+}
+
+impl From<KernelsArg> for fmnist_stages::ops::Kernels {
+    fn from(k: KernelsArg) -> Self {
+        match k {
+            KernelsArg::Fast => fmnist_stages::ops::Kernels::Fast,
+            KernelsArg::Portable => fmnist_stages::ops::Kernels::Portable,
+        }
+    }
+}
+
+#[derive(Clone, Copy, PartialEq, ValueEnum)]
 enum BenchModel {
     Baseline,
     Resnet18,
+}
+
+impl From<BenchModel> for fmnist_stages::models::ModelKind {
+    fn from(m: BenchModel) -> Self {
+        match m {
+            BenchModel::Baseline => fmnist_stages::models::ModelKind::Baseline,
+            BenchModel::Resnet18 => fmnist_stages::models::ModelKind::Resnet18,
+        }
+    }
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -237,21 +301,30 @@ fn dispatch(cli: Cli) -> Result<(), PipeError> {
             images,
             threads,
             data,
+            kernels,
             stock_kernels,
+            device,
             json,
         } => {
-            let model = match model {
-                BenchModel::Baseline => fmnist_stages::models::ModelKind::Baseline,
-                BenchModel::Resnet18 => fmnist_stages::models::ModelKind::Resnet18,
-            };
             let threads = threads.unwrap_or_else(|| {
                 std::thread::available_parallelism()
                     .map(|n| n.get())
                     .unwrap_or(1)
             });
-            let report =
-                fmnist_stages::bench::run_with(model, images, threads, &data, !stock_kernels)
-                    .map_err(|e| PipeError::StageFailed(format!("bench: {e:#}")))?;
+            let options = fmnist_stages::bench::BenchOptions {
+                model: model.into(),
+                images,
+                threads,
+                data_dir: data,
+                kernels: if stock_kernels {
+                    fmnist_stages::ops::Kernels::Portable
+                } else {
+                    kernels.into()
+                },
+                device,
+            };
+            let report = fmnist_stages::bench::run(&options)
+                .map_err(|e| PipeError::StageFailed(format!("bench: {e:#}")))?;
             if json {
                 println!("{}", serde_json::to_string(&report).unwrap_or_default());
             } else {
@@ -259,5 +332,31 @@ fn dispatch(cli: Cli) -> Result<(), PipeError> {
             }
             Ok(())
         }
+        Cmd::Check {
+            device,
+            kernels,
+            reference,
+            data,
+            steps,
+            batch_size,
+            models,
+            json,
+        } => check::run(&check::Options {
+            device,
+            kernels: kernels.into(),
+            reference: match reference {
+                ReferenceArg::Portable => check::Reference::Portable,
+                ReferenceArg::F64 => check::Reference::F64,
+            },
+            data,
+            steps,
+            batch_size,
+            models: if models.is_empty() {
+                vec![BenchModel::Baseline.into(), BenchModel::Resnet18.into()]
+            } else {
+                models.into_iter().map(Into::into).collect()
+            },
+            json,
+        }),
     }
 }

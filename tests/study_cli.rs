@@ -174,3 +174,117 @@ fn bad_stage_params_are_config_errors_listing_valid_values() {
     assert_eq!(out.status.code(), Some(2), "{}", text(&out));
     assert!(text(&out).contains("adadelta"), "{}", text(&out));
 }
+
+/// Download and one short ResNet-18 training, on `device`.
+fn resnet_only_pipeline(device: &str) -> String {
+    format!(
+        r#"
+[pipeline]
+device = "{device}"
+seed = 7
+
+[stages.download]
+kind = "download"
+sources = ["{fixtures}"]
+expect = "fixture-subset"
+
+[stages.train-resnet]
+kind = "train"
+needs = ["download"]
+model = "resnet18"
+epochs = 1
+batch_size = 32
+train_limit = 64
+eval_every_epoch = false
+optimizer = {{ name = "adam", lr = 1e-3 }}
+"#,
+        fixtures = fixture_dir().display()
+    )
+}
+
+/// `kernels = "portable"` (here through --set) trains on the path a GPU runs; the lock and
+/// the model's config.json say so; the setting is recorded, not hashed, so switching back to
+/// the fast kernels does not make the stage stale. `auto` without a GPU build is the CPU.
+#[test]
+fn portable_kernels_setting_trains_and_is_recorded_not_hashed() {
+    let ws = tempfile::tempdir().unwrap();
+    let dir = ws.path();
+    std::fs::write(dir.join("pipeline.toml"), resnet_only_pipeline("auto")).unwrap();
+    let out = fmnist(dir, &["run", "--set", "pipeline.kernels=portable"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let lock = std::fs::read_to_string(dir.join("pipeline.lock")).unwrap();
+    let lock: toml::Table = toml::from_str(&lock).unwrap();
+    let entry = &lock["stages"]["train-resnet"];
+    assert_eq!(entry["kernels"].as_str(), Some("portable"), "{entry}");
+    let config: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(dir.join("artifacts/train-resnet/config.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(config["kernels"], "portable");
+    if !cfg!(feature = "cuda") {
+        assert_eq!(
+            config["device"], "cpu",
+            "auto without a GPU build is the CPU"
+        );
+    }
+    let status = fmnist(dir, &["status"]);
+    assert!(status.status.success(), "{}", text(&status));
+    assert!(
+        !text(&status).contains("stale"),
+        "kernels are recorded, not hashed: {}",
+        text(&status)
+    );
+}
+
+#[test]
+fn bad_kernels_values_are_config_errors() {
+    let ws = tempfile::tempdir().unwrap();
+    let dir = ws.path();
+    let pipeline = resnet_only_pipeline("cpu").replace("seed = 7", "seed = 7\nkernels = \"gpu\"");
+    std::fs::write(dir.join("pipeline.toml"), pipeline).unwrap();
+    let out = fmnist(dir, &["run", "--dry-run"]);
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    assert!(
+        text(&out).contains("pipeline.toml:") && text(&out).contains("fast or portable"),
+        "{}",
+        text(&out)
+    );
+
+    std::fs::write(dir.join("pipeline.toml"), resnet_only_pipeline("cpu")).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_fmnist-pipe"))
+        .args(["run", "--dry-run"])
+        .current_dir(dir)
+        .env("FMNIST_KERNELS", "turbo")
+        .output()
+        .expect("the fmnist-pipe binary runs");
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    assert!(text(&out).contains("FMNIST_KERNELS"), "{}", text(&out));
+}
+
+/// A build without CUDA asked for CUDA says which build to make (exit 1), for a stage and for
+/// `check`, and keeps the previous outputs.
+#[cfg(not(feature = "cuda"))]
+#[test]
+fn cuda_without_a_cuda_build_names_the_feature() {
+    let ws = tempfile::tempdir().unwrap();
+    let dir = ws.path();
+    std::fs::write(dir.join("pipeline.toml"), resnet_only_pipeline("cuda")).unwrap();
+    let out = fmnist(dir, &["run"]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    assert!(text(&out).contains("--features cuda"), "{}", text(&out));
+    assert!(!dir.join("artifacts/train-resnet").exists());
+
+    let fixtures = fixture_dir();
+    let out = fmnist(
+        dir,
+        &[
+            "check",
+            "--device",
+            "cuda",
+            "--data",
+            fixtures.to_str().unwrap(),
+        ],
+    );
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    assert!(text(&out).contains("--features cuda"), "{}", text(&out));
+}

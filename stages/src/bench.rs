@@ -3,7 +3,7 @@
 //! images, and reports images/s and peak memory. Run with the same N and threads as the PyTorch
 //! reference (`scripts/bench-vs-torch.sh` does both) to compare.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Instant;
 
 use anyhow::Context;
@@ -13,9 +13,10 @@ use rand_chacha::ChaCha8Rng;
 use serde::Serialize;
 
 use crate::data::{Dataset, Normalization, Split};
+use crate::device;
 use crate::models::{self, ModelKind, DROPOUT_STREAM};
-use crate::ops;
-use crate::optim::OptimizerConfig;
+use crate::ops::{self, Kernels};
+use crate::optim;
 
 /// Where the real data set lives when no directory is given.
 pub const DEFAULT_DATA_DIR: &str = "/usr/share/datasets/fashion-mnist";
@@ -30,9 +31,11 @@ pub struct BenchReport {
     pub model: ModelKind,
     pub images: usize,
     pub threads: usize,
-    /// "fast" (this crate's CPU kernels) or "candle" (candle's stock conv2d, batch norm and
-    /// linear).
-    pub conv_kernels: String,
+    /// Where it ran: "cpu", "cuda:0", ...
+    pub device: String,
+    /// "fast" (this crate's CPU kernels) or "portable" (candle's tensor ops only, the path a
+    /// GPU runs).
+    pub kernels: Kernels,
     pub train_seconds: f64,
     pub train_images_per_s: f64,
     pub final_batch_loss: f32,
@@ -46,8 +49,8 @@ impl std::fmt::Display for BenchReport {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         writeln!(
             f,
-            "{} on {} images, {} threads, {} conv kernels",
-            self.model, self.images, self.threads, self.conv_kernels
+            "{} on {} images, {}, {} threads, {} kernels",
+            self.model, self.images, self.device, self.threads, self.kernels
         )?;
         writeln!(
             f,
@@ -66,60 +69,64 @@ impl std::fmt::Display for BenchReport {
     }
 }
 
-/// Benchmarks `model` on the first `images` images of the real data set with `threads` threads.
-pub fn run(model: ModelKind, images: usize, threads: usize) -> anyhow::Result<BenchReport> {
-    run_with(model, images, threads, Path::new(DEFAULT_DATA_DIR), true)
+/// What to benchmark, and where.
+#[derive(Debug, Clone)]
+pub struct BenchOptions {
+    pub model: ModelKind,
+    /// How many of the first training images.
+    pub images: usize,
+    /// CPU compute threads.
+    pub threads: usize,
+    /// Folder with the four IDX files.
+    pub data_dir: PathBuf,
+    pub kernels: Kernels,
+    /// A device request: "cpu", "cuda", "cuda:N", "metal", "auto".
+    pub device: String,
 }
 
-/// [`run`] with the data directory and the conv kernels (`fast_kernels = false`: candle's
-/// stock conv2d, for comparison) chosen.
-pub fn run_with(
-    model: ModelKind,
-    images: usize,
-    threads: usize,
-    data_dir: &Path,
-    fast_kernels: bool,
-) -> anyhow::Result<BenchReport> {
-    if images == 0 {
+impl BenchOptions {
+    /// The study's benchmark of `model` on the CPU with the fast kernels and the real data.
+    pub fn new(model: ModelKind, images: usize, threads: usize) -> Self {
+        BenchOptions {
+            model,
+            images,
+            threads,
+            data_dir: PathBuf::from(DEFAULT_DATA_DIR),
+            kernels: Kernels::Fast,
+            device: "cpu".to_string(),
+        }
+    }
+}
+
+/// Benchmarks as `options` say.
+pub fn run(options: &BenchOptions) -> anyhow::Result<BenchReport> {
+    if options.images == 0 {
         anyhow::bail!("bench needs at least one image (--images N with N >= 1)");
     }
-    if threads == 0 {
+    if options.threads == 0 {
         anyhow::bail!("bench needs at least one thread");
     }
+    let device = device::select(&options.device)?;
     let pool = rayon::ThreadPoolBuilder::new()
-        .num_threads(threads)
+        .num_threads(options.threads)
         .build()
         .context("starting the benchmark's thread pool")?;
-    let data_dir: PathBuf = data_dir.to_path_buf();
     ops::tune_allocator_for_training();
-    let previous = ops::fast_cpu_kernels();
-    ops::set_fast_cpu_kernels(fast_kernels);
-    let result = pool.install(|| measure(model, images, threads, &data_dir, fast_kernels));
-    ops::set_fast_cpu_kernels(previous);
-    result
+    pool.install(|| ops::with_kernels(options.kernels, || measure(options, &device)))
 }
 
-fn measure(
-    kind: ModelKind,
-    images: usize,
-    threads: usize,
-    data_dir: &Path,
-    fast_kernels: bool,
-) -> anyhow::Result<BenchReport> {
+fn measure(options: &BenchOptions, device: &Device) -> anyhow::Result<BenchReport> {
+    let (kind, data_dir) = (options.model, options.data_dir.as_path());
     let train_set = Dataset::load(data_dir, Split::Train)
         .with_context(|| format!("loading the training set from {}", data_dir.display()))?
-        .truncated(images);
+        .truncated(options.images);
     let images = train_set.len();
     if images == 0 {
         anyhow::bail!("the training set in {} is empty", data_dir.display());
     }
-    let device = Device::Cpu;
     let norm = Normalization::default();
-    let (model, varmap) = models::init(kind, 42, &device)?;
-    let optimizer_config: OptimizerConfig = serde_json::from_value(match kind {
-        ModelKind::Baseline => serde_json::json!({ "name": "adadelta", "lr": 1.0 }),
-        ModelKind::Resnet18 => serde_json::json!({ "name": "adam", "lr": 1e-4 }),
-    })?;
+    let (model, varmap) = models::init(kind, 42, device)?;
+    let optimizer_config = optim::study_optimizer(kind);
     let mut optimizer = optimizer_config.build(models::trainable_vars(&varmap))?;
     let order = train_set.shuffled_indices(42);
     let mut dropout_rng = ChaCha8Rng::seed_from_u64(42);
@@ -128,7 +135,7 @@ fn measure(
     let started = Instant::now();
     let mut last_loss = f32::NAN;
     for indices in order.chunks(TRAIN_BATCH) {
-        let (x, labels) = train_set.batch(indices, norm, &device)?;
+        let (x, labels) = train_set.batch(indices, norm, device)?;
         let logits = model.forward_train(&x, &mut dropout_rng)?;
         let loss = candle_nn::loss::cross_entropy(&logits, &labels)?;
         let grads = loss.backward()?;
@@ -139,14 +146,14 @@ fn measure(
 
     let all: Vec<usize> = (0..images).collect();
     // One small warm-up batch first, as the PyTorch side of scripts/bench-vs-torch.sh does.
-    let (warm_up, _) = train_set.batch(&all[..images.min(TRAIN_BATCH)], norm, &device)?;
+    let (warm_up, _) = train_set.batch(&all[..images.min(TRAIN_BATCH)], norm, device)?;
     model
         .forward(&warm_up)?
         .to_dtype(DType::F32)?
         .to_vec2::<f32>()?;
     let started = Instant::now();
     for indices in all.chunks(INFER_BATCH) {
-        let (x, _) = train_set.batch(indices, norm, &device)?;
+        let (x, _) = train_set.batch(indices, norm, device)?;
         // Reading the logits back forces the whole forward pass.
         let _ = model.forward(&x)?.to_dtype(DType::F32)?.to_vec2::<f32>()?;
     }
@@ -155,8 +162,9 @@ fn measure(
     Ok(BenchReport {
         model: kind,
         images,
-        threads,
-        conv_kernels: if fast_kernels { "fast" } else { "candle" }.into(),
+        threads: options.threads,
+        device: device::describe(device),
+        kernels: options.kernels,
         train_seconds,
         train_images_per_s: images as f64 / train_seconds.max(1e-9),
         final_batch_loss: last_loss,

@@ -66,6 +66,9 @@ pub struct StageContext<'a> {
     pub scratch_dir: &'a Path,
     /// The pipeline's device request: "auto" | "cpu" | "cuda" | "cuda:N" | "metal".
     pub device: &'a str,
+    /// The ops to run on the CPU: the fast kernels, or the portable path a GPU runs. Stages
+    /// that compute put it in force (`ops::with_kernels`) on every thread they compute on.
+    pub kernels: crate::ops::Kernels,
     /// The pipeline-wide seed (a stage's own `seed` param overrides it).
     pub seed: u64,
     /// Where to report progress of long work.

@@ -4,6 +4,7 @@
 //! called and tested on its own.
 
 pub mod bench;
+pub mod check;
 pub mod compute;
 pub mod context;
 pub mod data;

@@ -112,6 +112,10 @@ const CHECKPOINT_META: &str = "checkpoint.json";
 
 /// Runs the stage: see the module doc.
 pub fn run(params: Params, ctx: &StageContext) -> anyhow::Result<Metrics> {
+    crate::ops::with_kernels(ctx.kernels, || train(params, ctx))
+}
+
+fn train(params: Params, ctx: &StageContext) -> anyhow::Result<Metrics> {
     params.validate()?;
     crate::ops::tune_allocator_for_training();
     let seed = params.seed.unwrap_or(ctx.seed);
@@ -262,12 +266,14 @@ fn train_epoch(
         } else {
             setup.train_set.batch(indices, setup.norm, setup.device)?
         };
-        let (logits, loss) = pools.install(|| -> candle_core::Result<(Tensor, Tensor)> {
-            let logits = model.forward_train(&images, &mut dropout_rng)?;
-            let loss = candle_nn::loss::cross_entropy(&logits, &labels)?;
-            let grads = loss.backward()?;
-            optimizer.step(&grads)?;
-            Ok((logits, loss))
+        let (logits, loss) = pools.install(|| {
+            crate::ops::with_kernels(ctx.kernels, || -> candle_core::Result<(Tensor, Tensor)> {
+                let logits = model.forward_train(&images, &mut dropout_rng)?;
+                let loss = candle_nn::loss::cross_entropy(&logits, &labels)?;
+                let grads = loss.backward()?;
+                optimizer.step(&grads)?;
+                Ok((logits, loss))
+            })
         })??;
 
         let batch_loss = loss.to_dtype(DType::F32)?.to_scalar::<f32>()? as f64;
@@ -496,6 +502,7 @@ fn write_outputs(
         "model": params.model,
         "params": resolved,
         "device": device::describe(device),
+        "kernels": effective_kernels(device, ctx.kernels),
         "param_count": model.param_count(),
         "train_images": train_set.len(),
         "test_images": test_set.len(),
@@ -518,7 +525,17 @@ fn write_outputs(
         "test_accuracy": last.test_accuracy,
         "train_images_per_s": total_images / total_seconds.max(1e-9),
         "device": device::describe(device),
+        "kernels": effective_kernels(device, ctx.kernels),
     }))
+}
+
+/// The kernels that really ran: off the CPU every op is portable.
+fn effective_kernels(device: &Device, asked: crate::ops::Kernels) -> crate::ops::Kernels {
+    if device.is_cpu() {
+        asked
+    } else {
+        crate::ops::Kernels::Portable
+    }
 }
 
 fn write_json(path: &Path, value: &serde_json::Value) -> anyhow::Result<()> {

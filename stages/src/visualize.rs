@@ -167,6 +167,10 @@ fn choose(samples: &[Sample], set: &Dataset) -> anyhow::Result<Vec<Chosen>> {
 
 /// Runs the stage: see the module doc.
 pub fn run(params: Params, ctx: &StageContext) -> anyhow::Result<Metrics> {
+    crate::ops::with_kernels(ctx.kernels, || run_with_kernels(params, ctx))
+}
+
+fn run_with_kernels(params: Params, ctx: &StageContext) -> anyhow::Result<Metrics> {
     params.validate()?;
     let device = device::select(ctx.device)?;
     let data_dir = &ctx.input_of_kind("download")?.dir;

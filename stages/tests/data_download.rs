@@ -57,6 +57,7 @@ impl Run {
             out_dir: self.out.path(),
             scratch_dir: self.scratch.path(),
             device: "cpu",
+            kernels: fmnist_stages::ops::Kernels::Fast,
             seed: 42,
             progress: &self.progress,
             cancel: &self.cancel,

@@ -64,6 +64,7 @@ fn run_stage<T>(
         out_dir: out,
         scratch_dir: scratch.path(),
         device: "cpu",
+        kernels: fmnist_stages::ops::Kernels::Fast,
         seed: 7,
         progress: &NoProgress,
         cancel: &cancel,

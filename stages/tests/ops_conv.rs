@@ -549,3 +549,134 @@ fn max_pool_propagates_nan_with_and_without_indices() -> Result<()> {
     }
     Ok(())
 }
+
+/// The portable max pooling (what GPUs run) against the definition: forward values and the
+/// gradient of each window routed to its first maximum, overlapping windows adding up, on the
+/// ResNet stem's 3x3/2 pad 1 (kernel != stride, which candle's own backward refuses) and other
+/// geometries; inputs on a coarse grid so that ties are common.
+#[test]
+fn portable_max_pool_forward_and_backward_match_direct_loops() -> Result<()> {
+    let mut rng = ChaCha8Rng::seed_from_u64(21);
+    let cases = [
+        ([2, 3, 14, 14], 3, 2, 1),
+        ([1, 2, 7, 9], 3, 2, 1),
+        ([3, 4, 24, 24], 2, 2, 0),
+        ([2, 3, 5, 5], 3, 1, 1),
+        ([1, 2, 6, 6], 3, 3, 0),
+        ([2, 1, 9, 8], 4, 3, 2),
+    ];
+    for (dims, kernel, stride, padding) in cases {
+        let what = format!("portable pool {dims:?} k{kernel} s{stride} p{padding}");
+        let n: usize = dims.iter().product();
+        let values: Vec<f32> = (0..n)
+            .map(|_| (rng.gen_range(-4i32..4) as f32) * 0.25)
+            .collect();
+        let x = Var::from_tensor(&Tensor::from_vec(values, &dims[..], &Device::Cpu)?)?;
+        let pooled = ops::portable_max_pool2d(&x, kernel, stride, padding)?;
+        let fast = ops::with_kernels(ops::Kernels::Fast, || {
+            ops::max_pool2d(&x, kernel, stride, padding)
+        })?;
+        assert_eq!(
+            pooled.flatten_all()?.to_vec1::<f32>()?,
+            fast.flatten_all()?.to_vec1::<f32>()?,
+            "{what}: forward"
+        );
+        let probe = random(&mut rng, pooled.dims())?;
+        let grads = (&pooled * &probe)?.sum_all()?.backward()?;
+        let Some(grad) = grads.get(&x) else {
+            panic!("{what}: no gradient");
+        };
+        let expected = direct_pool_grad(&x, &probe, kernel, stride, padding)?;
+        assert_close(&format!("{what} grad"), grad, &expected)?;
+    }
+    Ok(())
+}
+
+#[test]
+fn portable_max_pool_propagates_nan_and_runs_in_f64() -> Result<()> {
+    let mut values = vec![1f32; 36];
+    values[0] = f32::NAN;
+    let x = Tensor::from_vec(values, (1, 1, 6, 6), &Device::Cpu)?;
+    let v = ops::portable_max_pool2d(&x, 3, 2, 1)?
+        .flatten_all()?
+        .to_vec1::<f32>()?;
+    assert!(v[0].is_nan(), "{v:?}");
+    assert!(v[1..].iter().all(|x| *x == 1.0), "{v:?}");
+    // All-negative input: the -inf padding never wins.
+    let x = Var::from_tensor(&Tensor::new(&[[[[-1f64, -2.], [-3., -4.]]]], &Device::Cpu)?)?;
+    let y = ops::portable_max_pool2d(&x, 3, 2, 1)?;
+    assert_eq!(y.flatten_all()?.to_vec1::<f64>()?, vec![-1.0]);
+    let grads = y.sum_all()?.backward()?;
+    let Some(grad) = grads.get(&x) else {
+        panic!("no gradient");
+    };
+    assert_eq!(
+        grad.flatten_all()?.to_vec1::<f64>()?,
+        vec![1.0, 0.0, 0.0, 0.0]
+    );
+    Ok(())
+}
+
+/// Under `kernels = "portable"` every model op (conv, fused conv+ReLU+pool with dropout and
+/// flatten, linear, batch norm, residual add) takes candle's ops: no fast kernel runs, and the
+/// values and gradients match the fast kernels'.
+#[test]
+fn portable_switch_covers_every_fused_op() -> Result<()> {
+    let mut rng = ChaCha8Rng::seed_from_u64(31);
+    let x = Var::from_tensor(&random(&mut rng, &[4, 3, 12, 12])?)?;
+    let w = Var::from_tensor(&random(&mut rng, &[5, 3, 3, 3])?)?;
+    let b = Var::from_tensor(&random(&mut rng, &[5])?)?;
+    let gamma = Var::from_tensor(&random(&mut rng, &[5])?)?;
+    let beta = Var::from_tensor(&random(&mut rng, &[5])?)?;
+    let w2 = Var::from_tensor(&random(&mut rng, &[5, 5, 3, 3])?)?;
+    // 12x12 maps pooled 3x3/2 pad 1: 6x6.
+    let fc_w = Var::from_tensor(&random(&mut rng, &[7, 5 * 36])?)?;
+    let fc_b = Var::from_tensor(&random(&mut rng, &[7])?)?;
+    let mask: Vec<f32> = (0..4 * 5 * 36)
+        .map(|_| if rng.gen_bool(0.25) { 0.0 } else { 1.0 / 0.75 })
+        .collect();
+    let pool = ops::MaxPool {
+        kernel: 3,
+        stride: 2,
+        padding: 1,
+    };
+    let forward = || -> Result<Tensor> {
+        let h = ops::conv2d(&x, &w, Some(&b), 1, 1)?;
+        let (h, _, _) = ops::batch_norm_train(&h, &gamma, &beta, 1e-5, true)?;
+        let h = ops::add_relu(&h, &ops::conv2d_relu(&x, &w, None, 1, 1)?)?;
+        let h = ops::conv2d_relu_pool_flat(&h, &w2, Some(&b), 1, 1, pool, Some(mask.clone()))?;
+        ops::linear(&h, &fc_w, &fc_b, true)
+    };
+    let fast = ops::with_kernels(ops::Kernels::Fast, forward)?;
+    let before = ops::fast_dispatches();
+    let portable = ops::with_kernels(ops::Kernels::Portable, forward)?;
+    assert_eq!(
+        ops::fast_dispatches(),
+        before,
+        "a fast kernel ran on the portable path"
+    );
+    assert_close("portable forward", &portable, &fast)?;
+    let upstream = random(&mut rng, fast.dims())?;
+    let g_fast = ops::with_kernels(ops::Kernels::Fast, || {
+        (&fast * &upstream)?.sum_all()?.backward()
+    })?;
+    let g_portable = ops::with_kernels(ops::Kernels::Portable, || {
+        (&portable * &upstream)?.sum_all()?.backward()
+    })?;
+    for (what, v) in [
+        ("x", &x),
+        ("w", &w),
+        ("w2", &w2),
+        ("b", &b),
+        ("gamma", &gamma),
+        ("beta", &beta),
+        ("fc_w", &fc_w),
+        ("fc_b", &fc_b),
+    ] {
+        let (Some(p), Some(f)) = (g_portable.get(v), g_fast.get(v)) else {
+            panic!("no gradient for {what}");
+        };
+        assert_close(&format!("portable grad {what}"), p, f)?;
+    }
+    Ok(())
+}

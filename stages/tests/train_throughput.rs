@@ -52,6 +52,7 @@ fn one_epoch_on_6400_real_images() -> anyhow::Result<()> {
         out_dir: out.path(),
         scratch_dir: scratch.path(),
         device: "cpu",
+        kernels: fmnist_stages::ops::Kernels::Fast,
         seed: 42,
         progress: &PrintSummaries,
         cancel: &cancel,

@@ -88,11 +88,22 @@ pub fn init(
     seed: u64,
     device: &Device,
 ) -> candle_core::Result<(Box<dyn Classifier>, VarMap)> {
+    init_as(kind, seed, device, DType::F32)
+}
+
+/// [`init`] with the variables in `dtype` (the same draws, rounded once): an f64 model is the
+/// exact reference the f32 paths are measured against.
+pub fn init_as(
+    kind: ModelKind,
+    seed: u64,
+    device: &Device,
+    dtype: DType,
+) -> candle_core::Result<(Box<dyn Classifier>, VarMap)> {
     let varmap = VarMap::new();
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
     rng.set_stream(INIT_STREAM);
     let backend = init::SeededInit::new(&varmap, rng);
-    let vb = VarBuilder::from_backend(Box::new(backend), DType::F32, device.clone());
+    let vb = VarBuilder::from_backend(Box::new(backend), dtype, device.clone());
     let model = build(kind, vb)?;
     Ok((model, varmap))
 }

@@ -1,11 +1,13 @@
 //! Convolution, pooling and batch-norm entry points the models call. Every model goes through
 //! these, so the CPU fast kernels (custom candle ops in `conv`, `pool` and `norm`) replace
-//! candle's reference ops in one place; on GPUs, and for dtypes other than f32, candle's own
-//! kernels run.
+//! the portable path in one place. The portable path (the `reference_*` functions) is made of
+//! candle tensor ops with a backward on every backend: GPUs, dtypes other than f32, and
+//! `kernels = "portable"` on the CPU run it.
 
 mod conv;
 mod gemm;
 mod huge_pages;
+mod kernels;
 mod linear;
 mod norm;
 mod pool;
@@ -13,32 +15,28 @@ mod winograd;
 
 pub use conv::{conv_backward, conv_forward, ConvGeometry, MaxPool};
 pub use huge_pages::HugePageAlloc;
-pub use pool::{pool_backward, pool_forward, PoolGeometry};
+pub(crate) use kernels::note_fast_dispatch;
+pub use kernels::{
+    fast_dispatches, kernels, kernels_from_env, set_kernels, with_kernels, Kernels, UnknownKernels,
+    KERNELS_ENV,
+};
+pub use pool::{pool_backward, pool_forward, portable_max_pool2d, PoolGeometry};
 
-use candle_core::{CpuStorage, DType, Device, Layout, Result, Shape, Storage, Tensor, D};
+use candle_core::{CpuStorage, DType, Device, Layout, Result, Shape, Storage, Tensor};
 use rayon::prelude::*;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 
-static FAST_CPU_KERNELS: AtomicBool = AtomicBool::new(true);
-
-/// Switches conv2d, batch norm and the fused ReLUs between this module's CPU kernels (the
-/// default) and candle's stock ops, process-wide; for benchmarks that compare the two.
-pub fn set_fast_cpu_kernels(on: bool) {
-    FAST_CPU_KERNELS.store(on, Ordering::Relaxed);
-}
-
-/// Whether the ops here use this module's CPU kernels.
-pub fn fast_cpu_kernels() -> bool {
-    FAST_CPU_KERNELS.load(Ordering::Relaxed)
-}
-
-/// Whether the fast CPU kernels apply to all of `tensors`.
+/// Whether the fast CPU kernels are chosen on this thread and apply to all of `tensors`
+/// (counted, so a check of the portable path can see that none ran).
 fn use_fast_kernels(tensors: &[&Tensor]) -> bool {
-    fast_cpu_kernels()
+    let fast = kernels() == Kernels::Fast
         && tensors
             .iter()
-            .all(|t| t.device().is_cpu() && t.dtype() == DType::F32)
+            .all(|t| t.device().is_cpu() && t.dtype() == DType::F32);
+    if fast {
+        kernels::note_fast_dispatch();
+    }
+    fast
 }
 
 /// Asks glibc's malloc to keep freed memory instead of returning it to the kernel after every
@@ -190,7 +188,7 @@ fn conv2d_activated(
     }
 }
 
-/// candle's own convolution (the GPU path, and the reference the tests compare against).
+/// candle's own convolution (the portable path, and the reference the tests compare against).
 pub fn reference_conv2d(
     x: &Tensor,
     weight: &Tensor,
@@ -207,7 +205,7 @@ pub fn reference_conv2d(
 
 /// Max pooling over square windows; padding counts as -inf (PyTorch's `F.max_pool2d`).
 pub fn max_pool2d(x: &Tensor, kernel: usize, stride: usize, padding: usize) -> Result<Tensor> {
-    if x.device().is_cpu() && x.dtype() == DType::F32 {
+    if use_fast_kernels(&[x]) {
         let op = pool::MaxPool2dOp {
             kernel,
             stride,
@@ -220,28 +218,15 @@ pub fn max_pool2d(x: &Tensor, kernel: usize, stride: usize, padding: usize) -> R
     reference_max_pool2d(x, kernel, stride, padding)
 }
 
-/// candle's own max pooling, padded with -inf (the GPU path and the tests' reference).
+/// The portable max pooling (see [`portable_max_pool2d`]): the GPU path and the tests'
+/// reference.
 pub fn reference_max_pool2d(
     x: &Tensor,
     kernel: usize,
     stride: usize,
     padding: usize,
 ) -> Result<Tensor> {
-    let x = if padding > 0 {
-        pad_with_neg_inf(x, padding)?
-    } else {
-        x.clone()
-    };
-    x.max_pool2d_with_stride(kernel, stride)
-}
-
-fn pad_with_neg_inf(x: &Tensor, pad: usize) -> Result<Tensor> {
-    let (b, c, h, w) = x.dims4()?;
-    let cols = Tensor::full(f32::NEG_INFINITY, (b, c, h, pad), x.device())?.to_dtype(x.dtype())?;
-    let x = Tensor::cat(&[&cols, x, &cols], D::Minus1)?;
-    let rows = Tensor::full(f32::NEG_INFINITY, (b, c, pad, w + 2 * pad), x.device())?
-        .to_dtype(x.dtype())?;
-    Tensor::cat(&[&rows, &x, &rows], 2)
+    portable_max_pool2d(x, kernel, stride, padding)
 }
 
 /// Fully connected layer `x wᵀ + b` (x [B, in], weight [out, in], bias [out]), then ReLU if
@@ -256,7 +241,7 @@ pub fn linear(x: &Tensor, weight: &Tensor, bias: &Tensor, relu: bool) -> Result<
     reference_linear(x, weight, bias, relu)
 }
 
-/// candle's matmul for [`linear`] (the GPU path and the tests' reference).
+/// candle's matmul for [`linear`] (the portable path and the tests' reference).
 pub fn reference_linear(x: &Tensor, weight: &Tensor, bias: &Tensor, relu: bool) -> Result<Tensor> {
     let y = x.matmul(&weight.t()?)?.broadcast_add(bias)?;
     if relu {
@@ -295,7 +280,7 @@ pub fn batch_norm_train(
     reference_batch_norm_train(x, gamma, beta, eps, relu)
 }
 
-/// candle tensor ops for [`batch_norm_train`] (the GPU path and the tests' reference).
+/// candle tensor ops for [`batch_norm_train`] (the portable path and the tests' reference).
 pub fn reference_batch_norm_train(
     x: &Tensor,
     gamma: &Tensor,
@@ -341,7 +326,7 @@ pub fn batch_norm_eval(
     reference_batch_norm_eval(x, gamma, beta, running_mean, running_var, eps, relu)
 }
 
-/// candle tensor ops for [`batch_norm_eval`] (the GPU path and the tests' reference).
+/// candle tensor ops for [`batch_norm_eval`] (the portable path and the tests' reference).
 pub fn reference_batch_norm_eval(
     x: &Tensor,
     gamma: &Tensor,

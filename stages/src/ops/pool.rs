@@ -1,9 +1,11 @@
-//! CPU max pooling as a candle custom op: the forward pass remembers where each maximum came
-//! from, and the backward pass scatters the gradient there (one pass, no re-comparison).
-//! Padding counts as -inf, as in PyTorch.
+//! Max pooling, padding counted as -inf as in PyTorch, two ways: on the CPU a candle custom op
+//! whose forward pass remembers where each maximum came from and whose backward pass scatters
+//! the gradient there; and the portable path, candle tensor ops only, which every backend can
+//! differentiate (candle's own max-pool backward refuses kernel != stride, e.g. ResNet's 3x3/2
+//! stem pool).
 
 use super::{cpu_slice, tensor_from_vec, zeroed};
-use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp1, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 use std::sync::Mutex;
 
@@ -247,4 +249,92 @@ impl CustomOp1 for MaxPool2dOp {
         let gx = super::with_cpu_slices(&[&grad_res], |s| Ok(pool_backward(&g, idx, s[0])))?;
         Ok(Some(tensor_from_vec(gx, arg.shape(), arg.device())?))
     }
+}
+
+/// Max pooling from candle tensor ops that have a backward on every backend, with PyTorch's
+/// semantics: -inf padding, any kernel, stride and padding, the gradient of each window going
+/// to its first maximum in row-major order (overlapping windows add up), NaN propagated.
+///
+/// Each of the `kernel`² window positions becomes a strided view of the padded input (narrow,
+/// then a reshape that puts the stride in its own dimension, then narrow to its first slot);
+/// the output is the sum of those views masked to each window's first maximum.
+pub fn portable_max_pool2d(
+    x: &Tensor,
+    kernel: usize,
+    stride: usize,
+    padding: usize,
+) -> Result<Tensor> {
+    let (b, c, h, w) = x.dims4()?;
+    let g = PoolGeometry::new((b, c, h, w), kernel, stride, padding)?;
+    let (oh, ow) = (g.out_height, g.out_width);
+    // Rows (columns) past the last window only fill the reshape; no window reads them.
+    let padded_h = (h + 2 * padding).max(kernel - 1 + stride * oh);
+    let padded_w = (w + 2 * padding).max(kernel - 1 + stride * ow);
+    let xp = pad_neg_inf(x, 2, padding, padded_h - h - padding)?;
+    let xp = pad_neg_inf(&xp, 3, padding, padded_w - w - padding)?;
+
+    let mut windows = Vec::with_capacity(kernel * kernel);
+    for ky in 0..kernel {
+        let rows = xp
+            .narrow(2, ky, stride * oh)?
+            .reshape((b, c, oh, stride, padded_w))?
+            .narrow(3, 0, 1)?
+            .squeeze(3)?;
+        for kx in 0..kernel {
+            let cols = rows
+                .narrow(3, kx, stride * ow)?
+                .reshape((b, c, oh, ow, stride))?
+                .narrow(4, 0, 1)?
+                .squeeze(4)?;
+            windows.push(cols);
+        }
+    }
+
+    let detached: Vec<Tensor> = windows.iter().map(Tensor::detach).collect();
+    let mut max = detached[0].clone();
+    let mut nan = detached[0].ne(&detached[0])?.to_dtype(DType::F32)?;
+    for v in &detached[1..] {
+        max = max.maximum(v)?;
+        nan = nan.maximum(&v.ne(v)?.to_dtype(DType::F32)?)?;
+    }
+    let zeros = max.zeros_like()?;
+    let mut taken = zeros.to_dtype(DType::F32)?;
+    let mut pooled: Option<Tensor> = None;
+    for (view, value) in windows.iter().zip(&detached) {
+        let hit = value.eq(&max)?.to_dtype(DType::F32)?;
+        // 1 where this position is the window's first maximum.
+        let first = (&hit - (&hit * &taken)?)?;
+        taken = (&taken + &first)?;
+        let picked = first.gt(0.5)?.where_cond(view, &zeros)?;
+        pooled = Some(match pooled {
+            None => picked,
+            Some(sum) => (sum + picked)?,
+        });
+    }
+    let pooled =
+        pooled.ok_or_else(|| candle_core::Error::Msg("max_pool2d: empty window".into()))?;
+    // A window holding NaN has no maximum equal to itself: give it NaN, as PyTorch does.
+    let nan_value = Tensor::full(f32::NAN, max.shape(), max.device())?.to_dtype(max.dtype())?;
+    nan.gt(0.5)?.where_cond(&nan_value, &pooled)
+}
+
+/// `x` with `before` and `after` slices of -inf added along `dim` (no-op when both are 0).
+fn pad_neg_inf(x: &Tensor, dim: usize, before: usize, after: usize) -> Result<Tensor> {
+    if before == 0 && after == 0 {
+        return Ok(x.clone());
+    }
+    let slab = |n: usize| -> Result<Tensor> {
+        let mut dims = x.dims().to_vec();
+        dims[dim] = n;
+        Tensor::full(f32::NEG_INFINITY, dims, x.device())?.to_dtype(x.dtype())
+    };
+    let mut parts = Vec::with_capacity(3);
+    if before > 0 {
+        parts.push(slab(before)?);
+    }
+    parts.push(x.clone());
+    if after > 0 {
+        parts.push(slab(after)?);
+    }
+    Tensor::cat(&parts, dim)
 }

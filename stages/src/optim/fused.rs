@@ -1,7 +1,8 @@
 //! The fused CPU path shared by the optimizers: one in-place, multithreaded pass over a
 //! parameter, its gradient and its state buffers, instead of a dozen allocating tensor ops.
-//! Used only when every tensor is a contiguous f32 CPU tensor with its own storage; otherwise
-//! the optimizers fall back to their tensor-op code (GPU, other dtypes).
+//! Used only when every tensor is a contiguous f32 CPU tensor with its own storage and the
+//! fast kernels are chosen; otherwise the optimizers run their tensor-op code (the portable
+//! path: GPUs, other dtypes, `kernels = "portable"`).
 
 use std::cell::RefCell;
 
@@ -14,7 +15,6 @@ const CHUNK: usize = 1 << 16;
 
 #[cfg(test)]
 thread_local! {
-    static FORCE_FALLBACK: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
     static FUSED_UPDATES: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
 }
 
@@ -25,21 +25,9 @@ pub(crate) fn fused_updates() -> usize {
     FUSED_UPDATES.with(|n| n.get())
 }
 
-/// Makes the optimizers on this thread use their tensor-op fallback (to compare the two paths).
-#[cfg(test)]
-pub(crate) fn force_fallback(on: bool) {
-    FORCE_FALLBACK.with(|f| f.set(on));
-}
-
-fn fallback_forced() -> bool {
-    #[cfg(test)]
-    {
-        FORCE_FALLBACK.with(|f| f.get())
-    }
-    #[cfg(not(test))]
-    {
-        false
-    }
+/// The portable path (`kernels = "portable"`) runs the optimizers' tensor ops, as a GPU does.
+fn portable_forced() -> bool {
+    crate::ops::kernels() == crate::ops::Kernels::Portable
 }
 
 /// Updates `param` and two state buffers shaped like it, element by element:
@@ -101,7 +89,7 @@ fn step_in_place(
     states: &[&Tensor],
     kernel: impl Fn(&[f32], &mut [&mut [f32]]) + Sync,
 ) -> Result<bool> {
-    if fallback_forced() {
+    if portable_forced() {
         return Ok(false);
     }
     let mut written = Vec::with_capacity(1 + states.len());
@@ -142,6 +130,7 @@ fn step_in_place(
         }
         Ok(())
     })?;
+    crate::ops::note_fast_dispatch();
     #[cfg(test)]
     FUSED_UPDATES.with(|n| n.set(n.get() + 1));
     Ok(true)

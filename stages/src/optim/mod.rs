@@ -77,6 +77,25 @@ fn sgd_lr() -> f64 {
     1e-3
 }
 
+/// The seed study's optimizer for each model: Adadelta lr 1.0 for the baseline, Adam lr 1e-4
+/// for the ResNet-18 (PyTorch's defaults otherwise).
+pub fn study_optimizer(kind: crate::models::ModelKind) -> OptimizerConfig {
+    match kind {
+        crate::models::ModelKind::Baseline => OptimizerConfig::Adadelta {
+            lr: 1.0,
+            rho: adadelta_rho(),
+            eps: adadelta_eps(),
+            weight_decay: 0.0,
+        },
+        crate::models::ModelKind::Resnet18 => OptimizerConfig::Adam {
+            lr: 1e-4,
+            betas: adam_betas(),
+            eps: adam_eps(),
+            weight_decay: 0.0,
+        },
+    }
+}
+
 impl OptimizerConfig {
     pub fn name(&self) -> &'static str {
         match self {
@@ -348,6 +367,23 @@ mod tests {
         Ok(())
     }
 
+    /// The portable path (the tensor ops a GPU runs) gives PyTorch's numbers too.
+    #[test]
+    fn portable_optimizer_steps_match_pytorch() -> Result<()> {
+        let fast_before = crate::ops::fast_dispatches();
+        crate::ops::with_kernels(crate::ops::Kernels::Portable, || {
+            adadelta_matches_pytorch()?;
+            adam_matches_pytorch()?;
+            sgd_matches_pytorch()
+        })?;
+        assert_eq!(
+            crate::ops::fast_dispatches(),
+            fast_before,
+            "a fused update ran"
+        );
+        Ok(())
+    }
+
     #[test]
     fn state_round_trip_continues_identically() -> Result<()> {
         let config = OptimizerConfig::Adam {
@@ -384,9 +420,17 @@ mod tests {
     }
 
     /// Four steps on a two-chunk vector and a small matrix, on the fused CPU path or the
-    /// tensor-op fallback: the parameters and the state afterwards.
-    fn train_on_path(config: &OptimizerConfig, fallback: bool) -> Result<Vec<(String, Vec<f32>)>> {
-        fused::force_fallback(fallback);
+    /// portable tensor-op path: the parameters and the state afterwards.
+    fn train_on_path(config: &OptimizerConfig, portable: bool) -> Result<Vec<(String, Vec<f32>)>> {
+        let kernels = if portable {
+            crate::ops::Kernels::Portable
+        } else {
+            crate::ops::Kernels::Fast
+        };
+        crate::ops::with_kernels(kernels, || train_steps(config))
+    }
+
+    fn train_steps(config: &OptimizerConfig) -> Result<Vec<(String, Vec<f32>)>> {
         let wave = |n: usize, phase: f32| -> Result<Tensor> {
             let v: Vec<f32> = (0..n).map(|i| (i as f32 * 0.37 + phase).sin()).collect();
             Tensor::from_vec(v, n, &Device::Cpu)
@@ -406,7 +450,6 @@ mod tests {
             }
             opt.step(&loss.backward()?)?;
         }
-        fused::force_fallback(false);
         let mut out = Vec::new();
         for (name, var) in &named {
             out.push((name.clone(), var.as_tensor().flatten_all()?.to_vec1()?));
