@@ -250,6 +250,20 @@ pub struct StageStatus {
     pub state: String,
     pub reasons: Vec<String>,
     pub fingerprint: Option<String>,
+    /// Where the last recorded run computed, e.g. "cpu/fast" or "cuda:0/portable" (built-in
+    /// stages that report a device).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ran_on: Option<String>,
+}
+
+/// "DEVICE/KERNELS" of a recorded run, from the device and kernels its stage reported.
+fn ran_on(entry: &LockEntry) -> Option<String> {
+    let reported = |key: &str| entry.metrics.get(key).and_then(|v| v.as_str());
+    let device = reported("device")?;
+    match reported("kernels").or(entry.kernels.as_deref()) {
+        Some(kernels) => Some(format!("{device}/{kernels}")),
+        None => Some(device.to_string()),
+    }
 }
 
 /// Every stage's state, in run order, without running anything.
@@ -284,6 +298,7 @@ pub fn status(ws: &Workspace) -> Result<Vec<StageStatus>, PipeError> {
             state: state.to_string(),
             reasons,
             fingerprint: fp,
+            ran_on: entry.and_then(ran_on),
         });
     }
     Ok(report)
@@ -648,7 +663,13 @@ fn process_stage(
         version: stage.version(),
         fingerprint: ev.fingerprint,
         outs_hash: manifest::digest(&outs),
-        device: builtin.then(|| ws.pipeline.device.clone()),
+        // The device the stage reports it used ("auto" resolved), else the one asked for.
+        device: builtin.then(|| {
+            metrics
+                .get("device")
+                .and_then(|d| d.as_str())
+                .map_or_else(|| ws.pipeline.device.clone(), str::to_string)
+        }),
         kernels: builtin.then(|| ws.pipeline.kernels.to_string()),
         seed: builtin.then_some(ws.pipeline.seed),
         seconds: (took.as_secs_f64() * 1000.0).round() / 1000.0,

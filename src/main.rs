@@ -260,7 +260,10 @@ fn dispatch(cli: Cli) -> Result<(), PipeError> {
             } else {
                 let width = report.iter().map(|s| s.stage.len()).max().unwrap_or(0);
                 for s in &report {
-                    println!("{:width$}  {}", s.stage, s.state);
+                    match &s.ran_on {
+                        Some(on) => println!("{:width$}  {} (ran on {on})", s.stage, s.state),
+                        None => println!("{:width$}  {}", s.stage, s.state),
+                    }
                     for reason in &s.reasons {
                         println!("{:width$}    - {reason}", "");
                     }

@@ -109,6 +109,11 @@ fn the_study_runs_then_reruns_only_what_a_change_affects() {
         assert!(art.join(f).is_file(), "missing {f}\n{}", text(&first));
     }
     assert!(dir.join("pipeline.lock").is_file());
+    let report = std::fs::read_to_string(art.join("report/report.html")).unwrap();
+    assert!(
+        report.contains("Trained on <code>cpu</code> with the fast kernels"),
+        "the report names where each model trained"
+    );
 
     // The confusion matrix accounts for every evaluated image.
     let metrics: serde_json::Value =
@@ -232,6 +237,11 @@ fn portable_kernels_setting_trains_and_is_recorded_not_hashed() {
     assert!(
         !text(&status).contains("stale"),
         "kernels are recorded, not hashed: {}",
+        text(&status)
+    );
+    assert!(
+        text(&status).contains("up to date (ran on cpu/portable)"),
+        "{}",
         text(&status)
     );
 }

@@ -372,6 +372,17 @@ fn training_section(page: &mut Page, inputs: &[&Input]) -> anyhow::Result<String
     let mut html = String::new();
     for input in inputs {
         html.push_str(&input_heading(input));
+        let config = input.dir.join("config.json");
+        if config.is_file() {
+            let config = read_json(&config)?;
+            let said = |key: &str| config.get(key).and_then(|v| v.as_str()).map(escape);
+            if let Some(device) = said("device") {
+                let kernels = said("kernels")
+                    .map(|k| format!(" with the {k} kernels"))
+                    .unwrap_or_default();
+                let _ = writeln!(html, "<p>Trained on <code>{device}</code>{kernels}.</p>");
+            }
+        }
         html.push_str(&page.gallery(&files_with_extension(&input.dir, "png")?)?);
         let history = input.dir.join("history.json");
         if history.is_file() {
