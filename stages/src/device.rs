@@ -93,7 +93,7 @@ fn cuda(request: &str, ordinal: usize) -> Result<Device, DeviceError> {
     }
     Device::new_cuda(ordinal).map_err(|e| DeviceError::Unavailable {
         request: request.to_string(),
-        reason: e.to_string(),
+        reason: without_backtrace(&e),
     })
 }
 
@@ -107,8 +107,13 @@ fn metal(request: &str) -> Result<Device, DeviceError> {
     }
     Device::new_metal(0).map_err(|e| DeviceError::Unavailable {
         request: request.to_string(),
-        reason: e.to_string(),
+        reason: without_backtrace(&e),
     })
+}
+
+/// The first line of a candle error: its message, without the backtrace candle appends.
+fn without_backtrace(e: &candle_core::Error) -> String {
+    e.to_string().lines().next().unwrap_or_default().to_string()
 }
 
 #[cfg(test)]
