@@ -5,7 +5,6 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs::File;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
@@ -13,6 +12,7 @@ use std::time::{Duration, Instant};
 use fmnist_stages::{Cancelled, Input, StageContext};
 
 use crate::cache::RunCache;
+use crate::command_stage;
 use crate::config::{Body, Pipeline, Stage, ARTIFACTS_DIR};
 use crate::dag::Dag;
 use crate::error::PipeError;
@@ -20,10 +20,8 @@ use crate::fingerprint::{self, Recipe};
 use crate::lock::{self, LockEntry, LockFile};
 use crate::manifest::{self, FileRecord, MISSING};
 use crate::progress::{self, Console};
+use crate::publish::{publish_dir, remove_path, temp_dir, Backup};
 use crate::registry::Registry;
-
-/// How many lines of a failed command's log are shown.
-const LOG_TAIL_LINES: usize = 15;
 
 /// A loaded workspace: the validated pipeline, its graph and the lock as last written.
 pub struct Workspace {
@@ -649,7 +647,14 @@ fn process_stage(
         Body::Builtin { kind, table, .. } => {
             run_builtin(shared, stage, kind, table, &ev.fingerprint, upstream)
         }
-        Body::Command { cmd, outs, .. } => run_command(shared, stage, cmd, outs),
+        Body::Command { cmd, outs, .. } => command_stage::run_command(
+            &ws.pipeline.root,
+            &ws.pipeline.artifacts(),
+            &stage.name,
+            cmd,
+            outs,
+            shared.cancel,
+        ),
     };
     let (outs, metrics) = match result {
         Ok(done) => done,
@@ -682,54 +687,15 @@ fn process_stage(
     Outcome::Ran { entry, took }
 }
 
-enum StageEnd {
+pub(crate) enum StageEnd {
     Failed(String),
     Interrupted,
 }
 
-fn io_fail(what: &str, path: &Path) -> impl FnOnce(std::io::Error) -> StageEnd {
+pub(crate) fn io_fail(what: &str, path: &Path) -> impl FnOnce(std::io::Error) -> StageEnd {
     let what = what.to_string();
     let path = path.to_path_buf();
     move |e| StageEnd::Failed(format!("cannot {what} {}: {e}", path.display()))
-}
-
-/// A fresh, unique folder under artifacts/.tmp/.
-fn temp_dir(artifacts: &Path, stage: &str, purpose: &str) -> PathBuf {
-    static COUNTER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
-    artifacts
-        .join(".tmp")
-        .join(format!("{stage}-{purpose}-{}-{n}", std::process::id()))
-}
-
-fn remove_path(path: &Path) -> std::io::Result<()> {
-    match std::fs::symlink_metadata(path) {
-        Ok(m) if m.is_dir() => std::fs::remove_dir_all(path),
-        Ok(_) => std::fs::remove_file(path),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-        Err(e) => Err(e),
-    }
-}
-
-/// Replaces artifacts/<stage> with `staged` in two renames; the old outputs are only
-/// deleted once the new ones are in place.
-fn publish_dir(artifacts: &Path, stage: &str, staged: &Path) -> std::io::Result<()> {
-    let dest = artifacts.join(stage);
-    let old = temp_dir(artifacts, stage, "old");
-    let had_old = dest.exists();
-    if had_old {
-        std::fs::rename(&dest, &old)?;
-    }
-    if let Err(e) = std::fs::rename(staged, &dest) {
-        if had_old {
-            let _ = std::fs::rename(&old, &dest);
-        }
-        return Err(e);
-    }
-    if had_old {
-        let _ = remove_path(&old);
-    }
-    Ok(())
 }
 
 fn run_builtin(
@@ -817,155 +783,6 @@ fn run_builtin(
         .map_err(io_fail("publish", &artifacts.join(&stage.name)))?;
     let _ = remove_path(&scratch_dir);
     Ok((outs, metrics))
-}
-
-/// A command stage's declared outputs moved aside while it runs, put back if it fails.
-struct Backup {
-    dir: PathBuf,
-    moved: Vec<(PathBuf, PathBuf)>,
-}
-
-impl Backup {
-    fn take(
-        root: &Path,
-        artifacts: &Path,
-        stage: &str,
-        outs: &[String],
-    ) -> std::io::Result<Backup> {
-        let dir = temp_dir(artifacts, stage, "backup");
-        let mut backup = Backup {
-            dir,
-            moved: Vec::new(),
-        };
-        for (n, out) in outs.iter().enumerate() {
-            let path = root.join(out);
-            if std::fs::symlink_metadata(&path).is_ok() {
-                std::fs::create_dir_all(&backup.dir)?;
-                let aside = backup.dir.join(n.to_string());
-                if let Err(e) = std::fs::rename(&path, &aside) {
-                    backup.restore();
-                    return Err(e);
-                }
-                backup.moved.push((path, aside));
-            }
-        }
-        Ok(backup)
-    }
-
-    /// Puts the previous outputs back, dropping whatever the failed run wrote there.
-    fn restore(&self) {
-        for (path, aside) in &self.moved {
-            let _ = remove_path(path);
-            let _ = std::fs::rename(aside, path);
-        }
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-
-    fn discard(&self) {
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
-
-fn run_command(
-    shared: &RunShared,
-    stage: &Stage,
-    cmd: &str,
-    outs: &[String],
-) -> Result<(Vec<FileRecord>, serde_json::Value), StageEnd> {
-    let root = &shared.ws.pipeline.root;
-    let artifacts = shared.ws.pipeline.artifacts();
-    let logs = artifacts.join(".logs");
-    std::fs::create_dir_all(&logs).map_err(io_fail("create", &logs))?;
-    let log_path = logs.join(format!("{}.log", stage.name));
-    let backup = Backup::take(root, &artifacts, &stage.name, outs)
-        .map_err(|e| StageEnd::Failed(format!("cannot move previous outputs aside: {e}")))?;
-    let fail_with = |msg: String| {
-        backup.restore();
-        StageEnd::Failed(msg)
-    };
-    for out in outs {
-        if let Some(parent) = root.join(out).parent() {
-            let _ = std::fs::create_dir_all(parent);
-        }
-    }
-    let log = File::create(&log_path)
-        .map_err(|e| fail_with(format!("cannot create {}: {e}", log_path.display())))?;
-    let log_err = log
-        .try_clone()
-        .map_err(|e| fail_with(format!("cannot open {}: {e}", log_path.display())))?;
-    let mut child = Command::new("sh")
-        .arg("-c")
-        .arg(cmd)
-        .current_dir(root)
-        .stdin(Stdio::null())
-        .stdout(log)
-        .stderr(log_err)
-        .spawn()
-        .map_err(|e| fail_with(format!("cannot start `sh -c`: {e}")))?;
-    // Poll rather than block so Ctrl-C can stop the command; the wait grows so quick
-    // commands finish quickly and slow ones cost no CPU.
-    let mut pause = Duration::from_millis(1);
-    let status = loop {
-        match child.try_wait() {
-            Ok(Some(status)) => break status,
-            Ok(None) => {}
-            Err(e) => return Err(fail_with(format!("cannot wait for the command: {e}"))),
-        }
-        if shared.cancel.load(Ordering::Relaxed) {
-            let _ = child.kill();
-            let _ = child.wait();
-            backup.restore();
-            return Err(StageEnd::Interrupted);
-        }
-        std::thread::sleep(pause);
-        pause = (pause * 2).min(Duration::from_millis(50));
-    };
-    if !status.success() {
-        // Ctrl-C on a terminal reaches the command too; it may die before our flag is set.
-        let killed_by_sigint = {
-            use std::os::unix::process::ExitStatusExt;
-            status.signal() == Some(2)
-        };
-        if killed_by_sigint || shared.cancel.load(Ordering::Relaxed) {
-            backup.restore();
-            return Err(StageEnd::Interrupted);
-        }
-        let tail = log_tail(&log_path, LOG_TAIL_LINES);
-        let code = status
-            .code()
-            .map(|c| format!("exit status {c}"))
-            .unwrap_or_else(|| "killed by a signal".to_string());
-        return Err(fail_with(format!(
-            "command failed ({code}); last lines of {}:\n{tail}",
-            log_path.display()
-        )));
-    }
-    let records = match manifest::scan(root, outs, &[]) {
-        Ok(r) => r,
-        Err(e) => return Err(fail_with(format!("cannot read outputs: {e}"))),
-    };
-    if let Some(missing) = records.iter().find(|r| r.blake3 == MISSING) {
-        return Err(fail_with(format!(
-            "the command did not write its declared output `{}`",
-            missing.path
-        )));
-    }
-    backup.discard();
-    Ok((records, serde_json::Value::Null))
-}
-
-fn log_tail(path: &Path, lines: usize) -> String {
-    let text = std::fs::read_to_string(path).unwrap_or_default();
-    let all: Vec<&str> = text.lines().collect();
-    if all.is_empty() {
-        return "    (the command printed nothing)".to_string();
-    }
-    let start = all.len().saturating_sub(lines);
-    all[start..]
-        .iter()
-        .map(|l| format!("    {l}"))
-        .collect::<Vec<_>>()
-        .join("\n")
 }
 
 /// Puts a cached run's outputs in place; returns their records as now on disk.

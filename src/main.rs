@@ -4,6 +4,7 @@
 
 mod cache;
 mod check;
+mod command_stage;
 mod config;
 mod dag;
 mod error;
@@ -12,6 +13,7 @@ mod fingerprint;
 mod lock;
 mod manifest;
 mod progress;
+mod publish;
 mod registry;
 
 use std::path::PathBuf;
