@@ -1,9 +1,10 @@
 //! The `train` stage: trains a baseline CNN or a ResNet-18 on Fashion-MNIST with a seeded,
-//! resumable loop (a checkpoint after each epoch in the scratch folder) and writes the model,
-//! its per-epoch history, the resolved config and loss/accuracy curves.
+//! resumable loop (a checkpoint after each epoch in the scratch folder, recorded with its
+//! blake3; a damaged one is discarded with a warning for the one before it) and writes the
+//! model, its per-epoch history, the resolved config and loss/accuracy curves.
 
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Instant;
 
 use anyhow::Context;
@@ -98,17 +99,58 @@ pub struct EpochRecord {
     pub images_per_s: f64,
 }
 
-/// What `checkpoint.json` in the scratch folder records about the last completed epoch.
+/// What `checkpoint.json` in the scratch folder records: the run it belongs to and its last
+/// (at most two) epoch checkpoints, oldest first, each with the size and blake3 of its files,
+/// so that a damaged latest checkpoint falls back to the one before it.
 #[derive(Debug, Serialize, Deserialize)]
 struct CheckpointMeta {
+    /// [`CHECKPOINT_FORMAT`]; format 1 (no `format` field) recorded no hashes.
+    format: u32,
     version: u32,
     params: Params,
     seed: u64,
+    checkpoints: Vec<Checkpoint>,
+}
+
+/// The state after `epochs_done` epochs.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Checkpoint {
     epochs_done: usize,
     history: Vec<EpochRecord>,
+    model: FileRecord,
+    optimizer: FileRecord,
+}
+
+/// A checkpoint file (a name in the scratch folder) as it was written.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+struct FileRecord {
+    file: String,
+    size: u64,
+    blake3: String,
 }
 
 const CHECKPOINT_META: &str = "checkpoint.json";
+const CHECKPOINT_FORMAT: u32 = 2;
+
+/// The model, its variables and their optimizer: what a checkpoint restores.
+struct TrainState {
+    model: Box<dyn Classifier>,
+    varmap: VarMap,
+    optimizer: Box<dyn Optimizer>,
+}
+
+impl TrainState {
+    /// The seeded initial state of a run.
+    fn fresh(params: &Params, seed: u64, device: &Device) -> anyhow::Result<Self> {
+        let (model, varmap) = models::init(params.model, seed, device)?;
+        let optimizer = params.optimizer.build(models::trainable_vars(&varmap))?;
+        Ok(TrainState {
+            model,
+            varmap,
+            optimizer,
+        })
+    }
+}
 
 /// Runs the stage: see the module doc.
 pub fn run(params: Params, ctx: &StageContext) -> anyhow::Result<Metrics> {
@@ -131,9 +173,11 @@ fn train(params: Params, ctx: &StageContext) -> anyhow::Result<Metrics> {
     }
     let norm = Normalization::default();
 
-    let (model, varmap) = models::init(params.model, seed, &device)?;
-    let mut optimizer = params.optimizer.build(models::trainable_vars(&varmap))?;
-    let mut history = resume(&params, seed, ctx.scratch_dir, &varmap, optimizer.as_mut())?;
+    let (mut state, mut last_checkpoint) = resume(&params, seed, &device, ctx)?;
+    let mut history = last_checkpoint
+        .as_ref()
+        .map(|c| c.history.clone())
+        .unwrap_or_default();
     if !history.is_empty() {
         ctx.progress.println(&format!(
             "resuming after epoch {}/{} from {}",
@@ -156,8 +200,8 @@ fn train(params: Params, ctx: &StageContext) -> anyhow::Result<Metrics> {
         let record = train_epoch(
             &setup,
             epoch,
-            model.as_ref(),
-            optimizer.as_mut(),
+            state.model.as_ref(),
+            state.optimizer.as_mut(),
             &mut pools,
             ctx,
         )?;
@@ -180,9 +224,9 @@ fn train(params: Params, ctx: &StageContext) -> anyhow::Result<Metrics> {
             &params,
             seed,
             ctx.scratch_dir,
-            &varmap,
-            optimizer.as_ref(),
+            &state,
             &history,
+            &mut last_checkpoint,
         )?;
     }
 
@@ -190,8 +234,8 @@ fn train(params: Params, ctx: &StageContext) -> anyhow::Result<Metrics> {
         &params,
         seed,
         &device,
-        model.as_ref(),
-        &varmap,
+        state.model.as_ref(),
+        &state.varmap,
         &history,
         &train_set,
         &test_set,
@@ -383,97 +427,302 @@ fn augmented_batch(
     augmented.batch(&all, norm, device)
 }
 
-fn checkpoint_files(dir: &Path, epochs_done: usize) -> (PathBuf, PathBuf) {
+/// The names of the model and optimizer files of the checkpoint after `epochs_done` epochs.
+fn checkpoint_names(epochs_done: usize) -> (String, String) {
     (
-        dir.join(format!("epoch-{epochs_done}.model.safetensors")),
-        dir.join(format!("epoch-{epochs_done}.optimizer.safetensors")),
+        format!("epoch-{epochs_done}.model.safetensors"),
+        format!("epoch-{epochs_done}.optimizer.safetensors"),
     )
 }
 
+/// Flushes a written file to the disk.
+fn sync_file(path: &Path) -> anyhow::Result<()> {
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(path)
+        .and_then(|f| f.sync_all())
+        .with_context(|| format!("flushing {}", path.display()))
+}
+
+/// Best effort: makes renames in `dir` durable (not possible everywhere, e.g. on Windows).
+fn sync_dir(dir: &Path) {
+    if let Ok(d) = std::fs::File::open(dir) {
+        let _ = d.sync_all();
+    }
+}
+
+/// Writes the checkpoint file `name` in `dir` through a temporary name, flushed, and returns
+/// its size and hash as they are on the disk.
+fn write_checkpoint_file(
+    dir: &Path,
+    name: &str,
+    write: impl FnOnce(&Path) -> anyhow::Result<()>,
+) -> anyhow::Result<FileRecord> {
+    let tmp = dir.join(format!("{name}.tmp"));
+    write(&tmp)?;
+    let bytes = std::fs::read(&tmp).with_context(|| format!("reading back {}", tmp.display()))?;
+    sync_file(&tmp)?;
+    let path = dir.join(name);
+    std::fs::rename(&tmp, &path).with_context(|| format!("writing {}", path.display()))?;
+    Ok(FileRecord {
+        file: name.to_string(),
+        size: bytes.len() as u64,
+        blake3: blake3::hash(&bytes).to_hex().to_string(),
+    })
+}
+
 /// Writes the model and optimizer state after an epoch, then (atomically) the metadata that
-/// points at them, so an interruption at any moment leaves the previous checkpoint usable.
+/// records them next to the previous checkpoint, then deletes older checkpoint files: an
+/// interruption at any moment, or damage to the newest files, leaves a usable checkpoint.
 fn save_checkpoint(
     params: &Params,
     seed: u64,
     dir: &Path,
-    varmap: &VarMap,
-    optimizer: &dyn Optimizer,
+    state: &TrainState,
     history: &[EpochRecord],
+    last: &mut Option<Checkpoint>,
 ) -> anyhow::Result<()> {
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     let epochs_done = history.len();
-    let (model_file, optim_file) = checkpoint_files(dir, epochs_done);
-    models::save_varmap(varmap, &model_file)?;
-    let state: HashMap<String, Tensor> = optimizer.state()?.into_iter().collect();
-    candle_core::safetensors::save(&state, &optim_file)
-        .with_context(|| format!("writing {}", optim_file.display()))?;
+    let (model_name, optim_name) = checkpoint_names(epochs_done);
+    let model = write_checkpoint_file(dir, &model_name, |path| {
+        models::save_varmap(&state.varmap, path)
+    })?;
+    let optim_state: HashMap<String, Tensor> = state.optimizer.state()?.into_iter().collect();
+    let optimizer = write_checkpoint_file(dir, &optim_name, |path| {
+        candle_core::safetensors::save(&optim_state, path)
+            .with_context(|| format!("writing {}", path.display()))
+    })?;
+    let current = Checkpoint {
+        epochs_done,
+        history: history.to_vec(),
+        model,
+        optimizer,
+    };
+    let previous = last.as_ref().filter(|c| c.epochs_done < epochs_done);
     let meta = CheckpointMeta {
+        format: CHECKPOINT_FORMAT,
         version: VERSION,
         params: params.clone(),
         seed,
-        epochs_done,
-        history: history.to_vec(),
+        checkpoints: previous.cloned().into_iter().chain([current]).collect(),
     };
+    let meta_path = dir.join(CHECKPOINT_META);
     let tmp = dir.join(format!("{CHECKPOINT_META}.tmp"));
     std::fs::write(&tmp, serde_json::to_vec_pretty(&meta)?)
         .with_context(|| format!("writing {}", tmp.display()))?;
-    std::fs::rename(&tmp, dir.join(CHECKPOINT_META))
-        .with_context(|| format!("writing {}", dir.join(CHECKPOINT_META).display()))?;
-    if epochs_done > 1 {
-        let (old_model, old_optim) = checkpoint_files(dir, epochs_done - 1);
-        // Best effort: a leftover old checkpoint only costs disk space.
-        let _ = std::fs::remove_file(old_model);
-        let _ = std::fs::remove_file(old_optim);
-    }
+    sync_file(&tmp)?;
+    std::fs::rename(&tmp, &meta_path)
+        .with_context(|| format!("writing {}", meta_path.display()))?;
+    sync_dir(dir);
+    remove_unrecorded_checkpoints(dir, &meta.checkpoints);
+    *last = meta.checkpoints.into_iter().last();
     Ok(())
 }
 
-/// Restores the last checkpoint of a run with these params and seed, if the scratch folder
-/// has one; returns the history so far (empty = start from scratch).
+/// Deletes the checkpoint files in `dir` that `kept` does not name (older epochs, leftovers
+/// of an interrupted write or of an older format). Best effort: a leftover only costs disk
+/// space.
+fn remove_unrecorded_checkpoints(dir: &Path, kept: &[Checkpoint]) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(name) = name.to_str() else {
+            continue;
+        };
+        let ours = name.starts_with("epoch-")
+            && (name.ends_with(".safetensors") || name.ends_with(".safetensors.tmp"));
+        let recorded = kept
+            .iter()
+            .any(|c| c.model.file == name || c.optimizer.file == name);
+        if ours && !recorded {
+            let _ = std::fs::remove_file(entry.path());
+        }
+    }
+}
+
+/// Restores the newest good checkpoint of a run with these params and seed from the scratch
+/// folder. A checkpoint whose files are missing, truncated, changed (size or blake3 differ
+/// from `checkpoint.json`) or do not load is discarded with a warning to the user, and the one
+/// before it is tried. Returns the state to train from and the checkpoint it holds (None:
+/// from the start). Only a failure to build the initial state is an error.
 fn resume(
     params: &Params,
     seed: u64,
-    dir: &Path,
-    varmap: &VarMap,
-    optimizer: &mut dyn Optimizer,
-) -> anyhow::Result<Vec<EpochRecord>> {
-    let meta_path = dir.join(CHECKPOINT_META);
-    let Ok(text) = std::fs::read_to_string(&meta_path) else {
-        return Ok(Vec::new());
+    device: &Device,
+    ctx: &StageContext,
+) -> anyhow::Result<(TrainState, Option<Checkpoint>)> {
+    let warn = |msg: &str| {
+        tracing::warn!("{msg}");
+        ctx.progress.println(&format!("warning: {msg}"));
     };
-    let meta: CheckpointMeta = match serde_json::from_str(&text) {
-        Ok(m) => m,
-        Err(e) => {
-            tracing::warn!(
-                "ignoring unreadable checkpoint {}: {e}",
-                meta_path.display()
-            );
-            return Ok(Vec::new());
+    let fresh = || TrainState::fresh(params, seed, device);
+    let mut state = fresh()?;
+    let Some(mut meta) = read_checkpoint_meta(params, seed, ctx.scratch_dir, &warn) else {
+        return Ok((state, None));
+    };
+    meta.checkpoints.sort_by_key(|c| c.epochs_done);
+    for (i, checkpoint) in meta.checkpoints.iter().enumerate().rev() {
+        match restore(checkpoint, params, ctx.scratch_dir, device, &mut state) {
+            Ok(()) => return Ok((state, Some(checkpoint.clone()))),
+            Err(problem) => {
+                let next = match i.checked_sub(1).map(|j| &meta.checkpoints[j]) {
+                    Some(c) => format!("falling back to the one after epoch {}", c.epochs_done),
+                    None => "training starts from the first epoch".to_string(),
+                };
+                warn(&format!(
+                    "discarding the checkpoint after epoch {}: {problem}; {next}",
+                    checkpoint.epochs_done
+                ));
+                // The failed load may have overwritten part of the state.
+                state = fresh()?;
+            }
         }
-    };
-    if meta.version != VERSION
-        || &meta.params != params
-        || meta.seed != seed
-        || meta.epochs_done > params.epochs
-        || meta.history.len() != meta.epochs_done
-    {
-        tracing::warn!(
-            "ignoring checkpoint of a different run in {}",
-            dir.display()
-        );
-        return Ok(Vec::new());
     }
-    let (model_file, optim_file) = checkpoint_files(dir, meta.epochs_done);
-    models::load_into_varmap(varmap, &model_file)?;
-    let device = varmap
-        .all_vars()
-        .first()
-        .map(|v| v.device().clone())
-        .unwrap_or(Device::Cpu);
-    let state = candle_core::safetensors::load(&optim_file, &device)
-        .with_context(|| format!("reading {}", optim_file.display()))?;
-    optimizer.load_state(&state)?;
-    Ok(meta.history)
+    Ok((state, None))
+}
+
+/// `checkpoint.json` in `dir` when it belongs to this run; anything else (none, unreadable,
+/// an older format without hashes, another run's) is None, with a warning unless absent.
+fn read_checkpoint_meta(
+    params: &Params,
+    seed: u64,
+    dir: &Path,
+    warn: &dyn Fn(&str),
+) -> Option<CheckpointMeta> {
+    let path = dir.join(CHECKPOINT_META);
+    let ignored = |why: String| {
+        warn(&format!(
+            "ignoring {}: {why}; training starts from the first epoch",
+            path.display()
+        ));
+        None
+    };
+    let text = match std::fs::read(&path) {
+        Ok(text) => text,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return None,
+        Err(e) => return ignored(format!("cannot read it ({e})")),
+    };
+    let value: serde_json::Value = match serde_json::from_slice(&text) {
+        Ok(v) => v,
+        Err(e) => return ignored(format!("not valid JSON ({e})")),
+    };
+    match value.get("format").map(|f| f.as_u64()) {
+        Some(Some(f)) if f == u64::from(CHECKPOINT_FORMAT) => {}
+        None => return ignored("written in an older format without checksums".into()),
+        Some(f) => {
+            return ignored(format!(
+                "unknown format {} (expected {CHECKPOINT_FORMAT})",
+                f.map_or("?".to_string(), |f| f.to_string())
+            ))
+        }
+    }
+    let meta: CheckpointMeta = match serde_json::from_value(value) {
+        Ok(m) => m,
+        Err(e) => return ignored(format!("unreadable ({e})")),
+    };
+    if meta.version != VERSION || &meta.params != params || meta.seed != seed {
+        return ignored("it belongs to a run with other params, seed or stage version".into());
+    }
+    Some(meta)
+}
+
+/// Verifies a checkpoint's files and loads them into `state`; the error says which file is
+/// wrong and how. `state` may be partly overwritten when this fails.
+fn restore(
+    checkpoint: &Checkpoint,
+    params: &Params,
+    dir: &Path,
+    device: &Device,
+    state: &mut TrainState,
+) -> Result<(), String> {
+    let (model_name, optim_name) = checkpoint_names(checkpoint.epochs_done);
+    if !(1..=params.epochs).contains(&checkpoint.epochs_done)
+        || checkpoint.history.len() != checkpoint.epochs_done
+        || checkpoint.model.file != model_name
+        || checkpoint.optimizer.file != optim_name
+    {
+        return Err(format!(
+            "its entry in {} is inconsistent",
+            dir.join(CHECKPOINT_META).display()
+        ));
+    }
+    let model_path = dir.join(&model_name);
+    let optim_path = dir.join(&optim_name);
+    let model_bytes = read_verified(&model_path, &checkpoint.model)?;
+    let optim_bytes = read_verified(&optim_path, &checkpoint.optimizer)?;
+    let in_file = |path: &Path| {
+        let path = path.display().to_string();
+        move |e: candle_core::Error| format!("{path} does not load: {e}")
+    };
+    let tensors = candle_core::safetensors::load_buffer(&model_bytes, device)
+        .map_err(in_file(&model_path))?;
+    let optim_state = candle_core::safetensors::load_buffer(&optim_bytes, device)
+        .map_err(in_file(&optim_path))?;
+    // Check every variable before overwriting any.
+    let mut values = Vec::new();
+    for (name, var) in state
+        .varmap
+        .data()
+        .lock()
+        .map_err(|e| e.to_string())?
+        .iter()
+    {
+        let value = tensors
+            .get(name)
+            .ok_or_else(|| format!("{} has no tensor `{name}`", model_path.display()))?;
+        if value.dims() != var.dims() {
+            return Err(format!(
+                "{}: tensor `{name}` has shape {:?}, the model's is {:?}",
+                model_path.display(),
+                value.dims(),
+                var.dims()
+            ));
+        }
+        values.push((
+            var.clone(),
+            value.to_dtype(var.dtype()).map_err(in_file(&model_path))?,
+        ));
+    }
+    for (var, value) in values {
+        var.set(&value).map_err(in_file(&model_path))?;
+    }
+    state
+        .optimizer
+        .load_state(&optim_state)
+        .map_err(in_file(&optim_path))
+}
+
+/// The bytes of a checkpoint file when its size and blake3 are those recorded.
+fn read_verified(path: &Path, record: &FileRecord) -> Result<Vec<u8>, String> {
+    let bytes = std::fs::read(path).map_err(|e| match e.kind() {
+        std::io::ErrorKind::NotFound => format!("{} is missing", path.display()),
+        _ => format!("cannot read {}: {e}", path.display()),
+    })?;
+    let size = bytes.len() as u64;
+    if size != record.size {
+        return Err(format!(
+            "{} is {size} bytes, {CHECKPOINT_META} recorded {}{}",
+            path.display(),
+            record.size,
+            if size < record.size {
+                " (truncated)"
+            } else {
+                ""
+            }
+        ));
+    }
+    let hash = blake3::hash(&bytes).to_hex();
+    if hash.as_str() != record.blake3 {
+        return Err(format!(
+            "{} was changed or damaged after it was written (blake3 {hash}, {CHECKPOINT_META} recorded {})",
+            path.display(),
+            record.blake3
+        ));
+    }
+    Ok(bytes)
 }
 
 #[allow(clippy::too_many_arguments)]

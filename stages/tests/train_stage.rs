@@ -1,9 +1,11 @@
 //! The train stage end to end on the fixture subset of Fashion-MNIST: both models learn,
 //! outputs are written, runs are byte-reproducible, an interrupted run resumes to the same
-//! bytes, and bad params are rejected with the valid values listed.
+//! bytes (also when its newest checkpoints were damaged: they are discarded with a warning),
+//! and bad params are rejected with the valid values listed.
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Mutex, OnceLock};
 
 use fmnist_stages::train::{self, Params};
 use fmnist_stages::{Cancelled, Input, NoProgress, Progress, StageContext};
@@ -261,6 +263,276 @@ fn resnet_resumes_after_interruption_to_identical_bytes() -> anyhow::Result<()> 
         "#,
         2,
     )
+}
+
+/// Records the lines the stage prints for the user.
+#[derive(Default)]
+struct Recorder(Mutex<Vec<String>>);
+
+impl Recorder {
+    fn lines(&self) -> Vec<String> {
+        self.0.lock().map(|l| l.clone()).unwrap_or_default()
+    }
+}
+
+impl Progress for Recorder {
+    fn start(&self, _: &str, _: u64, _: &str) {}
+    fn advance(&self, _: u64) {}
+    fn message(&self, _: &str) {}
+    fn finish(&self, _: &str) {}
+    fn println(&self, line: &str) {
+        if let Ok(mut lines) = self.0.lock() {
+            lines.push(line.to_string());
+        }
+    }
+}
+
+/// 2 batches per epoch, 3 epochs: small enough to train several times per test.
+const DAMAGE_RUN: &str = r#"
+    model = "baseline"
+    epochs = 3
+    train_limit = 128
+    optimizer = { name = "adadelta" }
+    lr_decay = 0.7
+    eval_every_epoch = false
+"#;
+
+/// The model bytes of an uninterrupted DAMAGE_RUN (trained once for all tests).
+fn reference_model() -> &'static [u8] {
+    static REFERENCE: OnceLock<Vec<u8>> = OnceLock::new();
+    REFERENCE.get_or_init(|| {
+        let run = || -> anyhow::Result<Vec<u8>> {
+            let (out, _) = train_once(&params(DAMAGE_RUN))?;
+            Ok(std::fs::read(out.path().join("model.safetensors"))?)
+        };
+        match run() {
+            Ok(bytes) => bytes,
+            Err(e) => panic!("the reference run failed: {e:#}"),
+        }
+    })
+}
+
+/// A DAMAGE_RUN stopped by Ctrl-C in its third epoch: its scratch folder holds the
+/// checkpoints after epochs 1 and 2.
+fn interrupted_damage_run() -> anyhow::Result<tempfile::TempDir> {
+    let scratch = tempfile::tempdir()?;
+    let out = tempfile::tempdir()?;
+    let cancel = AtomicBool::new(false);
+    let progress = CancelAfter {
+        after: 5,
+        done: AtomicU64::new(0),
+        cancel: &cancel,
+    };
+    match run_stage(
+        &params(DAMAGE_RUN),
+        out.path(),
+        scratch.path(),
+        &progress,
+        &cancel,
+    ) {
+        Ok(_) => anyhow::bail!("the run was not interrupted"),
+        Err(e) if e.downcast_ref::<Cancelled>().is_some() => {}
+        Err(e) => return Err(e),
+    }
+    let meta: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(scratch.path().join("checkpoint.json"))?)?;
+    let recorded: Vec<u64> = meta["checkpoints"]
+        .as_array()
+        .map(|a| a.iter().filter_map(|c| c["epochs_done"].as_u64()).collect())
+        .unwrap_or_default();
+    assert_eq!(recorded, [1, 2], "{meta}");
+    for file in [MODEL_1, OPTIM_1, MODEL_2, OPTIM_2] {
+        assert!(scratch.path().join(file).is_file(), "{file} missing");
+    }
+    Ok(scratch)
+}
+
+const MODEL_1: &str = "epoch-1.model.safetensors";
+const OPTIM_1: &str = "epoch-1.optimizer.safetensors";
+const MODEL_2: &str = "epoch-2.model.safetensors";
+const OPTIM_2: &str = "epoch-2.optimizer.safetensors";
+
+/// Reruns DAMAGE_RUN in `scratch`; checks that it ends with the bytes of an uninterrupted
+/// run, all 3 epochs in its history and only the last two checkpoints kept. Returns what it
+/// printed.
+fn rerun_matches_uninterrupted(scratch: &Path) -> anyhow::Result<Vec<String>> {
+    let out = tempfile::tempdir()?;
+    let recorder = Recorder::default();
+    run_stage(
+        &params(DAMAGE_RUN),
+        out.path(),
+        scratch,
+        &recorder,
+        &AtomicBool::new(false),
+    )?;
+    let lines = recorder.lines();
+    assert!(
+        std::fs::read(out.path().join("model.safetensors"))? == reference_model(),
+        "rerun differs from an uninterrupted run; it printed {lines:#?}"
+    );
+    assert_eq!(history(out.path())?.len(), 3);
+    let mut left: Vec<String> = std::fs::read_dir(scratch)?
+        .filter_map(|e| e.ok()?.file_name().into_string().ok())
+        .collect();
+    left.sort();
+    assert_eq!(
+        left,
+        [
+            "checkpoint.json",
+            "epoch-2.model.safetensors",
+            "epoch-2.optimizer.safetensors",
+            "epoch-3.model.safetensors",
+            "epoch-3.optimizer.safetensors",
+        ]
+    );
+    Ok(lines)
+}
+
+/// Overwrites 64 bytes near the end of a file (tensor data) with their complement.
+fn overwrite_bytes(path: &Path) -> anyhow::Result<()> {
+    let mut bytes = std::fs::read(path)?;
+    let n = bytes.len();
+    for b in &mut bytes[n - 100..n - 36] {
+        *b = !*b;
+    }
+    std::fs::write(path, bytes)?;
+    Ok(())
+}
+
+/// Cuts a file to half its length.
+fn truncate(path: &Path) -> anyhow::Result<()> {
+    let f = std::fs::OpenOptions::new().write(true).open(path)?;
+    let len = f.metadata()?.len();
+    f.set_len(len / 2)?;
+    Ok(())
+}
+
+/// The printed lines that contain every one of `words`.
+fn lines_with<'a>(lines: &'a [String], words: &[&str]) -> Vec<&'a String> {
+    lines
+        .iter()
+        .filter(|l| words.iter().all(|w| l.contains(w)))
+        .collect()
+}
+
+#[test]
+fn changed_latest_checkpoint_is_discarded_with_a_warning() -> anyhow::Result<()> {
+    let scratch = interrupted_damage_run()?;
+    overwrite_bytes(&scratch.path().join(MODEL_2))?;
+    let lines = rerun_matches_uninterrupted(scratch.path())?;
+    assert_eq!(
+        lines_with(
+            &lines,
+            &["warning", MODEL_2, "changed or damaged", "blake3"]
+        )
+        .len(),
+        1,
+        "{lines:#?}"
+    );
+    assert_eq!(
+        lines_with(&lines, &["resuming after epoch 1/3"]).len(),
+        1,
+        "{lines:#?}"
+    );
+    Ok(())
+}
+
+#[test]
+fn truncated_latest_checkpoint_is_discarded_with_a_warning() -> anyhow::Result<()> {
+    let scratch = interrupted_damage_run()?;
+    truncate(&scratch.path().join(MODEL_2))?;
+    let lines = rerun_matches_uninterrupted(scratch.path())?;
+    assert_eq!(
+        lines_with(&lines, &["warning", MODEL_2, "truncated"]).len(),
+        1,
+        "{lines:#?}"
+    );
+    assert_eq!(
+        lines_with(&lines, &["resuming after epoch 1/3"]).len(),
+        1,
+        "{lines:#?}"
+    );
+    Ok(())
+}
+
+#[test]
+fn with_both_checkpoints_damaged_training_starts_over() -> anyhow::Result<()> {
+    let scratch = interrupted_damage_run()?;
+    overwrite_bytes(&scratch.path().join(OPTIM_2))?;
+    truncate(&scratch.path().join(MODEL_1))?;
+    let lines = rerun_matches_uninterrupted(scratch.path())?;
+    assert_eq!(
+        lines_with(&lines, &["warning", OPTIM_2, "changed or damaged"]).len(),
+        1,
+        "{lines:#?}"
+    );
+    assert_eq!(
+        lines_with(&lines, &["warning", MODEL_1, "truncated", "first epoch"]).len(),
+        1,
+        "{lines:#?}"
+    );
+    assert!(lines_with(&lines, &["resuming"]).is_empty(), "{lines:#?}");
+    Ok(())
+}
+
+#[test]
+fn unloadable_checkpoint_with_matching_hash_is_discarded() -> anyhow::Result<()> {
+    // The optimizer's state in the model's place, recorded as if written so: it passes the
+    // size and hash checks but lacks the model's tensors.
+    let scratch = interrupted_damage_run()?;
+    let dir = scratch.path();
+    std::fs::copy(dir.join(OPTIM_2), dir.join(MODEL_2))?;
+    let bytes = std::fs::read(dir.join(MODEL_2))?;
+    let meta_path = dir.join("checkpoint.json");
+    let mut meta: serde_json::Value = serde_json::from_slice(&std::fs::read(&meta_path)?)?;
+    let record = &mut meta["checkpoints"][1]["model"];
+    record["size"] = bytes.len().into();
+    record["blake3"] = blake3::hash(&bytes).to_hex().to_string().into();
+    std::fs::write(&meta_path, serde_json::to_vec(&meta)?)?;
+    let lines = rerun_matches_uninterrupted(dir)?;
+    assert_eq!(
+        lines_with(&lines, &["warning", MODEL_2, "no tensor"]).len(),
+        1,
+        "{lines:#?}"
+    );
+    assert_eq!(
+        lines_with(&lines, &["resuming after epoch 1/3"]).len(),
+        1,
+        "{lines:#?}"
+    );
+    Ok(())
+}
+
+#[test]
+fn old_format_checkpoint_json_is_ignored_with_a_warning() -> anyhow::Result<()> {
+    // Format 1 recorded one checkpoint and no hashes.
+    let scratch = interrupted_damage_run()?;
+    let meta_path = scratch.path().join("checkpoint.json");
+    let meta: serde_json::Value = serde_json::from_slice(&std::fs::read(&meta_path)?)?;
+    let old = serde_json::json!({
+        "version": meta["version"],
+        "params": meta["params"],
+        "seed": meta["seed"],
+        "epochs_done": 2,
+        "history": meta["checkpoints"][1]["history"],
+    });
+    std::fs::write(&meta_path, serde_json::to_vec_pretty(&old)?)?;
+    let lines = rerun_matches_uninterrupted(scratch.path())?;
+    assert_eq!(
+        lines_with(&lines, &["warning", "checkpoint.json", "older format"]).len(),
+        1,
+        "{lines:#?}"
+    );
+    assert!(lines_with(&lines, &["resuming"]).is_empty(), "{lines:#?}");
+
+    std::fs::write(&meta_path, b"{ not json")?;
+    let lines = rerun_matches_uninterrupted(scratch.path())?;
+    assert_eq!(
+        lines_with(&lines, &["warning", "checkpoint.json", "not valid JSON"]).len(),
+        1,
+        "{lines:#?}"
+    );
+    Ok(())
 }
 
 #[test]

@@ -31,7 +31,7 @@ impl IdxArray {
     pub fn parse(bytes: &[u8], name: &str) -> Result<Self, IdxError> {
         let dims = Self::parse_header(bytes, bytes.len() as u64, name)?;
         let header = 4 + 4 * dims.len();
-        Self::element_count(&dims, header as u64, bytes.len() as u64, name)?;
+        Self::element_count_in(&dims, header as u64, bytes.len() as u64, name)?;
         Ok(IdxArray {
             dims,
             data: bytes[header..].to_vec(),
@@ -56,16 +56,7 @@ impl IdxArray {
             let mut raw = Vec::with_capacity(len as usize);
             raw.extend_from_slice(&magic);
             f.read_to_end(&mut raw).map_err(io)?;
-            let mut out = Vec::new();
-            // The decompressed size is unknown up front; let the Vec grow rather than trust
-            // a size that a corrupt file could make huge.
-            flate2::read::MultiGzDecoder::new(&raw[..])
-                .read_to_end(&mut out)
-                .map_err(|e| IdxError::Malformed {
-                    file: file.clone(),
-                    reason: format!("corrupt gzip data: {e}"),
-                })?;
-            return Self::parse_owned(out, &file);
+            return Self::parse_gzip(&raw, &file);
         }
         // Plain: read the header, check it against the file length, then read the body
         // into a buffer of exactly the right size.
@@ -79,9 +70,45 @@ impl IdxArray {
         f.read_exact(&mut dim_bytes).map_err(io)?;
         header.extend_from_slice(&dim_bytes);
         let dims = Self::parse_header(&header, len, &file)?;
-        let count = Self::element_count(&dims, header.len() as u64, len, &file)?;
+        let count = Self::element_count_in(&dims, header.len() as u64, len, &file)?;
         let mut data = vec![0u8; count];
         f.read_exact(&mut data).map_err(io)?;
+        Ok(IdxArray { dims, data })
+    }
+
+    /// Decompresses and parses gzip-compressed IDX bytes. The decompressed size is unknown up
+    /// front, so the header is decoded first and at most the elements it announces are
+    /// decompressed into memory (a corrupt or hostile file cannot make this allocate more
+    /// than its data really holds, nor more than it announces).
+    fn parse_gzip(raw: &[u8], name: &str) -> Result<Self, IdxError> {
+        use std::io::Read;
+        let corrupt = |e: std::io::Error| IdxError::Malformed {
+            file: name.to_string(),
+            reason: format!("corrupt gzip data: {e}"),
+        };
+        let mut decoder = flate2::read::MultiGzDecoder::new(raw);
+        let mut header = vec![0u8; 4];
+        let got = read_up_to(&mut decoder, &mut header).map_err(corrupt)?;
+        header.truncate(got);
+        // The decompressed length is not known yet: only check the 4-byte prefix.
+        let rank = Self::parse_header(&header, u64::MAX, name)?.len();
+        header.resize(4 + 4 * rank, 0);
+        let got = read_up_to(&mut decoder, &mut header[4..]).map_err(corrupt)? + 4;
+        header.truncate(got);
+        let dims = Self::parse_header(&header, got as u64, name)?;
+        let count = Self::element_count(&dims, name)?;
+        // DEFLATE expands at most ~1032:1, so more than that is never needed up front.
+        let mut data = Vec::with_capacity(count.min(raw.len().saturating_mul(1032)));
+        (&mut decoder)
+            .take(count as u64 + 1)
+            .read_to_end(&mut data)
+            .map_err(corrupt)?;
+        let mut body = data.len() as u64;
+        if body > count as u64 {
+            // Too long: count the rest (without keeping it) for the message.
+            body += std::io::copy(&mut decoder, &mut std::io::sink()).map_err(corrupt)?;
+        }
+        Self::check_body(&dims, count, body, name)?;
         Ok(IdxArray { dims, data })
     }
 
@@ -89,7 +116,7 @@ impl IdxArray {
     pub fn parse_owned(mut bytes: Vec<u8>, name: &str) -> Result<Self, IdxError> {
         let dims = Self::parse_header(&bytes, bytes.len() as u64, name)?;
         let header = 4 + 4 * dims.len();
-        Self::element_count(&dims, header as u64, bytes.len() as u64, name)?;
+        Self::element_count_in(&dims, header as u64, bytes.len() as u64, name)?;
         bytes.drain(..header);
         Ok(IdxArray { dims, data: bytes })
     }
@@ -141,32 +168,43 @@ impl IdxArray {
     }
 
     /// The number of elements `dims` announce, checked against the bytes after the header.
-    fn element_count(
+    fn element_count_in(
         dims: &[usize],
         header_len: u64,
         file_len: u64,
         name: &str,
     ) -> Result<usize, IdxError> {
-        let bad = |reason: String| IdxError::Malformed {
-            file: name.to_string(),
-            reason,
-        };
-        let count = dims
-            .iter()
+        let count = Self::element_count(dims, name)?;
+        Self::check_body(dims, count, file_len.saturating_sub(header_len), name)?;
+        Ok(count)
+    }
+
+    /// The number of elements `dims` announce (an error when the product overflows).
+    fn element_count(dims: &[usize], name: &str) -> Result<usize, IdxError> {
+        dims.iter()
             .try_fold(1usize, |acc, &d| acc.checked_mul(d))
-            .ok_or_else(|| bad(format!("dimensions {dims:?} overflow")))?;
-        let body = file_len - header_len;
-        if body != count as u64 {
-            return Err(bad(format!(
+            .ok_or_else(|| IdxError::Malformed {
+                file: name.to_string(),
+                reason: format!("dimensions {dims:?} overflow"),
+            })
+    }
+
+    /// Checks that the `body` bytes after the header hold exactly `count` elements.
+    fn check_body(dims: &[usize], count: usize, body: u64, name: &str) -> Result<(), IdxError> {
+        if body == count as u64 {
+            return Ok(());
+        }
+        Err(IdxError::Malformed {
+            file: name.to_string(),
+            reason: format!(
                 "dimensions {dims:?} need {count} data bytes, file has {body}{}",
                 if body < count as u64 {
                     " (truncated)"
                 } else {
                     ""
                 }
-            )));
-        }
-        Ok(count)
+            ),
+        })
     }
 }
 
