@@ -349,8 +349,17 @@ pub fn run(
         Some(RunGuard::acquire(&artifacts)?)
     };
     if !opts.dry_run {
-        // Holding the run lock, anything in .tmp is a leftover of a crashed run.
-        let _ = remove_path(&artifacts.join(".tmp"));
+        // Holding the run lock: end what a crashed run left running, put back the outputs
+        // it had moved aside, clear its leftovers in .tmp.
+        let notes = crate::journal::recover(&artifacts).map_err(|e| {
+            PipeError::io(
+                "cannot recover from an interrupted run",
+                std::io::Error::other(e),
+            )
+        })?;
+        for note in notes {
+            console.line(&note);
+        }
     }
     let selected = ws.dag.select(&opts.targets);
     let force: BTreeSet<usize> = match (opts.force, opts.targets.is_empty()) {

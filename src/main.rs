@@ -10,6 +10,7 @@ mod dag;
 mod error;
 mod executor;
 mod fingerprint;
+mod journal;
 mod lock;
 mod manifest;
 mod progress;
@@ -230,9 +231,11 @@ fn dispatch(cli: Cli) -> Result<(), PipeError> {
             let targets = ws.targets(&stages)?;
             let cancel = Arc::new(AtomicBool::new(false));
             let flag = Arc::clone(&cancel);
-            // First Ctrl-C: ask stages to stop and keep what finished; second: leave now.
+            // First Ctrl-C (or SIGTERM, SIGHUP): ask stages to stop, ending their commands'
+            // process groups, and keep what finished; second: kill the groups and leave now.
             let _ = ctrlc::set_handler(move || {
                 if flag.swap(true, Ordering::SeqCst) {
+                    command_stage::kill_running_groups();
                     std::process::exit(130);
                 }
             });
