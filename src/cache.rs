@@ -17,6 +17,8 @@ pub struct GcReport {
     pub runs_removed: usize,
     pub objects_removed: usize,
     pub bytes_freed: u64,
+    /// Checkpoint folders of trainings no run would resume.
+    pub scratch_removed: usize,
 }
 
 impl RunCache {
@@ -74,12 +76,30 @@ impl RunCache {
         (entry.fingerprint == fingerprint && complete).then_some(entry)
     }
 
-    /// Copies a cached file to `dest` (parents created).
+    /// Copies a cached file to `dest` (parents created) and checks the copy's blake3: an
+    /// object whose bytes changed since it was stored is deleted from the cache and reported
+    /// as `InvalidData`, so the caller recomputes instead of publishing wrong bytes.
     pub fn materialize(&self, record: &FileRecord, dest: &Path) -> std::io::Result<()> {
         if let Some(parent) = dest.parent() {
             std::fs::create_dir_all(parent)?;
         }
-        std::fs::copy(self.object(&record.blake3), dest).map(|_| ())
+        let object = self.object(&record.blake3);
+        std::fs::copy(&object, dest)?;
+        let actual = crate::manifest::hash_file(dest)?;
+        if actual != record.blake3 {
+            let _ = std::fs::remove_file(dest);
+            let _ = std::fs::remove_file(&object);
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                format!(
+                    "cached copy of `{}` ({}) is corrupt (its blake3 is now {}); dropped it",
+                    record.path,
+                    object.display(),
+                    &actual[..16.min(actual.len())]
+                ),
+            ));
+        }
+        Ok(())
     }
 
     /// Deletes every run not in `keep` and every object no kept run references.

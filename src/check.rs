@@ -10,6 +10,7 @@ use fmnist_stages::models::ModelKind;
 use fmnist_stages::ops::Kernels;
 
 use crate::error::PipeError;
+use crate::output;
 
 /// What the device is compared with, on the CPU.
 #[derive(Debug, Clone, Copy)]
@@ -60,14 +61,14 @@ pub fn run(options: &Options) -> Result<(), PipeError> {
         let result = check::compare(&run, &checked, &reference, &data)
             .map_err(|e| PipeError::StageFailed(format!("check of {model}: {e:#}")))?;
         if !options.json {
-            print_text(&result);
+            output::emit(&as_text(&result))?;
         }
         results.push(result);
     }
     if options.json {
         let passed = results.iter().all(|r| r.passed);
         let out = serde_json::json!({ "passed": passed, "models": results });
-        println!("{}", serde_json::to_string_pretty(&out).unwrap_or_default());
+        output::emit_line(&serde_json::to_string_pretty(&out).unwrap_or_default())?;
     }
     let failed: Vec<String> = results
         .iter()
@@ -84,8 +85,11 @@ pub fn run(options: &Options) -> Result<(), PipeError> {
     }
 }
 
-fn print_text(r: &ModelCheck) {
-    println!(
+fn as_text(r: &ModelCheck) -> String {
+    use std::fmt::Write;
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
         "{}: {} against {}, {} steps of {} images",
         r.model,
         r.paths[0],
@@ -93,9 +97,13 @@ fn print_text(r: &ModelCheck) {
         r.steps.len(),
         r.batch_size
     );
-    println!("  step  loss (checked)  loss (reference)  loss diff  grad diff  worst parameter's");
+    let _ = writeln!(
+        out,
+        "  step  loss (checked)  loss (reference)  loss diff  grad diff  worst parameter's"
+    );
     for s in &r.steps {
-        println!(
+        let _ = writeln!(
+            out,
             "  {:>4}  {:>14.6}  {:>16.6}  {:>9.2e}  {:>9.2e}  {:.2e} {}",
             s.step,
             s.loss[0],
@@ -107,7 +115,8 @@ fn print_text(r: &ModelCheck) {
         );
     }
     let t = &r.tolerance;
-    println!(
+    let _ = writeln!(
+        out,
         "  eval logits before {:.2e} (tolerance {:.0e}), after {:.2e} ({:.0e}); parameters after {:.2e} ({:.0e})",
         r.initial_logits_rel_diff,
         t.initial_logits_rel,
@@ -116,14 +125,17 @@ fn print_text(r: &ModelCheck) {
         r.param_rel_l2,
         t.param_rel_l2
     );
-    println!(
+    let _ = writeln!(
+        out,
         "  tolerance per step: loss {:.0e}; first step's gradients {:.0e} together, {:.0e} each",
         t.loss_rel, t.first_grad_rel_l2, t.first_param_grad_rel_l2
     );
-    println!(
+    let _ = writeln!(
+        out,
         "  {:.2}s against {:.2}s: {}",
         r.seconds[0],
         r.seconds[1],
         if r.passed { "ok" } else { "FAILED" }
     );
+    out
 }

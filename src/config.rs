@@ -2,7 +2,7 @@
 //! overrides, and validation with file:line messages. Everything a user can get wrong in the
 //! file is reported here, before anything runs.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::ops::Range;
 use std::path::{Component, Path, PathBuf};
 
@@ -17,6 +17,9 @@ const PIPELINE_KEYS: &[&str] = &["device", "kernels", "seed"];
 const COMMAND_KEYS: &[&str] = &["cmd", "deps", "outs", "needs"];
 /// Keys of a built-in stage's table that belong to the engine, not to the kind's params.
 const BUILTIN_ENGINE_KEYS: &[&str] = &["kind", "needs"];
+/// The longest stage name: names become parts of file names (artifacts/.tmp/NAME-...-PID-N,
+/// artifacts/.scratch/NAME-FINGERPRINT), which file systems cap at 255 bytes.
+const MAX_STAGE_NAME: usize = 128;
 /// The folder (beside pipeline.toml) that holds every built-in stage's outputs.
 pub const ARTIFACTS_DIR: &str = "artifacts";
 
@@ -186,15 +189,18 @@ impl std::str::FromStr for Override {
 struct Source {
     shown: String,
     text: String,
+    /// Workspace paths no stage may write: the pipeline file and its lock.
+    reserved: Vec<String>,
+    /// Byte offset of each line's start, for span -> line in O(log n).
+    line_starts: Vec<usize>,
 }
 
 impl Source {
     fn at(&self, span: Option<&Range<usize>>) -> String {
         match span {
             Some(span) => {
-                let start = span.start.min(self.text.len());
-                let line = self.text[..start].bytes().filter(|b| *b == b'\n').count() + 1;
-                format!("{}:{line}", self.shown)
+                let line = self.line_starts.partition_point(|&s| s <= span.start);
+                format!("{}:{}", self.shown, line.max(1))
             }
             None => self.shown.clone(),
         }
@@ -263,11 +269,33 @@ pub fn load(
                 file.display()
             )))
         }
+        Err(e) if e.kind() == std::io::ErrorKind::InvalidData => {
+            return Err(PipeError::Config(format!(
+                "pipeline file {} is not UTF-8 text",
+                file.display()
+            )))
+        }
+        Err(e) if file.is_dir() => {
+            return Err(PipeError::Config(format!(
+                "{} is a folder, not a pipeline file ({e}); pass --file FOLDER/pipeline.toml",
+                file.display()
+            )))
+        }
         Err(e) => return Err(PipeError::io_at(file, "read", e)),
     };
+    let file_name = |p: &Path| {
+        p.file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default()
+    };
+    let line_starts = std::iter::once(0)
+        .chain(text.match_indices('\n').map(|(i, _)| i + 1))
+        .collect();
     let src = Source {
         shown: file.display().to_string(),
         text,
+        reserved: vec![file_name(file), file_name(&crate::lock::lock_path(file))],
+        line_starts,
     };
     let root = match file.parent() {
         Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
@@ -523,6 +551,16 @@ fn stage_from_entries(
             ),
         ));
     }
+    if name.len() > MAX_STAGE_NAME {
+        return Err(src.error(
+            Some(span),
+            format!(
+                "stage name `{}...` is {} characters long; at most {MAX_STAGE_NAME} (it names folders and files)",
+                &name[..24],
+                name.len()
+            ),
+        ));
+    }
     let (needs, needs_at) = match e.remove("needs") {
         Some(entry) => (
             string_list(src, &entry, &name, "needs", "stage names")?,
@@ -679,10 +717,13 @@ fn clean_paths(
                 return Err(src.error(entry.value_span.as_ref(), format!("`{key}` of stage `{stage}`: empty path")));
             }
             let joined = parts.join("/");
-            if key == "outs" && (joined == ARTIFACTS_DIR || joined.starts_with(&format!("{ARTIFACTS_DIR}/."))) {
+            let engine_owned = joined == ARTIFACTS_DIR
+                || joined.starts_with(&format!("{ARTIFACTS_DIR}/."))
+                || src.reserved.iter().any(|r| paths_overlap(&joined, r));
+            if key == "outs" && engine_owned {
                 return Err(src.error(
                     entry.value_span.as_ref(),
-                    format!("`outs` of stage `{stage}`: `{p}` is reserved for the engine"),
+                    format!("`outs` of stage `{stage}`: `{p}` is reserved for the engine (the pipeline file, its lock, artifacts/ and its hidden folders)"),
                 ));
             }
             Ok(joined)
@@ -692,29 +733,52 @@ fn clean_paths(
 
 /// True when one path is the other or lies inside it.
 pub fn paths_overlap(a: &str, b: &str) -> bool {
-    a == b || a.starts_with(&format!("{b}/")) || b.starts_with(&format!("{a}/"))
+    let inside = |x: &str, dir: &str| {
+        x.len() > dir.len() && x.starts_with(dir) && x.as_bytes()[dir.len()] == b'/'
+    };
+    a == b || inside(a, b) || inside(b, a)
+}
+
+/// The entries of `owners` strictly inside folder `dir`.
+fn inside_of<'a>(
+    owners: &'a BTreeMap<String, String>,
+    dir: &str,
+) -> impl Iterator<Item = (&'a String, &'a String)> {
+    // Every "dir/..." sorts between "dir/" and "dir0" ('0' follows '/').
+    owners.range(format!("{dir}/")..format!("{dir}0"))
+}
+
+/// `path` and every folder above it: "a/b/c" -> "a/b/c", "a/b", "a".
+fn path_and_parents(path: &str) -> impl Iterator<Item = &str> {
+    std::iter::successors(Some(path), |p| p.rfind('/').map(|i| &p[..i]))
 }
 
 /// Checks `needs`, derives ordering from `deps`, and rejects two stages writing one path.
 fn resolve_links(src: &Source, stages: &mut [Stage]) -> Result<(), PipeError> {
-    let names: Vec<String> = stages.iter().map(|s| s.name.clone()).collect();
-    let roots: Vec<(String, Vec<String>)> = stages
-        .iter()
-        .map(|s| (s.name.clone(), s.out_roots()))
-        .collect();
-    for (i, (a, a_outs)) in roots.iter().enumerate() {
-        for (b, b_outs) in roots.iter().skip(i + 1) {
-            for x in a_outs {
-                if let Some(y) = b_outs.iter().find(|y| paths_overlap(x, y)) {
-                    return Err(src.error(
-                        None,
-                        format!(
-                            "stages `{a}` and `{b}` both write `{}`",
-                            if x.len() > y.len() { x } else { y }
-                        ),
-                    ));
-                }
+    let names: BTreeSet<String> = stages.iter().map(|s| s.name.clone()).collect();
+    // Every output root and its stage, sorted: overlaps are found through each path's
+    // parents and a range scan, not by comparing every pair (a long pipeline was quadratic).
+    let mut owners: BTreeMap<String, String> = BTreeMap::new();
+    for stage in stages.iter() {
+        for out in stage.out_roots() {
+            let clash = path_and_parents(&out)
+                .find_map(|p| owners.get(p).map(|o| (p.to_string(), o.clone())))
+                .or_else(|| {
+                    inside_of(&owners, &out)
+                        .next()
+                        .map(|(p, o)| (p.clone(), o.clone()))
+                });
+            if let Some((path, other)) = clash {
+                let longer = if path.len() > out.len() { path } else { out };
+                return Err(src.error(
+                    None,
+                    format!(
+                        "stages `{other}` and `{}` both write `{longer}`",
+                        stage.name
+                    ),
+                ));
             }
+            owners.insert(out, stage.name.clone());
         }
     }
     for stage in stages.iter_mut() {
@@ -728,14 +792,13 @@ fn resolve_links(src: &Source, stages: &mut [Stage]) -> Result<(), PipeError> {
                 )));
             }
         }
-        let mut after = Vec::new();
+        let mut after: Vec<String> = Vec::new();
         for dep in stage.deps() {
-            for (owner, outs) in &roots {
-                if *owner != stage.name
-                    && outs.iter().any(|o| paths_overlap(dep, o))
-                    && !stage.needs.contains(owner)
-                    && !after.contains(owner)
-                {
+            let upstream_owners = path_and_parents(dep)
+                .filter_map(|p| owners.get(p))
+                .chain(inside_of(&owners, dep).map(|(_, o)| o));
+            for owner in upstream_owners {
+                if *owner != stage.name && !stage.needs.contains(owner) && !after.contains(owner) {
                     after.push(owner.clone());
                 }
             }

@@ -59,7 +59,6 @@ impl Dag {
         v
     }
 
-    #[cfg(test)]
     pub fn children(&self, i: usize) -> Vec<usize> {
         let mut v: Vec<usize> = self
             .graph

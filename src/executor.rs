@@ -19,6 +19,7 @@ use crate::error::PipeError;
 use crate::fingerprint::{self, Recipe};
 use crate::lock::{self, LockEntry, LockFile};
 use crate::manifest::{self, FileRecord, MISSING};
+use crate::paths::Fence;
 use crate::progress::{self, Console};
 use crate::publish::{publish_dir, remove_path, temp_dir, Backup};
 use crate::registry::Registry;
@@ -41,9 +42,9 @@ impl Workspace {
         let pipeline = crate::config::load(file, overrides, &registry)?;
         let dag = Dag::build(&pipeline)?;
         let lock_path = lock::lock_path(file);
-        let (lock, warning) = lock::read(&lock_path);
+        let (lock, warning) = lock::read(&lock_path)?;
         if let Some(warning) = warning {
-            eprintln!("warning: {warning}");
+            crate::output::warn_line(&format!("warning: {warning}"));
         }
         Ok(Workspace {
             pipeline,
@@ -252,6 +253,9 @@ pub struct StageStatus {
     /// stages that report a device).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub ran_on: Option<String>,
+    /// The fingerprint the stage has now (with its upstream as recorded where that is stale).
+    #[serde(skip)]
+    pub current_fingerprint: Option<String>,
 }
 
 /// "DEVICE/KERNELS" of a recorded run, from the device and kernels its stage reported.
@@ -271,10 +275,11 @@ pub fn status(ws: &Workspace) -> Result<Vec<StageStatus>, PipeError> {
     for &i in &ws.dag.order {
         let stage = &ws.pipeline.stages[i];
         let entry = ws.lock.stages.get(&stage.name);
-        let (state, reasons, fp) = match evaluate(&ws.pipeline, stage, entry, &hashes) {
+        let (state, reasons, fp, current) = match evaluate(&ws.pipeline, stage, entry, &hashes) {
             Ok(ev) if ev.reasons.is_empty() => {
                 hashes.insert(stage.name.clone(), entry.map(|e| e.outs_hash.clone()));
-                ("up to date", ev.reasons, Some(ev.fingerprint))
+                let fp = Some(ev.fingerprint);
+                ("up to date", ev.reasons, fp.clone(), fp)
             }
             Ok(ev) => {
                 hashes.insert(stage.name.clone(), None);
@@ -283,11 +288,12 @@ pub fn status(ws: &Workspace) -> Result<Vec<StageStatus>, PipeError> {
                 } else {
                     "stale"
                 };
-                (state, ev.reasons, entry.map(|e| e.fingerprint.clone()))
+                let recorded = entry.map(|e| e.fingerprint.clone());
+                (state, ev.reasons, recorded, Some(ev.fingerprint))
             }
             Err(e) => {
                 hashes.insert(stage.name.clone(), None);
-                ("stale", vec![e], None)
+                ("stale", vec![e], None, None)
             }
         };
         report.push(StageStatus {
@@ -297,6 +303,7 @@ pub fn status(ws: &Workspace) -> Result<Vec<StageStatus>, PipeError> {
             reasons,
             fingerprint: fp,
             ran_on: entry.and_then(ran_on),
+            current_fingerprint: current,
         });
     }
     Ok(report)
@@ -335,6 +342,47 @@ struct RunShared<'a> {
     dry_run: bool,
 }
 
+/// Refuses (exit 2) to touch any output of `stages`, or any of the engine's `folders` under
+/// artifacts/, that resolves outside the workspace (a symlink pointing out, say).
+fn check_inside(
+    pipeline: &Pipeline,
+    stages: impl IntoIterator<Item = usize>,
+    folders: &[&str],
+) -> Result<(), PipeError> {
+    let fence = Fence::new(&pipeline.root, &pipeline.artifacts())
+        .map_err(|e| PipeError::Config(e.to_string()))?;
+    for i in stages {
+        let stage = &pipeline.stages[i];
+        for out in stage.out_roots() {
+            fence
+                .check(&out)
+                .map_err(|e| PipeError::Config(format!("stage `{}`: {e}", stage.name)))?;
+        }
+    }
+    for folder in folders {
+        fence
+            .check(&format!("{ARTIFACTS_DIR}/{folder}"))
+            .map_err(|e| PipeError::Config(e.to_string()))?;
+    }
+    Ok(())
+}
+
+/// Holding the run lock: ends what a crashed run left running, puts back the outputs it had
+/// moved aside, clears its leftovers in .tmp. Every command that changes the workspace
+/// (run, clean, gc) starts with it, so none of them deletes a backup still needed.
+fn recover_crashed_run(artifacts: &Path, say: impl Fn(&str)) -> Result<(), PipeError> {
+    let notes = crate::journal::recover(artifacts).map_err(|e| {
+        PipeError::io(
+            "cannot recover from an interrupted run",
+            std::io::Error::other(e),
+        )
+    })?;
+    for note in notes {
+        say(&note);
+    }
+    Ok(())
+}
+
 /// Runs every stale selected stage. Returns Ok when all of them succeeded (or were up to date).
 pub fn run(
     ws: &mut Workspace,
@@ -349,33 +397,35 @@ pub fn run(
         Some(RunGuard::acquire(&artifacts)?)
     };
     if !opts.dry_run {
-        // Holding the run lock: end what a crashed run left running, put back the outputs
-        // it had moved aside, clear its leftovers in .tmp.
-        let notes = crate::journal::recover(&artifacts).map_err(|e| {
-            PipeError::io(
-                "cannot recover from an interrupted run",
-                std::io::Error::other(e),
-            )
-        })?;
-        for note in notes {
-            console.line(&note);
-        }
+        recover_crashed_run(&artifacts, |note| console.line(note))?;
     }
     let selected = ws.dag.select(&opts.targets);
+    if !opts.dry_run {
+        check_inside(
+            &ws.pipeline,
+            selected.iter().copied(),
+            &[".tmp", ".cache", ".logs", ".scratch", ".journal"],
+        )?;
+    }
     let force: BTreeSet<usize> = match (opts.force, opts.targets.is_empty()) {
         (false, _) => BTreeSet::new(),
         (true, true) => selected.clone(),
         (true, false) => opts.targets.iter().copied().collect(),
     };
-    let pool = rayon::ThreadPoolBuilder::new()
-        .num_threads(opts.jobs.max(1))
-        .build()
-        .map_err(|e| PipeError::io("cannot start worker threads", std::io::Error::other(e)))?;
-
     let mut lock = std::mem::take(&mut ws.lock);
     let known: BTreeSet<&str> = ws.pipeline.stages.iter().map(|s| s.name.as_str()).collect();
+    let mut lock_dirty = lock.format != lock::LOCK_FORMAT;
     lock.format = lock::LOCK_FORMAT;
+    let before = lock.stages.len();
     lock.stages.retain(|name, _| known.contains(name.as_str()));
+    lock_dirty |= lock.stages.len() != before;
+    // Each finished stage is appended to the lock's journal (one line; rewriting the whole
+    // lock per stage made a long pipeline quadratic); the lock is rewritten once, at the end.
+    let mut journal = if opts.dry_run {
+        None
+    } else {
+        Some(lock::Journal::open(&ws.lock_path)?)
+    };
 
     let shared = RunShared {
         ws,
@@ -389,63 +439,59 @@ pub fn run(
     let mut interrupted = false;
     let mut lock_error = None;
 
+    let dag = &shared.ws.dag;
+    let stage_count = shared.ws.pipeline.stages.len();
+    let mut position = vec![0; stage_count];
+    for (pos, &i) in dag.order.iter().enumerate() {
+        position[i] = pos;
+    }
+    // Parents not yet published, per selected stage; a stage is ready at zero. Ready stages
+    // start in pipeline order.
+    let mut unmet: Vec<Option<usize>> = vec![None; stage_count];
+    let mut ready: BTreeSet<(usize, usize)> = BTreeSet::new();
+    for &i in &selected {
+        let parents = dag.parents(i).len();
+        unmet[i] = Some(parents);
+        if parents == 0 {
+            ready.insert((position[i], i));
+        }
+    }
     let mut published: BTreeMap<String, Published> = BTreeMap::new();
-    let mut waiting: Vec<usize> = shared
-        .ws
-        .dag
-        .order
-        .iter()
-        .copied()
-        .filter(|i| selected.contains(i))
-        .collect();
+    let jobs = opts.jobs.max(1);
     let (tx, rx) = mpsc::channel::<(usize, Outcome)>();
-    pool.in_place_scope(|scope| {
+    std::thread::scope(|scope| {
         let mut running = 0usize;
         loop {
             let stop = !failures.is_empty()
                 || interrupted
                 || lock_error.is_some()
                 || cancel.load(Ordering::Relaxed);
-            if !stop {
-                let (ready, rest): (Vec<usize>, Vec<usize>) = waiting.iter().partition(|&&i| {
-                    shared
-                        .ws
-                        .dag
-                        .parents(i)
-                        .iter()
-                        .all(|p| published.contains_key(&shared.ws.pipeline.stages[*p].name))
-                });
-                waiting = rest;
-                for i in ready {
-                    let stage = &shared.ws.pipeline.stages[i];
-                    let upstream: BTreeMap<String, Published> = stage
-                        .needs
-                        .iter()
-                        .filter_map(|n| published.get(n).map(|p| (n.clone(), p.clone())))
-                        .collect();
-                    let entry = lock.stages.get(&stage.name).cloned();
-                    let tx = tx.clone();
-                    let shared = &shared;
-                    running += 1;
-                    scope.spawn(move |_| {
-                        // The pool only bounds how many stages run at once. The stage itself
-                        // runs on a thread of its own: its compute (rayon inside candle and
-                        // our kernels) then goes to the global pool, across every core,
-                        // instead of this pool, where a worker waiting on its own parallel
-                        // work would steal another whole stage and freeze its own for the
-                        // other's duration.
-                        let outcome = std::thread::scope(|t| {
-                            t.spawn(|| process_stage(shared, i, entry, &upstream))
-                                .join()
-                                .unwrap_or_else(|_| {
-                                    Outcome::Failed(
-                                        "the stage panicked (a bug: please report it)".into(),
-                                    )
-                                })
-                        });
-                        let _ = tx.send((i, outcome));
+            // A thread per running stage, at most -j of them (threads are started as stages
+            // become ready, so a huge -j costs nothing): a stage's compute (rayon inside
+            // candle and our kernels) goes to the global pool, across every core.
+            while !stop && running < jobs {
+                let Some((_, i)) = ready.pop_first() else {
+                    break;
+                };
+                let stage = &shared.ws.pipeline.stages[i];
+                let upstream: BTreeMap<String, Published> = stage
+                    .needs
+                    .iter()
+                    .filter_map(|n| published.get(n).map(|p| (n.clone(), p.clone())))
+                    .collect();
+                let entry = lock.stages.get(&stage.name).cloned();
+                let tx = tx.clone();
+                let shared = &shared;
+                running += 1;
+                scope.spawn(move || {
+                    let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                        process_stage(shared, i, entry, &upstream)
+                    }))
+                    .unwrap_or_else(|_| {
+                        Outcome::Failed("the stage panicked (a bug: please report it)".into())
                     });
-                }
+                    let _ = tx.send((i, outcome));
+                });
             }
             if running == 0 {
                 break;
@@ -454,9 +500,14 @@ pub fn run(
             running -= 1;
             let stage = &shared.ws.pipeline.stages[i];
             let name = &stage.name;
-            let record = |lock: &mut LockFile, entry: LockEntry| {
+            let mut record = |lock: &mut LockFile, entry: LockEntry| {
+                let logged = match journal.as_mut() {
+                    Some(j) => j.record(name, &entry),
+                    None => Ok(()),
+                };
                 lock.stages.insert(name.clone(), entry);
-                lock::write(&shared.ws.lock_path, lock)
+                lock_dirty = true;
+                logged
             };
             let result = match outcome {
                 Outcome::UpToDate { entry, refreshed } => {
@@ -539,8 +590,23 @@ pub fn run(
             if let Err(e) = result {
                 lock_error = Some(e);
             }
+            if published.contains_key(name) {
+                for child in dag.children(i) {
+                    if let Some(n) = unmet[child].as_mut() {
+                        *n -= 1;
+                        if *n == 0 {
+                            ready.insert((position[child], child));
+                        }
+                    }
+                }
+            }
         }
     });
+    if lock_dirty && !opts.dry_run {
+        if let Err(e) = lock::write(&ws.lock_path, &lock) {
+            lock_error.get_or_insert(e);
+        }
+    }
     ws.lock = lock;
     if let Some(e) = lock_error {
         return Err(e);
@@ -636,9 +702,10 @@ fn process_stage(
                     };
                     return Outcome::Restored(entry);
                 }
-                Err(e) => {
-                    tracing::warn!(stage = %stage.name, "cache restore failed, running instead: {e}")
-                }
+                Err(e) => shared.console.line(&format!(
+                    "warning: {}: cannot restore from the run cache ({e}); running it instead",
+                    stage.name
+                )),
             }
         }
     }
@@ -707,6 +774,11 @@ pub(crate) fn io_fail(what: &str, path: &Path) -> impl FnOnce(std::io::Error) ->
     move |e| StageEnd::Failed(format!("cannot {what} {}: {e}", path.display()))
 }
 
+/// A stage's folder under artifacts/.scratch (checkpoints), one per fingerprint.
+fn scratch_name(stage: &str, fingerprint: &str) -> String {
+    format!("{stage}-{}", &fingerprint[..16.min(fingerprint.len())])
+}
+
 fn run_builtin(
     shared: &RunShared,
     stage: &Stage,
@@ -723,11 +795,9 @@ fn run_builtin(
         .ok_or_else(|| StageEnd::Failed(format!("unknown kind `{kind}`")))?;
     let out_dir = temp_dir(&artifacts, &stage.name, "out");
     std::fs::create_dir_all(&out_dir).map_err(io_fail("create", &out_dir))?;
-    let scratch_dir = artifacts.join(".scratch").join(format!(
-        "{}-{}",
-        stage.name,
-        &fingerprint[..16.min(fingerprint.len())]
-    ));
+    let scratch_dir = artifacts
+        .join(".scratch")
+        .join(scratch_name(&stage.name, fingerprint));
     std::fs::create_dir_all(&scratch_dir).map_err(io_fail("create", &scratch_dir))?;
     let inputs: Vec<Input> = stage
         .needs
@@ -864,6 +934,12 @@ pub fn clean(ws: &mut Workspace, targets: &[usize]) -> Result<Vec<String>, PipeE
     } else {
         targets.to_vec()
     };
+    check_inside(
+        &ws.pipeline,
+        chosen.iter().copied(),
+        &[".tmp", ".scratch", ".logs", ".journal"],
+    )?;
+    recover_crashed_run(&artifacts, crate::output::warn_line)?;
     let mut cleaned = Vec::new();
     for i in chosen {
         let stage = &ws.pipeline.stages[i];
@@ -890,13 +966,19 @@ pub fn clean(ws: &mut Workspace, targets: &[usize]) -> Result<Vec<String>, PipeE
 pub fn gc(ws: &Workspace) -> Result<crate::cache::GcReport, PipeError> {
     let artifacts = ws.pipeline.artifacts();
     let _guard = RunGuard::acquire(&artifacts)?;
+    check_inside(
+        &ws.pipeline,
+        [],
+        &[".tmp", ".cache", ".scratch", ".journal"],
+    )?;
+    recover_crashed_run(&artifacts, crate::output::warn_line)?;
     let keep = ws
         .lock
         .stages
         .values()
         .map(|e| e.fingerprint.clone())
         .collect();
-    let report = RunCache::new(&artifacts).gc(&keep).map_err(|e| {
+    let mut report = RunCache::new(&artifacts).gc(&keep).map_err(|e| {
         PipeError::io(
             format!("cannot collect {}", artifacts.join(".cache").display()),
             e,
@@ -904,6 +986,22 @@ pub fn gc(ws: &Workspace) -> Result<crate::cache::GcReport, PipeError> {
     })?;
     let tmp = artifacts.join(".tmp");
     remove_path(&tmp).map_err(|e| PipeError::io_at(&tmp, "remove", e))?;
+    // Checkpoints of trainings abandoned for other params or inputs: only the ones a run of
+    // the pipeline as it stands could resume are kept.
+    let resumable: BTreeSet<String> = status(ws)?
+        .into_iter()
+        .filter_map(|s| Some(scratch_name(&s.stage, &s.current_fingerprint?)))
+        .collect();
+    let scratch = artifacts.join(".scratch");
+    if let Ok(dirs) = std::fs::read_dir(&scratch) {
+        for dir in dirs.flatten() {
+            if !resumable.contains(&*dir.file_name().to_string_lossy()) {
+                let path = dir.path();
+                remove_path(&path).map_err(|e| PipeError::io_at(&path, "remove", e))?;
+                report.scratch_removed += 1;
+            }
+        }
+    }
     Ok(report)
 }
 

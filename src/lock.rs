@@ -65,23 +65,48 @@ pub fn lock_path(pipeline_file: &Path) -> PathBuf {
     pipeline_file.with_extension("lock")
 }
 
-/// Reads the lock. A missing lock is empty; a damaged one is reported as a warning and
-/// treated as empty, so every stage reads as stale instead of the tool refusing to work.
-pub fn read(path: &Path) -> (LockFile, Option<String>) {
+/// Reads the lock, and the journal of a run that ended before rewriting it. A missing lock is
+/// empty; a damaged one is reported as a warning and treated as empty, so every stage reads as
+/// stale instead of the tool refusing to work. A lock written by a newer fmnist-pipe is refused
+/// (exit 2): rewriting it in this version's format would lose what it records.
+pub fn read(path: &Path) -> Result<(LockFile, Option<String>), PipeError> {
+    let (mut lock, warning) = read_lock(path)?;
+    let replayed = replay_journal(&journal_path(path), &mut lock);
+    Ok((lock, warning.or(replayed)))
+}
+
+fn read_lock(path: &Path) -> Result<(LockFile, Option<String>), PipeError> {
     let text = match std::fs::read_to_string(path) {
         Ok(t) => t,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return (LockFile::default(), None),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return Ok((LockFile::default(), None))
+        }
         Err(e) => {
-            return (
+            return Ok((
                 LockFile::default(),
                 Some(format!(
                     "cannot read {}: {e}; treating every stage as stale",
                     path.display()
                 )),
-            )
+            ))
         }
     };
-    match toml::from_str::<LockFile>(&text) {
+    #[derive(Deserialize)]
+    struct FormatOnly {
+        format: Option<i64>,
+    }
+    if let Ok(FormatOnly {
+        format: Some(format),
+    }) = toml::from_str::<FormatOnly>(&text)
+    {
+        if format > i64::from(LOCK_FORMAT) {
+            return Err(PipeError::Config(format!(
+                "{} has format {format}, written by a newer fmnist-pipe (this one reads format {LOCK_FORMAT}); upgrade fmnist-pipe, or delete the lock to start over",
+                path.display()
+            )));
+        }
+    }
+    Ok(match toml::from_str::<LockFile>(&text) {
         Ok(lock) if lock.format == LOCK_FORMAT => (lock, None),
         Ok(lock) => (
             LockFile::default(),
@@ -99,10 +124,73 @@ pub fn read(path: &Path) -> (LockFile, Option<String>) {
                 )),
             )
         }
+    })
+}
+
+/// The journal beside the lock: one JSON line per stage finished since the lock was last
+/// written, so a run that ends early (killed) loses no record.
+pub fn journal_path(lock_path: &Path) -> PathBuf {
+    lock_path.with_extension("lock.journal")
+}
+
+/// Applies a journal left by a run that did not finish; a torn last line (the run died while
+/// writing it) is skipped. Returns a note for the user when it applied anything.
+fn replay_journal(path: &Path, lock: &mut LockFile) -> Option<String> {
+    let text = std::fs::read_to_string(path).ok()?;
+    let mut applied = 0;
+    for line in text.lines() {
+        if let Ok(JournalLine { stage, entry }) = serde_json::from_str::<JournalLine>(line) {
+            lock.stages.insert(stage, entry);
+            applied += 1;
+        }
+    }
+    (applied > 0).then(|| {
+        format!(
+            "{}: {applied} stage(s) recorded by a run that ended before rewriting the lock",
+            path.display()
+        )
+    })
+}
+
+#[derive(Serialize, Deserialize)]
+struct JournalLine {
+    stage: String,
+    entry: LockEntry,
+}
+
+/// Appends finished stages to the journal (opened by a run, which holds the workspace).
+pub struct Journal {
+    file: std::fs::File,
+    path: PathBuf,
+}
+
+impl Journal {
+    pub fn open(lock_path: &Path) -> Result<Journal, PipeError> {
+        let path = journal_path(lock_path);
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)
+            .map_err(|e| PipeError::io_at(&path, "open", e))?;
+        Ok(Journal { file, path })
+    }
+
+    /// One line per finished stage, written in one call (a process killed between two calls
+    /// leaves whole lines behind; the OS keeps what was written).
+    pub fn record(&mut self, stage: &str, entry: &LockEntry) -> Result<(), PipeError> {
+        let line = serde_json::to_string(&JournalLine {
+            stage: stage.to_string(),
+            entry: entry.clone(),
+        })
+        .map_err(|e| PipeError::io_at(&self.path, "encode", std::io::Error::other(e)))?;
+        self.file
+            .write_all(format!("{line}\n").as_bytes())
+            .map_err(|e| PipeError::io_at(&self.path, "append to", e))
     }
 }
 
-/// Writes the lock atomically (temp file + rename), so a crash never leaves half a lock.
+/// Writes the lock atomically (temp file + rename), so a crash never leaves half a lock, then
+/// drops the journal it now contains.
 pub fn write(path: &Path, lock: &LockFile) -> Result<(), PipeError> {
     let body = toml::to_string(lock).map_err(|e| {
         PipeError::io(
@@ -118,7 +206,17 @@ pub fn write(path: &Path, lock: &LockFile) -> Result<(), PipeError> {
         f.sync_all()?;
         std::fs::rename(&tmp, path)
     })();
-    result.map_err(|e| PipeError::io_at(path, "write", e))
+    if let Err(e) = result {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(PipeError::io_at(path, "write", e));
+    }
+    // Everything the journal recorded is in the lock now.
+    match std::fs::remove_file(journal_path(path)) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+            Err(PipeError::io_at(&journal_path(path), "remove", e))
+        }
+        _ => Ok(()),
+    }
 }
 
 /// JSON (params, metrics) as a TOML table; nulls have no TOML form and are dropped.

@@ -13,6 +13,8 @@ mod fingerprint;
 mod journal;
 mod lock;
 mod manifest;
+mod output;
+mod paths;
 mod progress;
 mod publish;
 mod registry;
@@ -211,7 +213,7 @@ fn main() {
             .init();
     }
     if let Err(e) = dispatch(cli) {
-        eprintln!("error: {e}");
+        output::warn_line(&format!("error: {e}"));
         std::process::exit(e.exit_code());
     }
 }
@@ -261,16 +263,19 @@ fn dispatch(cli: Cli) -> Result<(), PipeError> {
             if json {
                 let text = serde_json::to_string_pretty(&report)
                     .map_err(|e| PipeError::io("cannot encode status", std::io::Error::other(e)))?;
-                println!("{text}");
+                output::emit_line(&text)?;
             } else {
                 let width = report.iter().map(|s| s.stage.len()).max().unwrap_or(0);
                 for s in &report {
                     match &s.ran_on {
-                        Some(on) => println!("{:width$}  {} (ran on {on})", s.stage, s.state),
-                        None => println!("{:width$}  {}", s.stage, s.state),
+                        Some(on) => output::emit_line(&format!(
+                            "{:width$}  {} (ran on {on})",
+                            s.stage, s.state
+                        ))?,
+                        None => output::emit_line(&format!("{:width$}  {}", s.stage, s.state))?,
                     }
                     for reason in &s.reasons {
-                        println!("{:width$}    - {reason}", "");
+                        output::emit_line(&format!("{:width$}    - {reason}", ""))?;
                     }
                 }
             }
@@ -283,26 +288,26 @@ fn dispatch(cli: Cli) -> Result<(), PipeError> {
                 DagFormat::Dot => ws.dag.render_dot(&ws.pipeline),
                 DagFormat::Mermaid => ws.dag.render_mermaid(&ws.pipeline),
             };
-            print!("{text}");
+            output::emit(&text)?;
             Ok(())
         }
         Cmd::Clean { stages } => {
             let mut ws = Workspace::load(&cli.file, &[], Registry::builtins())?;
             let targets = ws.targets(&stages)?;
             let cleaned = executor::clean(&mut ws, &targets)?;
-            println!("cleaned: {}", cleaned.join(", "));
+            output::emit_line(&format!("cleaned: {}", cleaned.join(", ")))?;
             Ok(())
         }
         Cmd::Gc => {
             let ws = Workspace::load(&cli.file, &[], Registry::builtins())?;
             let report = executor::gc(&ws)?;
-            println!(
-                "removed {} cached runs and {} files ({:.1} MB)",
+            output::emit_line(&format!(
+                "removed {} cached runs and {} files ({:.1} MB), {} abandoned checkpoint folders",
                 report.runs_removed,
                 report.objects_removed,
-                report.bytes_freed as f64 / 1e6
-            );
-            Ok(())
+                report.bytes_freed as f64 / 1e6,
+                report.scratch_removed
+            ))
         }
         Cmd::Bench {
             model,
@@ -334,9 +339,9 @@ fn dispatch(cli: Cli) -> Result<(), PipeError> {
             let report = fmnist_stages::bench::run(&options)
                 .map_err(|e| PipeError::StageFailed(format!("bench: {e:#}")))?;
             if json {
-                println!("{}", serde_json::to_string(&report).unwrap_or_default());
+                output::emit_line(&serde_json::to_string(&report).unwrap_or_default())?;
             } else {
-                println!("{report}");
+                output::emit_line(&report.to_string())?;
             }
             Ok(())
         }

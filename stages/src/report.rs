@@ -77,10 +77,11 @@ fn files_with_extension(dir: &Path, ext: &str) -> anyhow::Result<Vec<PathBuf>> {
     let entries =
         std::fs::read_dir(dir).with_context(|| format!("reading the folder {}", dir.display()))?;
     for entry in entries {
-        let path = entry
-            .with_context(|| format!("reading the folder {}", dir.display()))?
-            .path();
-        if path.is_file()
+        let entry = entry.with_context(|| format!("reading the folder {}", dir.display()))?;
+        let path = entry.path();
+        // Regular files only: a symlink could lead anywhere outside the stage's outputs.
+        let regular = entry.file_type().is_ok_and(|t| t.is_file());
+        if regular
             && path
                 .extension()
                 .is_some_and(|e| e.eq_ignore_ascii_case(ext))
@@ -281,15 +282,15 @@ fn read_json(path: &Path) -> anyhow::Result<serde_json::Value> {
     serde_json::from_str(&text).with_context(|| format!("{} is not valid JSON", path.display()))
 }
 
-/// Every JSON file of `dir` as a titled block.
-fn json_files_html(dir: &Path) -> anyhow::Result<String> {
+/// Each of these JSON files as a titled block.
+fn json_html_of(paths: &[PathBuf]) -> anyhow::Result<String> {
     let mut html = String::new();
-    for path in files_with_extension(dir, "json")? {
-        let value = read_json(&path)?;
+    for path in paths {
+        let value = read_json(path)?;
         let _ = write!(
             html,
             "<h4>{}</h4>\n<div class=\"json\">{}</div>\n",
-            escape(&file_name(&path)),
+            escape(&file_name(path)),
             json_html(&value, 0)
         );
     }
@@ -362,7 +363,7 @@ fn stats_section(page: &mut Page, inputs: &[&Input]) -> anyhow::Result<String> {
     let mut html = String::new();
     for input in inputs {
         html.push_str(&input_heading(input));
-        html.push_str(&json_files_html(&input.dir)?);
+        html.push_str(&json_html_of(&files_with_extension(&input.dir, "json")?)?);
         html.push_str(&page.gallery(&files_with_extension(&input.dir, "png")?)?);
     }
     Ok(html)
@@ -528,10 +529,38 @@ fn other_section(page: &mut Page, inputs: &[&Input]) -> anyhow::Result<String> {
     let mut html = String::new();
     for input in inputs {
         html.push_str(&input_heading(input));
-        html.push_str(&json_files_html(&input.dir)?);
-        html.push_str(&page.gallery(&files_with_extension(&input.dir, "png")?)?);
+        html.push_str(&json_html_of(&output_files(input, "json")?)?);
+        html.push_str(&page.gallery(&output_files(input, "png")?)?);
     }
     Ok(html)
+}
+
+/// An input's output files with extension `ext`: those in a built-in stage's folder; for a
+/// command stage (whose `dir` is the workspace root) only its declared `outs` and the files
+/// in declared folders, so files it did not declare (whose changes would not make the report
+/// stale) never enter the report.
+fn output_files(input: &Input, ext: &str) -> anyhow::Result<Vec<PathBuf>> {
+    let Some(outs) = input.params.get("outs").and_then(|o| o.as_array()) else {
+        return files_with_extension(&input.dir, ext);
+    };
+    let mut files = Vec::new();
+    for out in outs.iter().filter_map(|o| o.as_str()) {
+        let path = input.dir.join(out);
+        match std::fs::symlink_metadata(&path) {
+            Ok(m) if m.is_dir() => files.extend(files_with_extension(&path, ext)?),
+            Ok(m)
+                if m.is_file()
+                    && path
+                        .extension()
+                        .is_some_and(|e| e.eq_ignore_ascii_case(ext)) =>
+            {
+                files.push(path)
+            }
+            _ => {}
+        }
+    }
+    files.sort();
+    Ok(files)
 }
 
 fn provenance_section(ctx: &StageContext, params: &Params) -> anyhow::Result<String> {
@@ -691,6 +720,37 @@ pub fn run(params: Params, ctx: &StageContext) -> anyhow::Result<Metrics> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A command stage's input is the workspace root: only its declared outputs (and the
+    /// regular files in declared folders) reach the report, never other files or symlinks.
+    #[test]
+    fn command_stage_inputs_show_only_declared_outputs() -> anyhow::Result<()> {
+        let ws = tempfile::tempdir()?;
+        let root = ws.path();
+        std::fs::write(root.join("summary.json"), "{}")?;
+        std::fs::write(root.join("undeclared.json"), "{}")?;
+        std::fs::create_dir_all(root.join("plots"))?;
+        std::fs::write(root.join("plots/extra.json"), "{}")?;
+        let outside = tempfile::tempdir()?;
+        std::fs::write(outside.path().join("secret.json"), "{}")?;
+        std::os::unix::fs::symlink(
+            outside.path().join("secret.json"),
+            root.join("plots/link.json"),
+        )?;
+        let input = Input {
+            stage: "summarize".into(),
+            kind: "cmd".into(),
+            dir: root.to_path_buf(),
+            fingerprint: String::new(),
+            params: serde_json::json!({ "cmd": "x", "deps": [], "outs": ["plots", "summary.json"] }),
+        };
+        let names: Vec<String> = output_files(&input, "json")?
+            .iter()
+            .map(|p| p.strip_prefix(root).unwrap_or(p).display().to_string())
+            .collect();
+        assert_eq!(names, vec!["plots/extra.json", "summary.json"]);
+        Ok(())
+    }
 
     #[test]
     fn escapes_markup() {
