@@ -219,6 +219,7 @@ impl Source {
 type SpannedTable = BTreeMap<Spanned<String>, Spanned<toml::Value>>;
 
 #[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
 struct RawDoc {
     #[serde(default)]
     pipeline: Option<SpannedTable>,
@@ -302,22 +303,29 @@ pub fn load(
         _ => PathBuf::from("."),
     };
 
-    // Two passes: the first only to name misspelled top-level keys with a line number.
-    let top: BTreeMap<Spanned<String>, toml::Value> =
-        toml::from_str(&src.text).map_err(|e| src.toml_error(&e))?;
-    for key in top.keys() {
-        if !TOP_KEYS.contains(&key.get_ref().as_str()) {
-            return Err(src.error(
-                Some(&key.span()),
-                format!(
-                    "unknown top-level key `{}`{}",
-                    key.get_ref(),
-                    suggestion(key.get_ref(), TOP_KEYS.iter().copied())
-                ),
-            ));
+    // One parse when the file is well-formed; only on an error a second one, to name a
+    // misspelled top-level key with its line and a suggestion.
+    let doc: RawDoc = match toml::from_str(&src.text) {
+        Ok(doc) => doc,
+        Err(e) => {
+            let top: BTreeMap<Spanned<String>, toml::Value> =
+                toml::from_str(&src.text).map_err(|e| src.toml_error(&e))?;
+            if let Some(key) = top
+                .keys()
+                .find(|k| !TOP_KEYS.contains(&k.get_ref().as_str()))
+            {
+                return Err(src.error(
+                    Some(&key.span()),
+                    format!(
+                        "unknown top-level key `{}`{}",
+                        key.get_ref(),
+                        suggestion(key.get_ref(), TOP_KEYS.iter().copied())
+                    ),
+                ));
+            }
+            return Err(src.toml_error(&e));
         }
-    }
-    let doc: RawDoc = toml::from_str(&src.text).map_err(|e| src.toml_error(&e))?;
+    };
 
     let mut pipeline_entries = doc.pipeline.map(entries).unwrap_or_default();
     let mut stage_tables: Vec<(String, Range<usize>, Entries)> = doc

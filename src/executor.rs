@@ -42,7 +42,7 @@ impl Workspace {
         let pipeline = crate::config::load(file, overrides, &registry)?;
         let dag = Dag::build(&pipeline)?;
         let lock_path = lock::lock_path(file);
-        let (lock, warning) = lock::read(&lock_path)?;
+        let (lock, warning) = lock::read_indexed(&lock_path, Some(&lock_index(&pipeline)))?;
         if let Some(warning) = warning {
             crate::output::warn_line(&format!("warning: {warning}"));
         }
@@ -66,6 +66,11 @@ impl Workspace {
             })
             .collect()
     }
+}
+
+/// Where the lock's JSON copy lives (see `lock::read_indexed`): in the engine's cache folder.
+fn lock_index(pipeline: &Pipeline) -> PathBuf {
+    pipeline.artifacts().join(".cache").join("lock-index.json")
 }
 
 /// Holds artifacts/.run.lock for as long as it lives, so two runs never share a workspace.
@@ -459,16 +464,20 @@ pub fn run(
     let mut published: BTreeMap<String, Published> = BTreeMap::new();
     let jobs = opts.jobs.max(1);
     let (tx, rx) = mpsc::channel::<(usize, Outcome)>();
+    let (job_tx, job_rx) = mpsc::channel::<Job>();
+    let job_rx = std::sync::Mutex::new(job_rx);
     std::thread::scope(|scope| {
         let mut running = 0usize;
+        let mut workers = 0usize;
         loop {
             let stop = !failures.is_empty()
                 || interrupted
                 || lock_error.is_some()
                 || cancel.load(Ordering::Relaxed);
-            // A thread per running stage, at most -j of them (threads are started as stages
-            // become ready, so a huge -j costs nothing): a stage's compute (rayon inside
-            // candle and our kernels) goes to the global pool, across every core.
+            // Stages run on worker threads, at most -j at once; a worker is started only when
+            // every existing one is busy, so a huge -j costs nothing and a chain needs one. A
+            // stage's compute (rayon inside candle and our kernels) goes to the global pool,
+            // across every core.
             while !stop && running < jobs {
                 let Some((_, i)) = ready.pop_first() else {
                     break;
@@ -480,18 +489,15 @@ pub fn run(
                     .filter_map(|n| published.get(n).map(|p| (n.clone(), p.clone())))
                     .collect();
                 let entry = lock.stages.get(&stage.name).cloned();
-                let tx = tx.clone();
-                let shared = &shared;
                 running += 1;
-                scope.spawn(move || {
-                    let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                        process_stage(shared, i, entry, &upstream)
-                    }))
-                    .unwrap_or_else(|_| {
-                        Outcome::Failed("the stage panicked (a bug: please report it)".into())
-                    });
-                    let _ = tx.send((i, outcome));
-                });
+                if running > workers {
+                    workers += 1;
+                    let (tx, job_rx, shared) = (tx.clone(), &job_rx, &shared);
+                    scope.spawn(move || work(shared, job_rx, &tx));
+                }
+                if job_tx.send(Job { i, entry, upstream }).is_err() {
+                    break;
+                }
             }
             if running == 0 {
                 break;
@@ -601,9 +607,12 @@ pub fn run(
                 }
             }
         }
+        // The workers end when the queue closes.
+        drop(job_tx);
     });
     if lock_dirty && !opts.dry_run {
-        if let Err(e) = lock::write(&ws.lock_path, &lock) {
+        let index = lock_index(&ws.pipeline);
+        if let Err(e) = lock::write_indexed(&ws.lock_path, &lock, Some(&index)) {
             lock_error.get_or_insert(e);
         }
     }
@@ -626,6 +635,37 @@ pub fn run(
         )));
     }
     Ok(())
+}
+
+/// A stage for a worker: its index, its lock entry and its upstream stages as published.
+struct Job {
+    i: usize,
+    entry: Option<LockEntry>,
+    upstream: BTreeMap<String, Published>,
+}
+
+/// A worker thread: runs the stages it is sent until the queue closes, reporting each outcome.
+fn work(
+    shared: &RunShared,
+    jobs: &std::sync::Mutex<mpsc::Receiver<Job>>,
+    done: &mpsc::Sender<(usize, Outcome)>,
+) {
+    loop {
+        let next = jobs
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .recv();
+        let Ok(Job { i, entry, upstream }) = next else {
+            return;
+        };
+        let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            process_stage(shared, i, entry, &upstream)
+        }))
+        .unwrap_or_else(|_| Outcome::Failed("the stage panicked (a bug: please report it)".into()));
+        if done.send((i, outcome)).is_err() {
+            return;
+        }
+    }
 }
 
 fn compact_metrics(metrics: &toml::Table) -> String {
@@ -937,7 +977,7 @@ pub fn clean(ws: &mut Workspace, targets: &[usize]) -> Result<Vec<String>, PipeE
     check_inside(
         &ws.pipeline,
         chosen.iter().copied(),
-        &[".tmp", ".scratch", ".logs", ".journal"],
+        &[".tmp", ".scratch", ".logs", ".journal", ".cache"],
     )?;
     recover_crashed_run(&artifacts, crate::output::warn_line)?;
     let mut cleaned = Vec::new();
@@ -957,7 +997,7 @@ pub fn clean(ws: &mut Workspace, targets: &[usize]) -> Result<Vec<String>, PipeE
         }
     }
     ws.lock.format = lock::LOCK_FORMAT;
-    lock::write(&ws.lock_path, &ws.lock)?;
+    lock::write_indexed(&ws.lock_path, &ws.lock, Some(&lock_index(&ws.pipeline)))?;
     Ok(cleaned)
 }
 

@@ -51,7 +51,7 @@ impl Fence {
 
     /// Ok when `rel` (relative to the workspace root) resolves inside the fence.
     pub fn check(&self, rel: &str) -> Result<PathBuf, PathError> {
-        let resolved = resolve(&self.root.join(rel), rel)?;
+        let resolved = resolve_from(&self.root, Path::new(rel), rel)?;
         if self.inside.iter().any(|dir| resolved.starts_with(dir)) {
             Ok(resolved)
         } else {
@@ -78,9 +78,15 @@ pub fn resolve(path: &Path, shown: &str) -> Result<PathBuf, PathError> {
             })?
             .join(path)
     };
+    resolve_from(Path::new("/"), &absolute, shown)
+}
+
+/// [`resolve`] of `path` taken relative to `base`, a path already resolved (no symlinks in
+/// it), so only `path`'s own components cost a lookup each.
+fn resolve_from(base: &Path, path: &Path, shown: &str) -> Result<PathBuf, PathError> {
     let mut links = 0;
-    let mut resolved = PathBuf::from("/");
-    let mut pending: Vec<std::ffi::OsString> = absolute
+    let mut resolved = base.to_path_buf();
+    let mut pending: Vec<std::ffi::OsString> = path
         .components()
         .rev()
         .filter_map(|c| match c {
