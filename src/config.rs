@@ -17,6 +17,8 @@ const PIPELINE_KEYS: &[&str] = &["device", "kernels", "seed"];
 const COMMAND_KEYS: &[&str] = &["cmd", "deps", "outs", "needs"];
 /// Keys of a built-in stage's table that belong to the engine, not to the kind's params.
 const BUILTIN_ENGINE_KEYS: &[&str] = &["kind", "needs"];
+/// The deepest key path `--set` takes (pipeline params nest two or three levels).
+const MAX_SET_DEPTH: usize = 32;
 /// The longest stage name: names become parts of file names (artifacts/.tmp/NAME-...-PID-N,
 /// artifacts/.scratch/NAME-FINGERPRINT), which file systems cap at 255 bytes.
 const MAX_STAGE_NAME: usize = 128;
@@ -159,6 +161,13 @@ impl std::str::FromStr for Override {
         let key_path: Vec<String> = key.split('.').map(|k| k.trim().to_string()).collect();
         if table.trim().is_empty() || key_path.iter().any(|k| k.is_empty()) {
             return Err(malformed("empty stage or key name"));
+        }
+        // Each part nests a table: tens of thousands overflowed the stack when freed.
+        if key_path.len() > MAX_SET_DEPTH {
+            return Err(malformed(&format!(
+                "a key path of {} parts (at most {MAX_SET_DEPTH})",
+                key_path.len()
+            )));
         }
         let rhs = rhs.trim();
         if rhs.is_empty() {

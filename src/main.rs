@@ -14,6 +14,8 @@ mod journal;
 mod lock;
 mod manifest;
 mod output;
+#[cfg(test)]
+mod parse_proptest;
 mod paths;
 mod progress;
 mod publish;
@@ -255,7 +257,11 @@ fn dispatch(cli: Cli) -> Result<(), PipeError> {
                 dry_run,
                 jobs,
             };
-            executor::run(&mut ws, &opts, &Console::new(), &cancel)
+            let result = executor::run(&mut ws, &opts, &Console::new(), &cancel);
+            // The process ends next: freeing a large pipeline's structures one by one took
+            // longer than a no-op run's checks.
+            std::mem::forget(ws);
+            result
         }
         Cmd::Status { json } => {
             let ws = Workspace::load(&cli.file, &[], Registry::builtins())?;
