@@ -469,6 +469,7 @@ pub fn run(
     std::thread::scope(|scope| {
         let mut running = 0usize;
         let mut workers = 0usize;
+        let mut inline: Option<(usize, Outcome)> = None;
         loop {
             let stop = !failures.is_empty()
                 || interrupted
@@ -490,6 +491,12 @@ pub fn run(
                     .collect();
                 let entry = lock.stages.get(&stage.name).cloned();
                 running += 1;
+                // Alone (nothing running, nothing else ready, as along a chain): run it
+                // here, without handing it to a worker and back.
+                if running == 1 && ready.is_empty() {
+                    inline = Some((i, run_caught(&shared, i, entry, &upstream)));
+                    break;
+                }
                 if running > workers {
                     workers += 1;
                     let (tx, job_rx, shared) = (tx.clone(), &job_rx, &shared);
@@ -502,7 +509,13 @@ pub fn run(
             if running == 0 {
                 break;
             }
-            let Ok((i, outcome)) = rx.recv() else { break };
+            let (i, outcome) = match inline.take() {
+                Some(done) => done,
+                None => match rx.recv() {
+                    Ok(done) => done,
+                    Err(_) => break,
+                },
+            };
             running -= 1;
             let stage = &shared.ws.pipeline.stages[i];
             let name = &stage.name;
@@ -644,6 +657,19 @@ struct Job {
     upstream: BTreeMap<String, Published>,
 }
 
+/// [`process_stage`], a panic turned into a failed stage.
+fn run_caught(
+    shared: &RunShared,
+    i: usize,
+    entry: Option<LockEntry>,
+    upstream: &BTreeMap<String, Published>,
+) -> Outcome {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        process_stage(shared, i, entry, upstream)
+    }))
+    .unwrap_or_else(|_| Outcome::Failed("the stage panicked (a bug: please report it)".into()))
+}
+
 /// A worker thread: runs the stages it is sent until the queue closes, reporting each outcome.
 fn work(
     shared: &RunShared,
@@ -658,10 +684,7 @@ fn work(
         let Ok(Job { i, entry, upstream }) = next else {
             return;
         };
-        let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            process_stage(shared, i, entry, &upstream)
-        }))
-        .unwrap_or_else(|_| Outcome::Failed("the stage panicked (a bug: please report it)".into()));
+        let outcome = run_caught(shared, i, entry, &upstream);
         if done.send((i, outcome)).is_err() {
             return;
         }
