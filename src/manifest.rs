@@ -52,15 +52,19 @@ fn list(
     out: &mut Vec<(String, u64, i64)>,
 ) -> std::io::Result<bool> {
     let path = root.join(rel);
+    // The error names the path: "too many levels of symbolic links" alone says not where.
+    let at = |e: std::io::Error| std::io::Error::new(e.kind(), format!("{rel}: {e}"));
     let meta = match std::fs::metadata(&path) {
         Ok(m) => m,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(false),
-        Err(e) => return Err(e),
+        Err(e) => return Err(at(e)),
     };
     if meta.is_dir() {
-        let mut children: Vec<String> = std::fs::read_dir(&path)?
+        let mut children: Vec<String> = std::fs::read_dir(&path)
+            .map_err(at)?
             .map(|e| e.map(|e| e.file_name().to_string_lossy().into_owned()))
-            .collect::<Result<_, _>>()?;
+            .collect::<Result<_, _>>()
+            .map_err(at)?;
         children.sort();
         for child in children {
             list(

@@ -285,3 +285,16 @@ fn gc_removes_checkpoints_no_run_would_resume() {
     );
     assert!(!stale.exists());
 }
+
+/// A dependency that is a symlink loop is an error that names it.
+#[test]
+fn a_symlink_loop_is_named() {
+    let sb = Sandbox::new(
+        "[stages.a]\ncmd = \"cat loop > a.txt\"\ndeps = [\"loop\"]\nouts = [\"a.txt\"]\n",
+    );
+    std::os::unix::fs::symlink("loop", sb.ws().join("loop")).expect("symlink");
+    let out = sb.pipe(&["run"]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    assert!(text(&out).contains("loop: "), "{}", text(&out));
+    assert!(!text(&out).contains("panicked"), "{}", text(&out));
+}
