@@ -408,6 +408,11 @@ fn truncate(path: &Path) -> anyhow::Result<()> {
 }
 
 /// The printed lines that contain every one of `words`.
+/// Exactly one of `lines` holds every one of `parts`.
+fn assert_one(lines: &[String], parts: &[&str]) {
+    assert_eq!(lines_with(lines, parts).len(), 1, "{parts:?} in {lines:#?}");
+}
+
 fn lines_with<'a>(lines: &'a [String], words: &[&str]) -> Vec<&'a String> {
     lines
         .iter()
@@ -420,20 +425,11 @@ fn changed_latest_checkpoint_is_discarded_with_a_warning() -> anyhow::Result<()>
     let scratch = interrupted_damage_run()?;
     overwrite_bytes(&scratch.path().join(MODEL_2))?;
     let lines = rerun_matches_uninterrupted(scratch.path())?;
-    assert_eq!(
-        lines_with(
-            &lines,
-            &["warning", MODEL_2, "changed or damaged", "blake3"]
-        )
-        .len(),
-        1,
-        "{lines:#?}"
+    assert_one(
+        &lines,
+        &["warning", MODEL_2, "changed or damaged", "blake3"],
     );
-    assert_eq!(
-        lines_with(&lines, &["resuming after epoch 1/3"]).len(),
-        1,
-        "{lines:#?}"
-    );
+    assert_one(&lines, &["resuming after epoch 1/3"]);
     Ok(())
 }
 
@@ -442,16 +438,8 @@ fn truncated_latest_checkpoint_is_discarded_with_a_warning() -> anyhow::Result<(
     let scratch = interrupted_damage_run()?;
     truncate(&scratch.path().join(MODEL_2))?;
     let lines = rerun_matches_uninterrupted(scratch.path())?;
-    assert_eq!(
-        lines_with(&lines, &["warning", MODEL_2, "truncated"]).len(),
-        1,
-        "{lines:#?}"
-    );
-    assert_eq!(
-        lines_with(&lines, &["resuming after epoch 1/3"]).len(),
-        1,
-        "{lines:#?}"
-    );
+    assert_one(&lines, &["warning", MODEL_2, "truncated"]);
+    assert_one(&lines, &["resuming after epoch 1/3"]);
     Ok(())
 }
 
@@ -461,16 +449,8 @@ fn with_both_checkpoints_damaged_training_starts_over() -> anyhow::Result<()> {
     overwrite_bytes(&scratch.path().join(OPTIM_2))?;
     truncate(&scratch.path().join(MODEL_1))?;
     let lines = rerun_matches_uninterrupted(scratch.path())?;
-    assert_eq!(
-        lines_with(&lines, &["warning", OPTIM_2, "changed or damaged"]).len(),
-        1,
-        "{lines:#?}"
-    );
-    assert_eq!(
-        lines_with(&lines, &["warning", MODEL_1, "truncated", "first epoch"]).len(),
-        1,
-        "{lines:#?}"
-    );
+    assert_one(&lines, &["warning", OPTIM_2, "changed or damaged"]);
+    assert_one(&lines, &["warning", MODEL_1, "truncated", "first epoch"]);
     assert!(lines_with(&lines, &["resuming"]).is_empty(), "{lines:#?}");
     Ok(())
 }
@@ -490,16 +470,8 @@ fn unloadable_checkpoint_with_matching_hash_is_discarded() -> anyhow::Result<()>
     record["blake3"] = blake3::hash(&bytes).to_hex().to_string().into();
     std::fs::write(&meta_path, serde_json::to_vec(&meta)?)?;
     let lines = rerun_matches_uninterrupted(dir)?;
-    assert_eq!(
-        lines_with(&lines, &["warning", MODEL_2, "no tensor"]).len(),
-        1,
-        "{lines:#?}"
-    );
-    assert_eq!(
-        lines_with(&lines, &["resuming after epoch 1/3"]).len(),
-        1,
-        "{lines:#?}"
-    );
+    assert_one(&lines, &["warning", MODEL_2, "no tensor"]);
+    assert_one(&lines, &["resuming after epoch 1/3"]);
     Ok(())
 }
 
@@ -518,20 +490,12 @@ fn old_format_checkpoint_json_is_ignored_with_a_warning() -> anyhow::Result<()> 
     });
     std::fs::write(&meta_path, serde_json::to_vec_pretty(&old)?)?;
     let lines = rerun_matches_uninterrupted(scratch.path())?;
-    assert_eq!(
-        lines_with(&lines, &["warning", "checkpoint.json", "older format"]).len(),
-        1,
-        "{lines:#?}"
-    );
+    assert_one(&lines, &["warning", "checkpoint.json", "older format"]);
     assert!(lines_with(&lines, &["resuming"]).is_empty(), "{lines:#?}");
 
     std::fs::write(&meta_path, b"{ not json")?;
     let lines = rerun_matches_uninterrupted(scratch.path())?;
-    assert_eq!(
-        lines_with(&lines, &["warning", "checkpoint.json", "not valid JSON"]).len(),
-        1,
-        "{lines:#?}"
-    );
+    assert_one(&lines, &["warning", "checkpoint.json", "not valid JSON"]);
     Ok(())
 }
 
