@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # Times a no-op `fmnist-pipe run` on an up-to-date pipeline of command stages (the cost of
 # loading, fingerprinting and checking outputs when nothing has to run). Target: < 20 ms.
-# With dvc and snakemake on PATH (or in $BENCH_VENV/bin, e.g. `python3 -m venv /tmp/bench-venv &&
-# /tmp/bench-venv/bin/pip install dvc snakemake`), the same chain is timed as a dvc.yaml and a
-# Snakefile no-op too, and the ratios printed.
+# With dvc and snakemake on PATH (or in $BENCH_VENV/bin, e.g. `python3 -m venv VENV &&
+# VENV/bin/pip install dvc snakemake`, then BENCH_VENV=VENV), the same chain is timed as a
+# dvc.yaml and a Snakefile no-op too, and the ratios printed.
 # Usage: scripts/bench-noop.sh [STAGES] (default 20); needs hyperfine and a release build.
 set -euo pipefail
 stages="${1:-20}"
@@ -30,8 +30,10 @@ cd "$work"
 hyperfine --warmup 5 --runs 50 -N --export-json "$work/ours.json" "$bin run"
 ours=$(python3 -c "import json;print(json.load(open('$work/ours.json'))['results'][0]['mean'])")
 
-venv_bin="${BENCH_VENV:-/tmp/bench-venv}/bin"
-[ -d "$venv_bin" ] && export PATH="$venv_bin:$PATH"
+if [ -n "${BENCH_VENV:-}" ]; then
+    [ -d "$BENCH_VENV/bin" ] || { echo "error: BENCH_VENV=$BENCH_VENV has no bin/" >&2; exit 2; }
+    export PATH="$BENCH_VENV/bin:$PATH"
+fi
 peer() { # name, folder, command
     local name=$1 dir=$2 cmd=$3
     (cd "$dir" && hyperfine --warmup 1 --runs 5 --export-json "$work/$name.json" "$cmd")
