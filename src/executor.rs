@@ -347,6 +347,9 @@ struct RunShared<'a> {
     dry_run: bool,
 }
 
+/// The engine's own folders under artifacts/, which it creates, empties and deletes.
+const ENGINE_FOLDERS: [&str; 5] = [".tmp", ".cache", ".logs", ".scratch", ".journal"];
+
 /// Refuses (exit 2) to touch any output of `stages`, or any of the engine's `folders` under
 /// artifacts/, that resolves outside the workspace (a symlink pointing out, say).
 fn check_inside(
@@ -406,11 +409,7 @@ pub fn run(
     }
     let selected = ws.dag.select(&opts.targets);
     if !opts.dry_run {
-        check_inside(
-            &ws.pipeline,
-            selected.iter().copied(),
-            &[".tmp", ".cache", ".logs", ".scratch", ".journal"],
-        )?;
+        check_inside(&ws.pipeline, selected.iter().copied(), &ENGINE_FOLDERS)?;
     }
     let force: BTreeSet<usize> = match (opts.force, opts.targets.is_empty()) {
         (false, _) => BTreeSet::new(),
@@ -997,11 +996,7 @@ pub fn clean(ws: &mut Workspace, targets: &[usize]) -> Result<Vec<String>, PipeE
     } else {
         targets.to_vec()
     };
-    check_inside(
-        &ws.pipeline,
-        chosen.iter().copied(),
-        &[".tmp", ".scratch", ".logs", ".journal", ".cache"],
-    )?;
+    check_inside(&ws.pipeline, chosen.iter().copied(), &ENGINE_FOLDERS)?;
     recover_crashed_run(&artifacts, crate::output::warn_line)?;
     let mut cleaned = Vec::new();
     for i in chosen {
@@ -1029,11 +1024,7 @@ pub fn clean(ws: &mut Workspace, targets: &[usize]) -> Result<Vec<String>, PipeE
 pub fn gc(ws: &Workspace) -> Result<crate::cache::GcReport, PipeError> {
     let artifacts = ws.pipeline.artifacts();
     let _guard = RunGuard::acquire(&artifacts)?;
-    check_inside(
-        &ws.pipeline,
-        [],
-        &[".tmp", ".cache", ".scratch", ".journal"],
-    )?;
+    check_inside(&ws.pipeline, [], &ENGINE_FOLDERS)?;
     recover_crashed_run(&artifacts, crate::output::warn_line)?;
     let keep = ws
         .lock

@@ -205,7 +205,7 @@ fn main() -> Result<()> {
         let probe = random(&mut rng, &probe_dims)?;
         // candle cannot backprop overlapping windows: time its forward only there.
         let candle = time(reps, || {
-            let y = ops::reference_max_pool2d(&x, k, s, p)?;
+            let y = ops::portable_max_pool2d(&x, k, s, p)?;
             if k == s {
                 (&y * &probe)?.sum_all()?.backward()?;
             }

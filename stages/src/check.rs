@@ -57,12 +57,7 @@ impl PathSpec {
 
     /// "cpu/fast", "cuda:0/portable", ...
     pub fn describe(&self) -> String {
-        // Off the CPU every op is portable whatever was asked for.
-        let kernels = if self.device.is_cpu() && self.dtype == DType::F32 {
-            self.kernels
-        } else {
-            Kernels::Portable
-        };
+        let kernels = self.kernels.running_on(&self.device, self.dtype);
         let dtype = match self.dtype {
             DType::F32 => String::new(),
             other => format!("/{}", other.as_str()),

@@ -751,7 +751,7 @@ fn write_outputs(
         "model": params.model,
         "params": resolved,
         "device": device::describe(device),
-        "kernels": effective_kernels(device, ctx.kernels),
+        "kernels": ctx.kernels.running_on(device, DType::F32),
         "param_count": model.param_count(),
         "train_images": train_set.len(),
         "test_images": test_set.len(),
@@ -774,17 +774,8 @@ fn write_outputs(
         "test_accuracy": last.test_accuracy,
         "train_images_per_s": total_images / total_seconds.max(1e-9),
         "device": device::describe(device),
-        "kernels": effective_kernels(device, ctx.kernels),
+        "kernels": ctx.kernels.running_on(device, DType::F32),
     }))
-}
-
-/// The kernels that really ran: off the CPU every op is portable.
-fn effective_kernels(device: &Device, asked: crate::ops::Kernels) -> crate::ops::Kernels {
-    if device.is_cpu() {
-        asked
-    } else {
-        crate::ops::Kernels::Portable
-    }
 }
 
 fn write_json(path: &Path, value: &serde_json::Value) -> anyhow::Result<()> {

@@ -359,7 +359,7 @@ fn check_pool(
     let what = format!("pool {dims:?} k{kernel} s{stride} p{padding}");
     let x = Var::from_tensor(&random(&mut rng, &dims)?)?;
     let ours = ops::max_pool2d(&x, kernel, stride, padding)?;
-    let reference = ops::reference_max_pool2d(&x, kernel, stride, padding)?;
+    let reference = ops::portable_max_pool2d(&x, kernel, stride, padding)?;
     assert_close(&format!("{what} forward"), &ours, &reference)?;
     // Untracked input: the values-only path (no argmax bookkeeping).
     let untracked = ops::max_pool2d(&x.as_tensor().detach(), kernel, stride, padding)?;
@@ -392,7 +392,7 @@ fn max_pool_without_grad_tracking_works() -> Result<()> {
     let mut rng = ChaCha8Rng::seed_from_u64(9);
     let x = random(&mut rng, &[2, 2, 6, 6])?;
     let ours = ops::max_pool2d(&x, 2, 2, 0)?;
-    let reference = ops::reference_max_pool2d(&x, 2, 2, 0)?;
+    let reference = ops::portable_max_pool2d(&x, 2, 2, 0)?;
     assert_close("pool untracked", &ours, &reference)
 }
 

@@ -24,6 +24,16 @@ pub enum Kernels {
 }
 
 impl Kernels {
+    /// What really runs when `self` is asked for on `device` with `dtype`: the fast kernels
+    /// exist for f32 on the CPU only, everything else is portable.
+    pub fn running_on(self, device: &candle_core::Device, dtype: candle_core::DType) -> Kernels {
+        if device.is_cpu() && dtype == candle_core::DType::F32 {
+            self
+        } else {
+            Kernels::Portable
+        }
+    }
+
     pub fn name(self) -> &'static str {
         match self {
             Kernels::Fast => "fast",

@@ -29,10 +29,10 @@ use std::sync::Mutex;
 /// Whether the fast CPU kernels are chosen on this thread and apply to all of `tensors`
 /// (counted, so a check of the portable path can see that none ran).
 fn use_fast_kernels(tensors: &[&Tensor]) -> bool {
-    let fast = kernels() == Kernels::Fast
-        && tensors
-            .iter()
-            .all(|t| t.device().is_cpu() && t.dtype() == DType::F32);
+    let chosen = kernels();
+    let fast = tensors
+        .iter()
+        .all(|t| chosen.running_on(t.device(), t.dtype()) == Kernels::Fast);
     if fast {
         kernels::note_fast_dispatch();
     }
@@ -215,17 +215,6 @@ pub fn max_pool2d(x: &Tensor, kernel: usize, stride: usize, padding: usize) -> R
         };
         return x.contiguous()?.apply_op1(op);
     }
-    reference_max_pool2d(x, kernel, stride, padding)
-}
-
-/// The portable max pooling (see [`portable_max_pool2d`]): the GPU path and the tests'
-/// reference.
-pub fn reference_max_pool2d(
-    x: &Tensor,
-    kernel: usize,
-    stride: usize,
-    padding: usize,
-) -> Result<Tensor> {
     portable_max_pool2d(x, kernel, stride, padding)
 }
 
@@ -444,7 +433,7 @@ mod tests {
         let x = Tensor::new(&[[[[-1f32, -2.], [-3., -4.]]]], &Device::Cpu)?;
         let y = max_pool2d(&x, 3, 2, 1)?;
         assert_eq!(y.flatten_all()?.to_vec1::<f32>()?, vec![-1.0]);
-        let y_ref = reference_max_pool2d(&x, 3, 2, 1)?;
+        let y_ref = portable_max_pool2d(&x, 3, 2, 1)?;
         assert_eq!(y_ref.flatten_all()?.to_vec1::<f32>()?, vec![-1.0]);
         Ok(())
     }
