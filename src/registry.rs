@@ -16,6 +16,10 @@ pub struct Kind {
     pub version: u32,
     /// Top-level params that do not enter the fingerprint (e.g. download mirrors).
     pub unhashed: &'static [&'static str],
+    /// Output files (paths relative to the stage's folder) that are published, cached and
+    /// restored like the others but left out of the content hash downstream stages see
+    /// (timings: a retrain to identical model bytes must not make its consumers stale).
+    pub unhashed_outputs: &'static [&'static str],
     validate: Box<ValidateFn>,
     run: Box<RunFn>,
 }
@@ -48,6 +52,7 @@ where
         name,
         version,
         unhashed,
+        unhashed_outputs: &[],
         validate: Box::new(move |table| {
             let params = parse::<P>(table)?;
             check(&params).map_err(|e| e.to_string())?;
