@@ -8,8 +8,46 @@ use std::path::{Path, PathBuf};
 use crate::lock::LockEntry;
 use crate::manifest::{FileRecord, MISSING};
 
+/// A run cache as the engine uses it: the seam where a remote cache plugs in. `lookup`
+/// answers only for runs whose every output can be had; `materialize` verifies what it
+/// copies, so a bad object is an error (the stage then runs), never a wrong output.
+pub trait Cache: Sync {
+    fn lookup(&self, fingerprint: &str) -> Option<Hit>;
+    /// Copies one output file of `hit` to `dest` (parents created), blake3 verified.
+    fn materialize(&self, hit: &Hit, record: &FileRecord, dest: &Path) -> std::io::Result<()>;
+    /// Keeps the outputs (read from the workspace `root`) of a run that just finished.
+    fn store(&self, root: &Path, entry: &LockEntry) -> std::io::Result<()>;
+}
+
+/// A cached run found by its fingerprint.
+pub struct Hit {
+    /// The lock entry of the run that produced the outputs.
+    pub entry: LockEntry,
+    /// Where it was found, as the status line says it: "cache" (this workspace's run
+    /// cache).
+    pub from: &'static str,
+}
+
+/// The local run cache, artifacts/.cache/.
 pub struct RunCache {
     dir: PathBuf,
+}
+
+impl Cache for RunCache {
+    fn lookup(&self, fingerprint: &str) -> Option<Hit> {
+        self.lookup(fingerprint).map(|entry| Hit {
+            entry,
+            from: "cache",
+        })
+    }
+
+    fn materialize(&self, _hit: &Hit, record: &FileRecord, dest: &Path) -> std::io::Result<()> {
+        self.materialize(record, dest)
+    }
+
+    fn store(&self, root: &Path, entry: &LockEntry) -> std::io::Result<()> {
+        self.store(root, entry)
+    }
 }
 
 #[derive(Debug, Default)]

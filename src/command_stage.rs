@@ -16,10 +16,9 @@ use std::time::{Duration, Instant};
 
 use libc::pid_t;
 
-use crate::executor::{io_fail, StageEnd};
 use crate::journal::Group;
-use crate::manifest::{self, FileRecord, MISSING};
 use crate::publish::Backup;
+use crate::runner::StageEnd;
 
 /// How many lines of a failed command's log are shown.
 const LOG_TAIL_LINES: usize = 15;
@@ -62,45 +61,21 @@ impl Drop for Registered {
     }
 }
 
-/// Runs a command stage: `sh -c CMD` in the workspace root, its output in
-/// artifacts/.logs/NAME.log, its declared outputs moved aside first and put back unless it
-/// succeeds and writes every one of them.
-pub fn run_command(
+/// Runs a command stage's `sh -c CMD` in the workspace `root`, its output in `log_path`.
+/// `backup` holds the stage's previous outputs (the caller took it and settles it); the
+/// command's process group is journaled with it before the command starts.
+pub fn execute(
     root: &Path,
-    artifacts: &Path,
-    stage_name: &str,
+    log_path: &Path,
     cmd: &str,
-    outs: &[String],
+    backup: &mut Backup,
     cancel: &AtomicBool,
-) -> Result<(Vec<FileRecord>, serde_json::Value), StageEnd> {
-    let logs = artifacts.join(".logs");
-    std::fs::create_dir_all(&logs).map_err(io_fail("create", &logs))?;
-    let log_path = logs.join(format!("{stage_name}.log"));
-    let mut backup = Backup::take(root, artifacts, stage_name, outs)
-        .map_err(|e| StageEnd::Failed(format!("cannot move previous outputs aside: {e}")))?;
-    let fail = |backup: Backup, msg: String| {
-        backup.restore();
-        StageEnd::Failed(msg)
-    };
-    for out in outs {
-        if let Some(parent) = root.join(out).parent() {
-            let _ = std::fs::create_dir_all(parent);
-        }
-    }
-    let logs = File::create(&log_path).and_then(|log| Ok((log.try_clone()?, log)));
-    let (log, log_err) = match logs {
-        Ok(files) => files,
-        Err(e) => {
-            return Err(fail(
-                backup,
-                format!("cannot create {}: {e}", log_path.display()),
-            ))
-        }
-    };
-    let (mut child, pgid) = match spawn_in_group(root, cmd, log, log_err, &mut backup) {
-        Ok(started) => started,
-        Err(e) => return Err(fail(backup, format!("cannot start `sh -c`: {e}"))),
-    };
+) -> Result<(), StageEnd> {
+    let logs = File::create(log_path).and_then(|log| Ok((log.try_clone()?, log)));
+    let (log, log_err) =
+        logs.map_err(|e| StageEnd::Failed(format!("cannot create {}: {e}", log_path.display())))?;
+    let (mut child, pgid) = spawn_in_group(root, cmd, log, log_err, backup)
+        .map_err(|e| StageEnd::Failed(format!("cannot start `sh -c`: {e}")))?;
     let registered = Registered::new(pgid);
     // Poll rather than block so Ctrl-C can stop the command; the wait grows from 0.1 ms so
     // quick commands finish quickly (a long chain of them pays this latency per stage) and
@@ -112,55 +87,39 @@ pub fn run_command(
             Ok(None) => {}
             Err(e) => {
                 end_group(&mut child, pgid);
-                return Err(fail(backup, format!("cannot wait for the command: {e}")));
+                return Err(StageEnd::Failed(format!(
+                    "cannot wait for the command: {e}"
+                )));
             }
         }
         if cancel.load(Ordering::Relaxed) {
             end_group(&mut child, pgid);
-            drop(registered);
-            backup.restore();
             return Err(StageEnd::Interrupted);
         }
         std::thread::sleep(pause);
         pause = (pause * 2).min(Duration::from_millis(50));
     };
     drop(registered);
-    if !status.success() {
-        // A signal sent to the group from outside (a terminal's Ctrl-C reaches only us).
-        let killed_by_sigint = {
-            use std::os::unix::process::ExitStatusExt;
-            status.signal() == Some(libc::SIGINT)
-        };
-        if killed_by_sigint || cancel.load(Ordering::Relaxed) {
-            backup.restore();
-            return Err(StageEnd::Interrupted);
-        }
-        let tail = log_tail(&log_path, LOG_TAIL_LINES);
-        let code = status
-            .code()
-            .map(|c| format!("exit status {c}"))
-            .unwrap_or_else(|| "killed by a signal".to_string());
-        return Err(fail(
-            backup,
-            format!(
-                "command failed ({code}); last lines of {}:\n{tail}",
-                log_path.display()
-            ),
-        ));
+    if status.success() {
+        return Ok(());
     }
-    let records = match manifest::scan(root, outs, &[]) {
-        Ok(r) => r,
-        Err(e) => return Err(fail(backup, format!("cannot read outputs: {e}"))),
+    // A signal sent to the group from outside (a terminal's Ctrl-C reaches only us).
+    let killed_by_sigint = {
+        use std::os::unix::process::ExitStatusExt;
+        status.signal() == Some(libc::SIGINT)
     };
-    if let Some(missing) = records.iter().find(|r| r.blake3 == MISSING) {
-        let msg = format!(
-            "the command did not write its declared output `{}`",
-            missing.path
-        );
-        return Err(fail(backup, msg));
+    if killed_by_sigint || cancel.load(Ordering::Relaxed) {
+        return Err(StageEnd::Interrupted);
     }
-    backup.discard();
-    Ok((records, serde_json::Value::Null))
+    let tail = log_tail(log_path, LOG_TAIL_LINES);
+    let code = status
+        .code()
+        .map(|c| format!("exit status {c}"))
+        .unwrap_or_else(|| "killed by a signal".to_string());
+    Err(StageEnd::Failed(format!(
+        "command failed ({code}); last lines of {}:\n{tail}",
+        log_path.display()
+    )))
 }
 
 fn log_tail(path: &Path, lines: usize) -> String {

@@ -64,6 +64,9 @@ pub enum Body {
     Builtin {
         kind: String,
         version: u32,
+        /// Output files (relative to the stage's folder) kept out of the content hash
+        /// downstream stages see.
+        unhashed_outputs: &'static [&'static str],
         /// The stage's table minus `kind` and `needs`, overrides applied.
         table: toml::Table,
     },
@@ -99,6 +102,28 @@ impl Stage {
         match &self.body {
             Body::Builtin { .. } => vec![format!("{ARTIFACTS_DIR}/{}", self.name)],
             Body::Command { outs, .. } => outs.clone(),
+        }
+    }
+
+    /// The content hash of this stage's outputs as downstream stages see it: every output
+    /// file but the kind's unhashed ones (timings and the like).
+    pub fn outputs_digest(&self, outs: &[crate::manifest::FileRecord]) -> String {
+        match &self.body {
+            Body::Builtin {
+                unhashed_outputs, ..
+            } if !unhashed_outputs.is_empty() => {
+                let folder = format!("{ARTIFACTS_DIR}/{}/", self.name);
+                let hashed: Vec<_> = outs
+                    .iter()
+                    .filter(|r| {
+                        let inner = r.path.strip_prefix(&folder).unwrap_or(&r.path);
+                        !unhashed_outputs.contains(&inner)
+                    })
+                    .cloned()
+                    .collect();
+                crate::manifest::digest(&hashed)
+            }
+            _ => crate::manifest::digest(outs),
         }
     }
 
@@ -619,6 +644,7 @@ fn stage_from_entries(
             let body = Body::Builtin {
                 kind,
                 version: implementation.version,
+                unhashed_outputs: implementation.unhashed_outputs,
                 table,
             };
             (body, validated.hashed, validated.full)

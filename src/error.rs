@@ -29,7 +29,7 @@ pub enum PipeError {
 }
 
 impl PipeError {
-    pub fn exit_code(&self) -> i32 {
+    pub fn exit_code(&self) -> u8 {
         match self {
             PipeError::Config(_) | PipeError::Busy(_) => 2,
             PipeError::StageFailed(_) | PipeError::Io { .. } => 1,

@@ -4,6 +4,8 @@
 
 use std::collections::BTreeMap;
 
+use crate::reason::Reason;
+
 /// Bumped when the fingerprint recipe itself changes, so old locks read as stale.
 const RECIPE: &str = "fmnist-pipe fingerprint v1";
 
@@ -100,12 +102,12 @@ fn write_canonical(value: &serde_json::Value, out: &mut String) {
     }
 }
 
-/// Differences between two param trees as "path: old -> new" lines.
+/// Differences between two param trees, one reason per changed leaf ("path: old -> new").
 pub fn diff_params(
     prefix: &str,
     old: &serde_json::Value,
     new: &serde_json::Value,
-    out: &mut Vec<String>,
+    out: &mut Vec<Reason>,
 ) {
     use serde_json::Value;
     match (old, new) {
@@ -125,14 +127,12 @@ pub fn diff_params(
             }
         }
         (a, b) if canonical(a) != canonical(b) => {
-            let show = |v: &Value| {
-                if v.is_null() {
-                    "(unset)".to_string()
-                } else {
-                    v.to_string()
-                }
-            };
-            out.push(format!("{prefix}: {} -> {}", show(a), show(b)));
+            let show = |v: &Value| (!v.is_null()).then(|| v.to_string());
+            out.push(Reason::ParamChanged {
+                param: prefix.to_string(),
+                from: show(a),
+                to: show(b),
+            });
         }
         _ => {}
     }
@@ -253,8 +253,9 @@ mod tests {
             &json!({"lr": 0.001, "opt": {"name": "adam"}, "x": 1}),
             &mut out,
         );
+        let shown: Vec<String> = out.iter().map(ToString::to_string).collect();
         assert_eq!(
-            out,
+            shown,
             vec!["params.lr: 0.0001 -> 0.001", "params.x: (unset) -> 1"]
         );
     }

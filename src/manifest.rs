@@ -9,6 +9,8 @@ use std::time::UNIX_EPOCH;
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
+use crate::reason::{FileChange, FileSide, Reason};
+
 /// Marks a declared path that does not exist.
 pub const MISSING: &str = "missing";
 
@@ -154,22 +156,29 @@ pub fn digest(records: &[FileRecord]) -> String {
     h.finalize().to_hex().to_string()
 }
 
-/// What differs between two manifests, as "modified: path" style lines (`what` names them).
-pub fn diff(what: &str, old: &[FileRecord], new: &[FileRecord], out: &mut Vec<String>) {
+/// What differs between two manifests, one reason per file (`side` says whose files).
+pub fn diff(side: FileSide, old: &[FileRecord], new: &[FileRecord], out: &mut Vec<Reason>) {
     let old_map: HashMap<&str, &FileRecord> = old.iter().map(|r| (r.path.as_str(), r)).collect();
     let new_map: HashMap<&str, &FileRecord> = new.iter().map(|r| (r.path.as_str(), r)).collect();
+    let mut push = |change, path: &str| {
+        out.push(Reason::File {
+            side,
+            change,
+            path: path.to_string(),
+        })
+    };
     for r in new {
         match old_map.get(r.path.as_str()) {
-            _ if r.blake3 == MISSING => out.push(format!("{what} missing: {}", r.path)),
-            None => out.push(format!("{what} added: {}", r.path)),
-            Some(o) if o.blake3 == MISSING => out.push(format!("{what} added: {}", r.path)),
-            Some(o) if o.blake3 != r.blake3 => out.push(format!("{what} modified: {}", r.path)),
+            _ if r.blake3 == MISSING => push(FileChange::Missing, &r.path),
+            None => push(FileChange::Added, &r.path),
+            Some(o) if o.blake3 == MISSING => push(FileChange::Added, &r.path),
+            Some(o) if o.blake3 != r.blake3 => push(FileChange::Modified, &r.path),
             _ => {}
         }
     }
     for r in old {
         if !new_map.contains_key(r.path.as_str()) && r.blake3 != MISSING {
-            out.push(format!("{what} missing: {}", r.path));
+            push(FileChange::Missing, &r.path);
         }
     }
 }

@@ -11,9 +11,10 @@ use proptest::sample::{select, Index};
 use tempfile::TempDir;
 
 use crate::config::{self, Override};
-use crate::executor::{self, Workspace};
 use crate::lock;
+use crate::plan;
 use crate::registry::Registry;
+use crate::workspace::Workspace;
 
 const STUDY: &str = include_str!("../pipeline.toml");
 
@@ -192,8 +193,8 @@ fn load_bytes(bytes: &[u8], overrides: &[Override]) -> Result<config::Pipeline, 
 fn load_and_status(dir: &Dir, overrides: &[Override]) -> Result<Vec<String>, String> {
     let ws = Workspace::load(&dir.pipeline(), overrides, Registry::builtins())
         .map_err(|e| e.to_string())?;
-    let report = executor::status(&ws).map_err(|e| e.to_string())?;
-    Ok(report
+    let planned = plan::plan(&ws, None, &Default::default(), None);
+    Ok(plan::status(&ws, &planned)
         .into_iter()
         .map(|s| format!("{} {}", s.stage, s.state))
         .collect())

@@ -9,9 +9,11 @@ use std::time::{Duration, Instant};
 use fmnist_stages::Progress;
 use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
 
-/// The run's output channel; lines go above any live bars.
+/// The run's output channel; lines go above any live bars. On a terminal the run's overall
+/// progress (stages done / total, like cargo's) stays at the bottom while it runs.
 pub struct Console {
     multi: Option<MultiProgress>,
+    overall: Mutex<Option<ProgressBar>>,
 }
 
 impl Console {
@@ -19,7 +21,44 @@ impl Console {
         let multi = std::io::stdout()
             .is_terminal()
             .then(|| MultiProgress::with_draw_target(ProgressDrawTarget::stdout()));
-        Console { multi }
+        Console {
+            multi,
+            overall: Mutex::new(None),
+        }
+    }
+
+    /// A run of `stages` stages begins.
+    pub fn start_run(&self, stages: usize) {
+        let Some(multi) = &self.multi else { return };
+        let bar = ProgressBar::new(stages as u64);
+        if let Ok(style) =
+            ProgressStyle::with_template("{prefix:>8} [{bar:30}] {pos}/{len} stages {elapsed}")
+        {
+            bar.set_style(style.progress_chars("=> "));
+        }
+        bar.set_prefix("Running");
+        bar.enable_steady_tick(Duration::from_millis(200));
+        if let Ok(mut overall) = self.overall.lock() {
+            *overall = Some(multi.add(bar));
+        }
+    }
+
+    /// One more stage finished (whatever its outcome).
+    pub fn stage_done(&self) {
+        if let Ok(overall) = self.overall.lock() {
+            if let Some(bar) = overall.as_ref() {
+                bar.inc(1);
+            }
+        }
+    }
+
+    /// The run is over: the overall bar goes.
+    pub fn end_run(&self) {
+        if let Ok(mut overall) = self.overall.lock() {
+            if let Some(bar) = overall.take() {
+                bar.finish_and_clear();
+            }
+        }
     }
 
     pub fn line(&self, text: &str) {
@@ -164,6 +203,18 @@ impl Progress for StageProgress<'_> {
 
     fn println(&self, line: &str) {
         self.console.line(&format!("[{}] {line}", self.name));
+    }
+}
+
+/// A stage that ends without finishing its last phase (a cached download, an error) must
+/// not leave its bar on screen.
+impl Drop for StageProgress<'_> {
+    fn drop(&mut self) {
+        self.with_state(|s| {
+            if let Some(bar) = s.bar.take() {
+                bar.finish_and_clear();
+            }
+        });
     }
 }
 

@@ -294,7 +294,9 @@ fn status_explains_staleness() {
         "{shown}"
     );
     assert!(shown.contains("dep modified: a.txt"), "{shown}");
-    assert!(shown.contains("upstream `a` is stale"), "{shown}");
+    // a's outputs were edited by hand: the run cache has its run, so the plan restores it.
+    assert!(shown.contains("a  stale, in the run cache"), "{shown}");
+    assert!(shown.contains("upstream `b` is stale"), "{shown}");
 
     let json = ws.pipe(&["status", "--json"]);
     let report: serde_json::Value =
@@ -305,7 +307,11 @@ fn status_explains_staleness() {
         .iter()
         .filter_map(|s| s["state"].as_str())
         .collect();
-    assert_eq!(states, ["stale", "stale", "stale", "stale"]);
+    assert_eq!(states, ["stale", "stale", "up to date", "stale"]);
+    let first_reason = &report[1]["reasons"][0];
+    assert_eq!(first_reason["reason"], "param_changed", "{first_reason}");
+    assert_eq!(first_reason["param"], "params.cmd", "{first_reason}");
+    assert_eq!(report[0]["decision"], "restore", "{}", report[0]);
 }
 
 #[test]

@@ -1,0 +1,377 @@
+//! The command line: arguments (clap), tracing, dispatch to the engine's commands, and the
+//! exit code of every error class (0 ok, 1 stage failed, 2 bad usage or pipeline file or a
+//! run in progress, 130 interrupted).
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use clap::{Parser, Subcommand, ValueEnum};
+
+use std::process::ExitCode;
+
+use crate::config::Override;
+use crate::error::PipeError;
+use crate::execute::RunOptions;
+use crate::progress::Console;
+use crate::registry::Registry;
+use crate::runner::LocalRunner;
+use crate::workspace::Workspace;
+use crate::{check, command_stage, execute, maintenance, output, plan};
+
+#[derive(Parser)]
+#[command(
+    name = "fmnist-pipe",
+    version,
+    about = "Declarative, incremental pipeline orchestrator for a Fashion-MNIST study"
+)]
+struct Cli {
+    /// The pipeline file; its folder is the workspace (artifacts/, pipeline.lock).
+    #[arg(long, short = 'f', global = true, default_value = "pipeline.toml")]
+    file: PathBuf,
+    /// More detail (fingerprints, decisions) on stderr.
+    #[arg(long, short = 'v', global = true)]
+    verbose: bool,
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run every stale stage (or the named ones and what they need).
+    Run {
+        /// Run only this stage and its stale upstream stages (repeatable).
+        #[arg(long = "stage", short = 's', value_name = "NAME")]
+        stages: Vec<String>,
+        /// Run even if up to date (the named stages, or every stage when none is named).
+        #[arg(long)]
+        force: bool,
+        /// Show what would run, and why, without running anything.
+        #[arg(long = "dry-run", short = 'n')]
+        dry_run: bool,
+        /// Override a value of the pipeline file for this run, e.g. train.epochs=3.
+        #[arg(long = "set", value_name = "STAGE.KEY=VALUE")]
+        sets: Vec<String>,
+        /// How many independent stages may run at once (default: number of CPUs).
+        #[arg(long, short = 'j', value_name = "N")]
+        jobs: Option<usize>,
+    },
+    /// Show which stages are up to date and why the others are not.
+    Status {
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print the stage graph.
+    Dag {
+        #[arg(long, value_enum, default_value_t = DagFormat::Text)]
+        format: DagFormat,
+    },
+    /// Delete stage outputs and their lock entries (the run cache keeps a copy).
+    Clean {
+        #[arg(long = "stage", short = 's', value_name = "NAME")]
+        stages: Vec<String>,
+    },
+    /// Drop cached runs the lock no longer refers to.
+    Gc,
+    /// Train one epoch on the first N real images, then infer over them: images/s and peak
+    /// memory (scripts/bench-vs-torch.sh compares with PyTorch).
+    Bench {
+        #[arg(long, value_enum, default_value_t = BenchModel::Baseline)]
+        model: BenchModel,
+        /// How many training images.
+        #[arg(long, default_value_t = 6400)]
+        images: usize,
+        /// Compute threads (default: number of CPUs).
+        #[arg(long)]
+        threads: Option<usize>,
+        /// Folder with the four IDX files (plain or .gz).
+        #[arg(long, default_value = fmnist_stages::bench::DEFAULT_DATA_DIR)]
+        data: PathBuf,
+        /// fast: our CPU kernels; portable: candle's tensor ops only, every op (the path a GPU
+        /// runs).
+        #[arg(long, value_enum, default_value_t = KernelsArg::Fast)]
+        kernels: KernelsArg,
+        /// Same as --kernels portable.
+        #[arg(long, hide = true)]
+        stock_kernels: bool,
+        /// cpu | cuda | cuda:N | metal | auto.
+        #[arg(long, default_value = "cpu")]
+        device: String,
+        /// One JSON object instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Train a few steps of both models on DEVICE and on the CPU's portable path from the same
+    /// weights and batches, and compare losses, gradients and eval logits (exit 1 when they
+    /// differ beyond the stated tolerance). `--device cpu` checks the fast CPU kernels.
+    Check {
+        /// The device to check: cuda | cuda:N | metal | cpu | auto.
+        #[arg(long, default_value = "auto")]
+        device: String,
+        /// Kernels on that device (off the CPU every op is portable anyway).
+        #[arg(long, value_enum, default_value_t = KernelsArg::Fast)]
+        kernels: KernelsArg,
+        /// The CPU reference: portable (f32, the graph a GPU runs) or f64 (near-exact).
+        #[arg(long, value_enum, default_value_t = ReferenceArg::Portable)]
+        reference: ReferenceArg,
+        /// Folder with the four IDX files (plain or .gz).
+        #[arg(long, default_value = fmnist_stages::bench::DEFAULT_DATA_DIR)]
+        data: PathBuf,
+        #[arg(long, default_value_t = 5)]
+        steps: usize,
+        #[arg(long, default_value_t = 64)]
+        batch_size: usize,
+        /// Which models (repeatable; default both).
+        #[arg(long = "model", value_enum)]
+        models: Vec<BenchModel>,
+        /// One JSON object instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum ReferenceArg {
+    Portable,
+    F64,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum KernelsArg {
+    Fast,
+    Portable,
+}
+
+impl From<KernelsArg> for fmnist_stages::ops::Kernels {
+    fn from(k: KernelsArg) -> Self {
+        match k {
+            KernelsArg::Fast => fmnist_stages::ops::Kernels::Fast,
+            KernelsArg::Portable => fmnist_stages::ops::Kernels::Portable,
+        }
+    }
+}
+
+#[derive(Clone, Copy, PartialEq, ValueEnum)]
+enum BenchModel {
+    Baseline,
+    Resnet18,
+}
+
+impl From<BenchModel> for fmnist_stages::models::ModelKind {
+    fn from(m: BenchModel) -> Self {
+        match m {
+            BenchModel::Baseline => fmnist_stages::models::ModelKind::Baseline,
+            BenchModel::Resnet18 => fmnist_stages::models::ModelKind::Resnet18,
+        }
+    }
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum DagFormat {
+    Text,
+    Dot,
+    Mermaid,
+}
+
+/// The whole program: parse, trace, dispatch, map the error to its exit code.
+pub fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            let code = if e.use_stderr() { 2 } else { 0 };
+            let _ = e.print();
+            return ExitCode::from(code);
+        }
+    };
+    // -v asks for our debug traces; RUST_LOG, when set, says exactly what to trace.
+    let filter = match std::env::var("RUST_LOG") {
+        Ok(spec) if !spec.is_empty() => Some(tracing_subscriber::EnvFilter::new(spec)),
+        _ if cli.verbose => Some(tracing_subscriber::EnvFilter::new(
+            "fmnist_pipe=debug,fmnist_stages=debug",
+        )),
+        _ => None,
+    };
+    if let Some(filter) = filter {
+        tracing_subscriber::fmt()
+            .with_env_filter(filter)
+            .with_writer(std::io::stderr)
+            .init();
+    }
+    match dispatch(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            output::warn_line(&format!("error: {e}"));
+            ExitCode::from(e.exit_code())
+        }
+    }
+}
+
+fn dispatch(cli: Cli) -> Result<(), PipeError> {
+    match cli.command {
+        Cmd::Run {
+            stages,
+            force,
+            dry_run,
+            sets,
+            jobs,
+        } => {
+            let overrides: Vec<Override> =
+                sets.iter().map(|s| s.parse()).collect::<Result<_, _>>()?;
+            let mut ws = Workspace::load(&cli.file, &overrides, Registry::builtins())?;
+            let targets = ws.targets(&stages)?;
+            let cancel = Arc::new(AtomicBool::new(false));
+            let flag = Arc::clone(&cancel);
+            // First Ctrl-C (or SIGTERM, SIGHUP): ask stages to stop, ending their commands'
+            // process groups, and keep what finished; second: kill the groups and leave now.
+            let _ = ctrlc::set_handler(move || {
+                if flag.swap(true, Ordering::SeqCst) {
+                    command_stage::kill_running_groups();
+                    std::process::exit(130);
+                }
+            });
+            let jobs = jobs.unwrap_or_else(|| {
+                std::thread::available_parallelism()
+                    .map(|n| n.get())
+                    .unwrap_or(1)
+            });
+            if jobs == 0 {
+                return Err(PipeError::Config("-j must be at least 1".to_string()));
+            }
+            let opts = RunOptions {
+                targets,
+                force,
+                dry_run,
+                jobs,
+            };
+            let result = execute::run(&mut ws, &opts, &LocalRunner, &Console::new(), &cancel);
+            // The process ends next: freeing a large pipeline's structures one by one took
+            // longer than a no-op run's checks.
+            std::mem::forget(ws);
+            result
+        }
+        Cmd::Status { json } => {
+            let ws = Workspace::load(&cli.file, &[], Registry::builtins())?;
+            let cache = crate::cache::RunCache::new(&ws.pipeline.artifacts());
+            let planned = plan::plan(&ws, None, &Default::default(), Some(&cache));
+            let report = plan::status(&ws, &planned);
+            if json {
+                let text = serde_json::to_string_pretty(&report)
+                    .map_err(|e| PipeError::io("cannot encode status", std::io::Error::other(e)))?;
+                output::emit_line(&text)?;
+            } else {
+                let width = report.iter().map(|s| s.stage.len()).max().unwrap_or(0);
+                for s in &report {
+                    let restorable = if s.decision == "restore" {
+                        ", in the run cache"
+                    } else {
+                        ""
+                    };
+                    let ran_on = s
+                        .ran_on
+                        .as_ref()
+                        .map(|on| format!(" (ran on {on})"))
+                        .unwrap_or_default();
+                    output::emit_line(&format!(
+                        "{:width$}  {}{restorable}{ran_on}",
+                        s.stage, s.state
+                    ))?;
+                    for reason in &s.reasons {
+                        output::emit_line(&format!("{:width$}    - {}", "", reason.text))?;
+                    }
+                }
+            }
+            Ok(())
+        }
+        Cmd::Dag { format } => {
+            let ws = Workspace::load(&cli.file, &[], Registry::builtins())?;
+            let text = match format {
+                DagFormat::Text => ws.dag.render_text(&ws.pipeline),
+                DagFormat::Dot => ws.dag.render_dot(&ws.pipeline),
+                DagFormat::Mermaid => ws.dag.render_mermaid(&ws.pipeline),
+            };
+            output::emit(&text)?;
+            Ok(())
+        }
+        Cmd::Clean { stages } => {
+            let mut ws = Workspace::load(&cli.file, &[], Registry::builtins())?;
+            let targets = ws.targets(&stages)?;
+            let cleaned = maintenance::clean(&mut ws, &targets)?;
+            output::emit_line(&format!("cleaned: {}", cleaned.join(", ")))?;
+            Ok(())
+        }
+        Cmd::Gc => {
+            let ws = Workspace::load(&cli.file, &[], Registry::builtins())?;
+            let report = maintenance::gc(&ws)?;
+            output::emit_line(&format!(
+                "removed {} cached runs and {} files ({:.1} MB), {} abandoned checkpoint folders",
+                report.runs_removed,
+                report.objects_removed,
+                report.bytes_freed as f64 / 1e6,
+                report.scratch_removed
+            ))
+        }
+        Cmd::Bench {
+            model,
+            images,
+            threads,
+            data,
+            kernels,
+            stock_kernels,
+            device,
+            json,
+        } => {
+            let threads = threads.unwrap_or_else(|| {
+                std::thread::available_parallelism()
+                    .map(|n| n.get())
+                    .unwrap_or(1)
+            });
+            let options = fmnist_stages::bench::BenchOptions {
+                model: model.into(),
+                images,
+                threads,
+                data_dir: data,
+                kernels: if stock_kernels {
+                    fmnist_stages::ops::Kernels::Portable
+                } else {
+                    kernels.into()
+                },
+                device,
+            };
+            let report = fmnist_stages::bench::run(&options)
+                .map_err(|e| PipeError::StageFailed(format!("bench: {e:#}")))?;
+            if json {
+                output::emit_line(&serde_json::to_string(&report).unwrap_or_default())?;
+            } else {
+                output::emit_line(&report.to_string())?;
+            }
+            Ok(())
+        }
+        Cmd::Check {
+            device,
+            kernels,
+            reference,
+            data,
+            steps,
+            batch_size,
+            models,
+            json,
+        } => check::run(&check::Options {
+            device,
+            kernels: kernels.into(),
+            reference: match reference {
+                ReferenceArg::Portable => check::Reference::Portable,
+                ReferenceArg::F64 => check::Reference::F64,
+            },
+            data,
+            steps,
+            batch_size,
+            models: if models.is_empty() {
+                vec![BenchModel::Baseline.into(), BenchModel::Resnet18.into()]
+            } else {
+                models.into_iter().map(Into::into).collect()
+            },
+            json,
+        }),
+    }
+}

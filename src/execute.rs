@@ -1,0 +1,544 @@
+//! `run`: the plan carried out. Takes the workspace's guards, hands the selected stages to
+//! the scheduler, each to `stage_run` on a worker, and records every finished stage: a line
+//! on the console, the lock's journal, the run cache. `--dry-run` only renders the plan.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use crate::cache::{Cache, RunCache};
+use crate::error::PipeError;
+use crate::lock::{self, LockEntry, LockFile};
+use crate::plan::{self, Decision};
+use crate::progress::{self, Console};
+use crate::reason;
+use crate::runner::Runner;
+use crate::schedule::{schedule, Books, Flow};
+use crate::stage_run::{self, Env, Outcome, Published};
+use crate::workspace::{self, RunGuard, Workspace, ENGINE_FOLDERS};
+
+pub struct RunOptions {
+    pub targets: Vec<usize>,
+    pub force: bool,
+    pub dry_run: bool,
+    pub jobs: usize,
+}
+
+/// Runs every stale selected stage. Ok when all of them succeeded (or were up to date).
+pub fn run(
+    ws: &mut Workspace,
+    opts: &RunOptions,
+    runner: &dyn Runner,
+    console: &Console,
+    cancel: &AtomicBool,
+) -> Result<(), PipeError> {
+    let artifacts = ws.pipeline.artifacts();
+    let selected = ws.dag.select(&opts.targets);
+    let forced: BTreeSet<usize> = match (opts.force, opts.targets.is_empty()) {
+        (false, _) => BTreeSet::new(),
+        (true, true) => selected.clone(),
+        (true, false) => opts.targets.iter().copied().collect(),
+    };
+    let cache = RunCache::new(&artifacts);
+    if opts.dry_run {
+        return dry_run(ws, &selected, &forced, &cache, console);
+    }
+    let _guard = RunGuard::acquire(&artifacts)?;
+    workspace::recover_crashed_run(&artifacts, |note| console.line(note))?;
+    workspace::check_inside(&ws.pipeline, selected.iter().copied(), &ENGINE_FOLDERS)?;
+
+    let lock = take_lock(ws);
+    let journal = lock::Journal::open(&ws.lock_path)?;
+    let env = Env {
+        ws,
+        runner,
+        cache: &cache,
+        console,
+        cancel,
+        forced: &forced,
+    };
+    let mut recorder = Recorder::new(&env, lock, journal);
+    console.start_run(selected.len());
+    schedule(
+        &ws.dag,
+        &selected,
+        opts.jobs,
+        &mut recorder,
+        |i, (entry, upstream)| caught(&env, i, entry, &upstream),
+    );
+    console.end_run();
+    let Recorder {
+        lock,
+        lock_dirty,
+        failures,
+        interrupted,
+        mut lock_error,
+        ..
+    } = recorder;
+    if lock_dirty {
+        let index = workspace::lock_index(&ws.pipeline);
+        if let Err(e) = lock::write_indexed(&ws.lock_path, &lock, Some(&index)) {
+            lock_error.get_or_insert(e);
+        }
+    }
+    ws.lock = lock;
+    if let Some(e) = lock_error {
+        return Err(e);
+    }
+    if interrupted || cancel.load(Ordering::Relaxed) {
+        return Err(PipeError::Interrupted);
+    }
+    if !failures.is_empty() {
+        let what = if failures.len() == 1 {
+            "stage"
+        } else {
+            "stages"
+        };
+        return Err(PipeError::StageFailed(format!(
+            "{what} failed: {}; their previous outputs and lock entries were kept",
+            failures.join(", ")
+        )));
+    }
+    Ok(())
+}
+
+/// `run --dry-run`: the plan of the selected stages, nothing touched.
+fn dry_run(
+    ws: &Workspace,
+    selected: &BTreeSet<usize>,
+    forced: &BTreeSet<usize>,
+    cache: &dyn Cache,
+    console: &Console,
+) -> Result<(), PipeError> {
+    for planned in plan::plan(ws, Some(selected), forced, Some(cache)) {
+        let name = &ws.pipeline.stages[planned.index].name;
+        console.line(&match &planned.decision {
+            Decision::UpToDate { .. } => format!("{name}: up to date"),
+            Decision::Restore { hit, .. } => format!("{name}: would restore from {}", hit.from),
+            Decision::Run(reasons) => {
+                format!("{name}: would run ({})", reason::joined(reasons))
+            }
+        });
+    }
+    Ok(())
+}
+
+/// [`stage_run::process`], a panic turned into a failed stage.
+fn caught(
+    env: &Env,
+    i: usize,
+    entry: Option<LockEntry>,
+    upstream: &BTreeMap<String, Published>,
+) -> Outcome {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        stage_run::process(env, i, entry, upstream)
+    }))
+    .unwrap_or_else(|_| Outcome::Failed("the stage panicked (a bug: please report it)".into()))
+}
+
+/// The lock as this run starts from it: stages no longer in the pipeline dropped, in the
+/// current format.
+fn take_lock(ws: &mut Workspace) -> (LockFile, bool) {
+    let mut lock = std::mem::take(&mut ws.lock);
+    let known: BTreeSet<&str> = ws.pipeline.stages.iter().map(|s| s.name.as_str()).collect();
+    let mut dirty = lock.format != lock::LOCK_FORMAT;
+    lock.format = lock::LOCK_FORMAT;
+    let before = lock.stages.len();
+    lock.stages.retain(|name, _| known.contains(name.as_str()));
+    dirty |= lock.stages.len() != before;
+    (lock, dirty)
+}
+
+/// The run's bookkeeping, on the scheduler's thread: the lock as it grows, what finished,
+/// what failed.
+struct Recorder<'a> {
+    env: &'a Env<'a>,
+    lock: LockFile,
+    lock_dirty: bool,
+    /// Each finished stage is appended to the lock's journal (one line; rewriting the whole
+    /// lock per stage made a long pipeline quadratic); the lock is rewritten once, at the
+    /// end.
+    journal: lock::Journal,
+    published: BTreeMap<String, Published>,
+    failures: Vec<String>,
+    interrupted: bool,
+    lock_error: Option<PipeError>,
+}
+
+impl<'a> Recorder<'a> {
+    fn new(env: &'a Env<'a>, (lock, lock_dirty): (LockFile, bool), journal: lock::Journal) -> Self {
+        Recorder {
+            env,
+            lock,
+            lock_dirty,
+            journal,
+            published: BTreeMap::new(),
+            failures: Vec::new(),
+            interrupted: false,
+            lock_error: None,
+        }
+    }
+}
+
+type Job = (Option<LockEntry>, BTreeMap<String, Published>);
+
+impl Books<Job, Outcome> for Recorder<'_> {
+    /// Stage i's lock entry and its upstream stages as published.
+    fn prepare(&mut self, i: usize) -> Job {
+        let stage = &self.env.ws.pipeline.stages[i];
+        let upstream = stage
+            .needs
+            .iter()
+            .filter_map(|n| self.published.get(n).map(|p| (n.clone(), p.clone())))
+            .collect();
+        (self.lock.stages.get(&stage.name).cloned(), upstream)
+    }
+
+    fn halted(&self) -> bool {
+        self.env.cancel.load(Ordering::Relaxed)
+    }
+
+    fn finish(&mut self, i: usize, outcome: Outcome) -> Flow {
+        let env = self.env;
+        let stage = &env.ws.pipeline.stages[i];
+        let name = &stage.name;
+        let console = env.console;
+        console.stage_done();
+        let (entry, record) = match outcome {
+            Outcome::UpToDate { entry, refreshed } => {
+                console.line(&format!("{name}: up to date"));
+                (entry, refreshed)
+            }
+            Outcome::Restored { entry, from } => {
+                console.line(&format!("{name}: restored from {from}"));
+                (entry, true)
+            }
+            Outcome::Ran { entry, took } => {
+                let metrics = if entry.metrics.is_empty() {
+                    String::new()
+                } else {
+                    format!("  {}", compact_metrics(&entry.metrics))
+                };
+                console.line(&format!(
+                    "{name}: done in {}{metrics}",
+                    progress::duration(took)
+                ));
+                if let Err(e) = env.cache.store(&env.ws.pipeline.root, &entry) {
+                    console.line(&format!(
+                        "warning: {name}: could not store outputs in the run cache: {e}"
+                    ));
+                }
+                (entry, true)
+            }
+            Outcome::Failed(message) => {
+                console.line(&format!("{name}: FAILED: {message}"));
+                self.failures.push(name.clone());
+                return Flow::Halt;
+            }
+            Outcome::Interrupted => {
+                console.line(&format!("{name}: interrupted"));
+                self.interrupted = true;
+                return Flow::Halt;
+            }
+        };
+        self.published.insert(
+            name.clone(),
+            Published {
+                outs_hash: entry.outs_hash.clone(),
+                fingerprint: entry.fingerprint.clone(),
+            },
+        );
+        if record {
+            if let Err(e) = self.journal.record(name, &entry) {
+                self.lock_error = Some(e);
+            }
+            self.lock.stages.insert(name.clone(), entry);
+            self.lock_dirty = true;
+        }
+        if self.lock_error.is_some() {
+            Flow::Halt
+        } else {
+            Flow::Unblock
+        }
+    }
+}
+
+/// "key=value ..." of a stage's scalar metrics, for its "done" line.
+fn compact_metrics(metrics: &toml::Table) -> String {
+    metrics
+        .iter()
+        .filter(|(_, v)| !v.is_table() && !v.is_array())
+        .map(|(k, v)| match v {
+            // Four significant decimals are what a person reads; the lock keeps full precision.
+            toml::Value::Float(f) => format!("{k}={}", short_float(*f)),
+            toml::Value::String(s) => format!("{k}={s}"),
+            other => format!("{k}={other}"),
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+fn short_float(f: f64) -> String {
+    if f != 0.0 && (f.abs() >= 1e5 || f.abs() < 1e-3) {
+        format!("{f:.3e}")
+    } else if f.abs() >= 100.0 {
+        format!("{f:.1}")
+    } else {
+        format!("{f:.4}")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! Built-in stages through the real scheduler, with a test-only kind (the real kinds
+    //! live in fmnist-stages and are wired in by the registry).
+    use super::*;
+    use crate::registry::{builtin, Registry};
+    use crate::runner::LocalRunner;
+    use fmnist_stages::{Cancelled, Metrics, StageContext};
+
+    const VERSION: u32 = 1;
+
+    #[derive(Debug, Clone, serde::Deserialize, serde::Serialize)]
+    #[serde(deny_unknown_fields)]
+    struct Params {
+        text: String,
+        #[serde(default)]
+        fail: bool,
+        #[serde(default)]
+        cancel: bool,
+        /// Where each execution is logged; unhashed, like download's `sources`.
+        log: String,
+    }
+
+    fn run_echo(params: Params, ctx: &StageContext) -> anyhow::Result<Metrics> {
+        use std::io::Write;
+        let mut log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&params.log)?;
+        writeln!(log, "{}", ctx.name)?;
+        anyhow::ensure!(ctx.scratch_dir.is_dir(), "no scratch dir");
+        std::fs::write(ctx.scratch_dir.join("checkpoint"), "state")?;
+        let mut body = params.text.clone();
+        for input in ctx.inputs {
+            let upstream = std::fs::read_to_string(input.dir.join("out.txt"))?;
+            body.push_str(&format!(
+                "|{}:{}:{}:{}",
+                input.stage,
+                input.kind,
+                &input.fingerprint[..8],
+                upstream
+            ));
+        }
+        std::fs::write(ctx.out_dir.join("out.txt"), &body)?;
+        // Differs on every run, like a training's timings.
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?;
+        std::fs::write(ctx.out_dir.join("timings.txt"), now.as_nanos().to_string())?;
+        if params.cancel {
+            return Err(Cancelled.into());
+        }
+        anyhow::ensure!(!params.fail, "asked to fail");
+        Ok(serde_json::json!({ "chars": body.len(), "seed": ctx.seed, "device": ctx.device }))
+    }
+
+    fn registry() -> Registry {
+        let mut echo = builtin::<Params, std::convert::Infallible>(
+            "echo",
+            VERSION,
+            run_echo,
+            &["log"],
+            |_| Ok(()),
+        );
+        echo.unhashed_outputs = &["timings.txt"];
+        Registry::from_kinds([echo])
+    }
+
+    struct Setup {
+        dir: tempfile::TempDir,
+    }
+
+    impl Setup {
+        fn new(gen_text: &str) -> Setup {
+            let dir = tempfile::tempdir().unwrap();
+            let log = dir.path().join("runs.log");
+            let text = format!(
+                "[pipeline]\ndevice = 'cpu'\nseed = 7\n\n[stages.gen]\nkind = 'echo'\ntext = '{gen_text}'\nlog = '{0}'\n\n[stages.use]\nkind = 'echo'\nneeds = ['gen']\ntext = 'use'\nlog = '{0}'\n",
+                log.display()
+            );
+            std::fs::write(dir.path().join("pipeline.toml"), text).unwrap();
+            Setup { dir }
+        }
+
+        fn load(&self, sets: &[&str]) -> Result<Workspace, PipeError> {
+            let overrides: Vec<crate::config::Override> =
+                sets.iter().map(|s| s.parse().unwrap()).collect();
+            Workspace::load(
+                &self.dir.path().join("pipeline.toml"),
+                &overrides,
+                registry(),
+            )
+        }
+
+        fn run(&self, sets: &[&str]) -> Result<(), PipeError> {
+            self.run_forced(sets, &[])
+        }
+
+        /// Runs with `--force --stage NAME` for each of `forced` (a plain run when empty).
+        fn run_forced(&self, sets: &[&str], forced: &[&str]) -> Result<(), PipeError> {
+            let mut ws = self.load(sets)?;
+            let names: Vec<String> = forced.iter().map(|s| s.to_string()).collect();
+            let opts = RunOptions {
+                targets: ws.targets(&names)?,
+                force: !forced.is_empty(),
+                dry_run: false,
+                jobs: 2,
+            };
+            run(
+                &mut ws,
+                &opts,
+                &LocalRunner,
+                &Console::new(),
+                &AtomicBool::new(false),
+            )
+        }
+
+        fn runs(&self) -> usize {
+            std::fs::read_to_string(self.dir.path().join("runs.log"))
+                .map(|t| t.lines().count())
+                .unwrap_or(0)
+        }
+
+        fn read(&self, rel: &str) -> String {
+            std::fs::read_to_string(self.dir.path().join(rel)).unwrap()
+        }
+    }
+
+    #[test]
+    fn builtin_stage_publishes_outputs_and_records_the_lock() {
+        let s = Setup::new("hello");
+        s.run(&[]).unwrap();
+        assert_eq!(s.runs(), 2);
+        let ws = s.load(&[]).unwrap();
+        let gen = &ws.lock.stages["gen"];
+        assert_eq!(s.read("artifacts/gen/out.txt"), "hello");
+        assert_eq!(
+            s.read("artifacts/use/out.txt"),
+            format!("use|gen:echo:{}:hello", &gen.fingerprint[..8])
+        );
+        assert_eq!(gen.device.as_deref(), Some("cpu"));
+        assert_eq!(gen.seed, Some(7));
+        assert_eq!(
+            gen.metrics.get("chars").and_then(|v| v.as_integer()),
+            Some(5)
+        );
+        assert!(
+            !gen.params.contains_key("log"),
+            "unhashed params are not recorded as hashed"
+        );
+        let outs: Vec<&str> = gen.outs.iter().map(|r| r.path.as_str()).collect();
+        assert_eq!(outs, ["artifacts/gen/out.txt", "artifacts/gen/timings.txt"]);
+        assert!(
+            !s.dir
+                .path()
+                .join("artifacts/.scratch")
+                .read_dir()
+                .unwrap()
+                .any(|_| true),
+            "scratch kept after success"
+        );
+        assert!(
+            !s.dir
+                .path()
+                .join("artifacts/.tmp")
+                .read_dir()
+                .unwrap()
+                .any(|_| true),
+            "temp dirs left behind"
+        );
+
+        // Up to date, and an unhashed param changes nothing.
+        s.run(&["gen.log=\"other.log\""]).unwrap();
+        s.run(&[]).unwrap();
+        assert_eq!(s.runs(), 2);
+        // The seed enters built-in fingerprints.
+        s.run(&["pipeline.seed=8"]).unwrap();
+        assert_eq!(s.runs(), 4);
+    }
+
+    #[test]
+    fn failed_builtin_keeps_previous_outputs_lock_and_scratch() {
+        let s = Setup::new("hello");
+        s.run(&[]).unwrap();
+        let lock_before = s.read("pipeline.lock");
+        let err = s.run(&["gen.text=\"bye\"", "gen.fail=true"]).unwrap_err();
+        assert_eq!(err.exit_code(), 1, "{err}");
+        assert_eq!(s.read("artifacts/gen/out.txt"), "hello");
+        assert_eq!(s.read("pipeline.lock"), lock_before);
+        assert_eq!(s.runs(), 3, "downstream ran after a failure");
+        let scratch: Vec<_> = s
+            .dir
+            .path()
+            .join("artifacts/.scratch")
+            .read_dir()
+            .unwrap()
+            .collect();
+        assert_eq!(
+            scratch.len(),
+            1,
+            "scratch of the failed run must survive for resume"
+        );
+
+        let err = s.run(&["gen.text=\"bye\"", "gen.cancel=true"]).unwrap_err();
+        assert_eq!(err.exit_code(), 130, "{err}");
+        assert_eq!(s.read("artifacts/gen/out.txt"), "hello");
+    }
+
+    #[test]
+    fn builtin_params_are_validated_before_anything_runs() {
+        let s = Setup::new("hello");
+        let err = s
+            .run(&["gen.txet=\"x\""])
+            .expect_err("unknown param accepted");
+        assert_eq!(err.exit_code(), 2);
+        assert!(err.to_string().contains("unknown field `txet`"), "{err}");
+        let err = s.run(&["use.fail=3"]).expect_err("wrong type accepted");
+        assert_eq!(err.exit_code(), 2);
+        assert!(
+            err.to_string().contains("stage `use` (kind `echo`)"),
+            "{err}"
+        );
+        assert_eq!(s.runs(), 0);
+    }
+
+    #[test]
+    fn registry_hides_unhashed_params_from_the_fingerprint_only() {
+        let reg = registry();
+        let kind = reg.get("echo").unwrap();
+        let table: toml::Table = toml::from_str("text = 'a'\nlog = '/x'").unwrap();
+        let v = kind.validate(&table).unwrap();
+        assert_eq!(v.full["log"], "/x");
+        assert_eq!(v.full["fail"], false, "defaults are filled in");
+        assert!(v.hashed.get("log").is_none());
+        assert!(reg.known_kinds().contains("echo"));
+    }
+
+    #[test]
+    fn a_rerun_to_the_same_bytes_leaves_downstream_alone() {
+        let s = Setup::new("hello");
+        s.run(&[]).unwrap();
+        assert_eq!(s.runs(), 2);
+        let timings = s.read("artifacts/gen/timings.txt");
+        s.run_forced(&[], &["gen"]).unwrap();
+        assert_eq!(s.runs(), 3, "the forced stage reran");
+        assert_ne!(s.read("artifacts/gen/timings.txt"), timings);
+        s.run(&[]).unwrap();
+        assert_eq!(
+            s.runs(),
+            3,
+            "downstream reran for a change in an unhashed output"
+        );
+        // A hashed output that changes still reaches downstream.
+        s.run(&["gen.text=\"other\""]).unwrap();
+        assert_eq!(s.runs(), 5);
+    }
+}

@@ -1,0 +1,86 @@
+//! How a stage's work gets done once the engine has decided it must run and prepared where
+//! it writes (a temp folder, or its command outputs moved aside): the seam between the engine
+//! and where stages execute. [`LocalRunner`] runs built-in kinds in this process and command
+//! stages as local process groups; a cluster runner (Slurm) implements the same trait. What
+//! happens before (plan, cache) and after (publish, lock) is the engine's, whatever the runner.
+
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use fmnist_stages::{Cancelled, Metrics, StageContext};
+
+use crate::command_stage;
+use crate::publish::Backup;
+use crate::registry::Kind;
+
+/// Why a stage did not produce outputs.
+pub enum StageEnd {
+    Failed(String),
+    Interrupted,
+}
+
+/// `map_err` for an I/O step of a stage: "cannot VERB PATH: error".
+pub fn io_fail(what: &str, path: &Path) -> impl FnOnce(std::io::Error) -> StageEnd {
+    let what = what.to_string();
+    let path = path.to_path_buf();
+    move |e| StageEnd::Failed(format!("cannot {what} {}: {e}", path.display()))
+}
+
+/// One stage's work, ready to run.
+pub enum Work<'a> {
+    /// A built-in kind: write every output into `ctx.out_dir`.
+    Builtin {
+        kind: &'a Kind,
+        table: &'a toml::Table,
+        ctx: StageContext<'a>,
+    },
+    /// A shell command run in `root`; its previous outputs are in `backup`, which also
+    /// journals whatever runs the command (so a later run can end it after a crash).
+    Command {
+        root: &'a Path,
+        cmd: &'a str,
+        log: &'a Path,
+        backup: &'a mut Backup,
+        cancel: &'a AtomicBool,
+    },
+}
+
+/// Carries out a stage's work. `Ok` means the work finished; the engine then checks and
+/// publishes what it wrote.
+pub trait Runner: Sync {
+    fn run(&self, work: Work<'_>) -> Result<Metrics, StageEnd>;
+}
+
+/// Runs everything on this machine: built-in kinds in-process, commands as process groups.
+pub struct LocalRunner;
+
+impl Runner for LocalRunner {
+    fn run(&self, work: Work<'_>) -> Result<Metrics, StageEnd> {
+        match work {
+            Work::Builtin { kind, table, ctx } => {
+                let result = {
+                    let _running = fmnist_stages::context::RunningStage::start();
+                    kind.run(table, &ctx)
+                };
+                result.map_err(|e| {
+                    if e.downcast_ref::<Cancelled>().is_some() || ctx.cancel.load(Ordering::Relaxed)
+                    {
+                        StageEnd::Interrupted
+                    } else {
+                        StageEnd::Failed(format!("{e:#}"))
+                    }
+                })
+            }
+            Work::Command {
+                root,
+                cmd,
+                log,
+                backup,
+                cancel,
+            } => {
+                command_stage::execute(root, log, cmd, backup, cancel)?;
+                Ok(Metrics::Null)
+            }
+        }
+    }
+}
