@@ -1,9 +1,29 @@
-//! A stage's fingerprint: blake3 over its kind, implementation version, canonical params and
-//! the content hashes of its inputs. Canonical means key order, formatting and comments in
-//! pipeline.toml cannot change it.
+//! A stage's fingerprint: blake3 over everything that decides its outputs. Two runs with
+//! the same fingerprint must produce the same outputs; anything that can change the outputs
+//! must be in it, and nothing else (or a change that cannot matter reruns the stage).
+//!
+//! | What | Treatment | Why |
+//! |---|---|---|
+//! | kind name | hashed | a different kind computes something else |
+//! | kind `VERSION` | hashed | bumped when the kind's code changes its outputs |
+//! | params, defaults filled in | hashed, canonical (key order, formatting, comments, unset options do not count; `1` is not `1.0`) | they decide the outputs |
+//! | a kind's unhashed params (download's mirrors, ...) | recorded in the lock only | where bytes come from, not which bytes |
+//! | pipeline `seed` | hashed, built-in stages only | it decides weights and shuffles; commands never see it |
+//! | each upstream stage's outputs | hashed as their content digest (path + blake3 per file) | a consumer reruns only when what it reads changed (early cutoff) |
+//! | a kind's unhashed outputs (train's timings.json) | kept out of that digest; published, cached, checked | wall-clock figures differ on every run of identical bytes |
+//! | `deps` files of a command stage | hashed by content (path + blake3) | they are its inputs |
+//! | file mtimes and sizes | not hashed; only let an unchanged file skip rehashing | a touch is not a change |
+//! | `cmd` of a command stage | hashed (it is a param) | it is the computation |
+//! | device, kernels, runner, run time, metrics | recorded in the lock only | same inputs, same results within tolerance; where it ran is history |
+//! | this recipe's layout (`RECIPE`) | hashed | bumped when this table changes, so old locks read stale |
+//!
+//! When to bump a kind's `VERSION`: whenever the same params and inputs would give different
+//! output bytes (a numeric change, a new or renamed output file, a format change) or a
+//! param's meaning changes. Not for speed-ups that keep the bytes.
 
 use std::collections::BTreeMap;
 
+use crate::config::{Pipeline, Stage};
 use crate::reason::Reason;
 
 /// Bumped when the fingerprint recipe itself changes, so old locks read as stale.
@@ -21,6 +41,24 @@ pub struct Recipe<'a> {
     pub upstream: &'a BTreeMap<String, String>,
     /// Content hash of every `deps` path (see `manifest::digest`).
     pub deps_digest: &'a str,
+}
+
+/// A stage's fingerprint, from the pipeline's seed, its upstream stages' output digests and
+/// the digest of its deps.
+pub fn of_stage(
+    pipeline: &Pipeline,
+    stage: &Stage,
+    upstream: &BTreeMap<String, String>,
+    deps_digest: &str,
+) -> String {
+    fingerprint(&Recipe {
+        kind: stage.kind_name(),
+        version: stage.version(),
+        params: &stage.hashed_params,
+        seed: stage.is_builtin().then_some(pipeline.seed),
+        upstream,
+        deps_digest,
+    })
 }
 
 pub fn fingerprint(recipe: &Recipe) -> String {

@@ -3,6 +3,8 @@
 //! return Ok or Err: never a panic, never a stack overflow. Inputs are arbitrary text and
 //! bytes, and realistic files (the study's pipeline.toml, a command-stage diamond and the lock
 //! a run of it wrote) with lines deleted, duplicated and swapped and tokens inserted.
+//! Test-only and over 500 lines: the realistic inputs are inline fixtures, kept next to the
+//! properties that mutate them.
 
 use std::path::{Path, PathBuf};
 

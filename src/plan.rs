@@ -9,7 +9,7 @@ use serde::Serialize;
 
 use crate::cache::{Cache, Hit};
 use crate::config::{Pipeline, Stage};
-use crate::fingerprint::{self, Recipe};
+use crate::fingerprint;
 use crate::lock::LockEntry;
 use crate::manifest::{self, FileRecord, MISSING};
 use crate::reason::{FileSide, Reason, ShownReason};
@@ -81,14 +81,7 @@ pub fn assess(
         }
     }
     let upstream_pending = !reasons.is_empty();
-    let fingerprint = fingerprint::fingerprint(&Recipe {
-        kind: stage.kind_name(),
-        version: stage.version(),
-        params: &stage.hashed_params,
-        seed: stage.is_builtin().then_some(pipeline.seed),
-        upstream: &upstream,
-        deps_digest: &manifest::digest(&deps),
-    });
+    let fingerprint = fingerprint::of_stage(pipeline, stage, &upstream, &manifest::digest(&deps));
     let mut assessment = Assessment {
         fingerprint,
         deps,
