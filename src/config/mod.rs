@@ -4,6 +4,7 @@
 
 mod overrides;
 mod paths;
+mod placement;
 mod settings;
 mod source;
 mod stage_table;
@@ -21,15 +22,16 @@ use overrides::apply_override;
 pub use overrides::Override;
 pub use paths::paths_overlap;
 use paths::resolve_links;
+pub use placement::{Executor, Resources};
 use settings::{pipeline_settings, PipelineSettings};
 use source::{entries, Entries, RawDoc, Source};
 use stage_table::stage_from_entries;
 
 const TOP_KEYS: &[&str] = &["pipeline", "stages"];
-pub(super) const PIPELINE_KEYS: &[&str] = &["device", "kernels", "seed"];
-pub(super) const COMMAND_KEYS: &[&str] = &["cmd", "deps", "outs", "needs"];
+pub(super) const PIPELINE_KEYS: &[&str] = &["device", "executor", "kernels", "seed"];
+pub(super) const COMMAND_KEYS: &[&str] = &["cmd", "deps", "outs", "needs", "executor", "resources"];
 /// Keys of a built-in stage's table that belong to the engine, not to the kind's params.
-pub(super) const BUILTIN_ENGINE_KEYS: &[&str] = &["kind", "needs"];
+pub(super) const BUILTIN_ENGINE_KEYS: &[&str] = &["kind", "needs", "executor", "resources"];
 /// The deepest key path `--set` takes (pipeline params nest two or three levels).
 pub(super) const MAX_SET_DEPTH: usize = 32;
 /// The longest stage name: names become parts of file names (artifacts/.tmp/NAME-...-PID-N,
@@ -48,6 +50,8 @@ pub struct Pipeline {
     /// overrides the file). Recorded, not hashed, like the device.
     pub kernels: fmnist_stages::ops::Kernels,
     pub seed: u64,
+    /// Where stages run unless they say otherwise (`--executor` overrides it for one run).
+    pub executor: Executor,
     /// In file order.
     pub stages: Vec<Stage>,
 }
@@ -62,6 +66,10 @@ pub struct Stage {
     /// paths are hashed as deps, so only ordering comes from here.
     pub after: Vec<String>,
     pub body: Body,
+    /// This stage's own `executor`, if it names one.
+    pub executor: Option<Executor>,
+    /// What it asks of a cluster (recorded, not hashed).
+    pub resources: Resources,
     /// The params that enter the fingerprint, as canonical JSON.
     pub hashed_params: serde_json::Value,
     /// Every resolved param (defaults filled in), handed to downstream stages.
@@ -145,6 +153,11 @@ impl Stage {
             Body::Builtin { .. } => &[],
             Body::Command { deps, .. } => deps,
         }
+    }
+
+    /// Where this stage runs in `pipeline`.
+    pub fn executor_in(&self, pipeline: &Pipeline) -> Executor {
+        self.executor.unwrap_or(pipeline.executor)
     }
 
     /// Every stage that must finish before this one.
@@ -278,6 +291,7 @@ pub fn load(
         device,
         kernels,
         seed,
+        executor,
     } = pipeline_settings(&src, &pipeline_entries)?;
 
     let mut stages = Vec::with_capacity(stage_tables.len());
@@ -293,6 +307,7 @@ pub fn load(
         device,
         kernels,
         seed,
+        executor,
         stages,
     })
 }

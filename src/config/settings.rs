@@ -9,6 +9,7 @@ pub(super) struct PipelineSettings {
     pub(super) device: String,
     pub(super) kernels: fmnist_stages::ops::Kernels,
     pub(super) seed: u64,
+    pub(super) executor: super::Executor,
 }
 
 pub(super) fn pipeline_settings(
@@ -19,6 +20,7 @@ pub(super) fn pipeline_settings(
     let mut device = "auto".to_string();
     let mut kernels = Kernels::Fast;
     let mut seed = 42u64;
+    let mut executor = super::Executor::Local;
     for (key, entry) in entries {
         let at = entry.value_span.as_ref();
         match key.as_str() {
@@ -47,6 +49,16 @@ pub(super) fn pipeline_settings(
                     .as_str()
                     .ok_or_else(|| {
                         wrong_type(src, entry, "pipeline", key, "a string (fast | portable)")
+                    })?
+                    .parse()
+                    .map_err(|e| src.error(at, format!("[pipeline] {e}")))?;
+            }
+            "executor" => {
+                executor = entry
+                    .value
+                    .as_str()
+                    .ok_or_else(|| {
+                        wrong_type(src, entry, "pipeline", key, "a string (local | slurm)")
                     })?
                     .parse()
                     .map_err(|e| src.error(at, format!("[pipeline] {e}")))?;
@@ -80,5 +92,6 @@ pub(super) fn pipeline_settings(
         device,
         kernels,
         seed,
+        executor,
     })
 }

@@ -5,9 +5,10 @@ use std::ops::Range;
 
 use super::paths::clean_paths;
 use super::source::{params_error, wrong_type, Entries, Entry, Source};
-use super::{Body, Stage, BUILTIN_ENGINE_KEYS, COMMAND_KEYS, MAX_STAGE_NAME};
+use super::{Body, Executor, Resources, Stage, BUILTIN_ENGINE_KEYS, COMMAND_KEYS, MAX_STAGE_NAME};
 use crate::error::{suggestion, PipeError};
 use crate::registry::Registry;
+use serde::Deserialize;
 
 fn string_list(
     src: &Source,
@@ -30,6 +31,43 @@ fn string_list(
                 .ok_or_else(|| wrong_type(src, entry, &table, key, &expected))
         })
         .collect()
+}
+
+/// Takes a stage's `executor` and `resources` out of its table (they are not params).
+fn placement(
+    src: &Source,
+    stage: &str,
+    e: &mut Entries,
+) -> Result<(Option<Executor>, Resources), PipeError> {
+    let table = format!("stage `{stage}`");
+    let executor = match e.remove("executor") {
+        Some(entry) => Some(
+            entry
+                .value
+                .as_str()
+                .ok_or_else(|| {
+                    wrong_type(src, &entry, &table, "executor", "a string (local | slurm)")
+                })?
+                .parse::<Executor>()
+                .map_err(|msg| src.error(entry.value_span.as_ref(), format!("{table}: {msg}")))?,
+        ),
+        None => None,
+    };
+    let resources = match e.remove("resources") {
+        Some(entry) => {
+            let at = entry.value_span.as_ref();
+            let resources = Resources::deserialize(entry.value.clone()).map_err(|err| {
+                let msg = err.message().trim().replace('\n', " ");
+                src.error(at, format!("{table}: resources: {msg}"))
+            })?;
+            resources
+                .check()
+                .map_err(|msg| src.error(at, format!("{table}: {msg}")))?;
+            resources
+        }
+        None => Resources::default(),
+    };
+    Ok((executor, resources))
 }
 
 pub(super) fn stage_from_entries(
@@ -69,6 +107,7 @@ pub(super) fn stage_from_entries(
         ),
         None => (Vec::new(), src.at(Some(span))),
     };
+    let (executor, resources) = placement(src, &name, &mut e)?;
     let has_cmd = e.contains_key("cmd");
     let kind_entry = e.remove("kind");
     let (body, hashed_params, full_params) = match (kind_entry, has_cmd) {
@@ -151,6 +190,8 @@ pub(super) fn stage_from_entries(
         needs,
         after: Vec::new(),
         body,
+        executor,
+        resources,
         hashed_params,
         full_params,
         at: src.at(Some(span)),
