@@ -10,14 +10,16 @@ use clap::{Parser, Subcommand, ValueEnum};
 
 use std::process::ExitCode;
 
+use crate::config::Executor;
 use crate::config::Override;
 use crate::error::PipeError;
 use crate::execute::RunOptions;
 use crate::progress::Console;
 use crate::registry::Registry;
-use crate::runner::LocalRunner;
+use crate::runner::{LocalRunner, Runners};
+use crate::slurm::SlurmRunner;
 use crate::workspace::Workspace;
-use crate::{check, command_stage, execute, maintenance, output, plan};
+use crate::{check, command_stage, exec_stage, execute, maintenance, output, plan};
 
 #[derive(Parser)]
 #[command(
@@ -55,7 +57,14 @@ enum Cmd {
         /// How many independent stages may run at once (default: number of CPUs).
         #[arg(long, short = 'j', value_name = "N")]
         jobs: Option<usize>,
+        /// Where stages run for this run (stages that name their own executor keep it):
+        /// local | slurm. Default: the pipeline's `executor`.
+        #[arg(long, value_name = "EXECUTOR")]
+        executor: Option<String>,
     },
+    /// Runs one built-in stage from a job spec (what a Slurm job runs).
+    #[command(name = "__exec-stage", hide = true)]
+    ExecStage { spec: PathBuf },
     /// Show which stages are up to date and why the others are not.
     Status {
         /// Machine-readable output.
@@ -207,6 +216,14 @@ pub fn main() -> ExitCode {
     }
 }
 
+/// Whether any stage a run of `targets` selects goes to Slurm.
+fn uses_slurm(ws: &Workspace, targets: &[usize]) -> bool {
+    ws.dag
+        .select(targets)
+        .iter()
+        .any(|&i| ws.pipeline.stages[i].executor_in(&ws.pipeline) == Executor::Slurm)
+}
+
 fn dispatch(cli: Cli) -> Result<(), PipeError> {
     match cli.command {
         Cmd::Run {
@@ -215,11 +232,28 @@ fn dispatch(cli: Cli) -> Result<(), PipeError> {
             dry_run,
             sets,
             jobs,
+            executor,
         } => {
             let overrides: Vec<Override> =
                 sets.iter().map(|s| s.parse()).collect::<Result<_, _>>()?;
             let mut ws = Workspace::load(&cli.file, &overrides, Registry::builtins())?;
+            if let Some(executor) = executor {
+                ws.pipeline.executor = executor
+                    .parse()
+                    .map_err(|e| PipeError::Config(format!("--executor: {e}")))?;
+            }
             let targets = ws.targets(&stages)?;
+            let runners = Runners {
+                local: LocalRunner,
+                slurm: if !dry_run && uses_slurm(&ws, &targets) {
+                    Some(SlurmRunner::new(
+                        &ws.pipeline.root,
+                        &ws.pipeline.artifacts(),
+                    )?)
+                } else {
+                    None
+                },
+            };
             let cancel = Arc::new(AtomicBool::new(false));
             let flag = Arc::clone(&cancel);
             // First Ctrl-C (or SIGTERM, SIGHUP): ask stages to stop, ending their commands'
@@ -244,12 +278,13 @@ fn dispatch(cli: Cli) -> Result<(), PipeError> {
                 dry_run,
                 jobs,
             };
-            let result = execute::run(&mut ws, &opts, &LocalRunner, &Console::new(), &cancel);
+            let result = execute::run(&mut ws, &opts, &runners, &Console::new(), &cancel);
             // The process ends next: freeing a large pipeline's structures one by one took
             // longer than a no-op run's checks.
             std::mem::forget(ws);
             result
         }
+        Cmd::ExecStage { spec } => exec_stage::run(&spec),
         Cmd::Status { json } => {
             let ws = Workspace::load(&cli.file, &[], Registry::builtins())?;
             let cache = crate::cache::RunCache::new(&ws.pipeline.artifacts());

@@ -11,7 +11,7 @@ use crate::lock::{self, LockEntry, LockFile};
 use crate::plan::{self, Decision};
 use crate::progress::{self, Console};
 use crate::reason;
-use crate::runner::Runner;
+use crate::runner::Runners;
 use crate::schedule::{schedule, Books, Flow};
 use crate::stage_run::{self, Env, Outcome, Published};
 use crate::workspace::{self, RunGuard, Workspace, ENGINE_FOLDERS};
@@ -27,7 +27,7 @@ pub struct RunOptions {
 pub fn run(
     ws: &mut Workspace,
     opts: &RunOptions,
-    runner: &dyn Runner,
+    runners: &Runners,
     console: &Console,
     cancel: &AtomicBool,
 ) -> Result<(), PipeError> {
@@ -50,7 +50,7 @@ pub fn run(
     let journal = lock::Journal::open(&ws.lock_path)?;
     let env = Env {
         ws,
-        runner,
+        runners,
         cache: &cache,
         console,
         cancel,
@@ -70,6 +70,7 @@ pub fn run(
         lock,
         lock_dirty,
         failures,
+        refused,
         interrupted,
         mut lock_error,
         ..
@@ -86,6 +87,9 @@ pub fn run(
     }
     if interrupted || cancel.load(Ordering::Relaxed) {
         return Err(PipeError::Interrupted);
+    }
+    if let Some(message) = refused {
+        return Err(PipeError::Config(message));
     }
     if !failures.is_empty() {
         let what = if failures.len() == 1 {
@@ -160,6 +164,8 @@ struct Recorder<'a> {
     journal: lock::Journal,
     published: BTreeMap<String, Published>,
     failures: Vec<String>,
+    /// A stage refused as configured: the run ends with this config error.
+    refused: Option<String>,
     interrupted: bool,
     lock_error: Option<PipeError>,
 }
@@ -173,6 +179,7 @@ impl<'a> Recorder<'a> {
             journal,
             published: BTreeMap::new(),
             failures: Vec::new(),
+            refused: None,
             interrupted: false,
             lock_error: None,
         }
@@ -232,6 +239,12 @@ impl Books<Job, Outcome> for Recorder<'_> {
             Outcome::Failed(message) => {
                 console.line(&format!("{name}: FAILED: {message}"));
                 self.failures.push(name.clone());
+                return Flow::Halt;
+            }
+            Outcome::Refused(message) => {
+                console.line(&format!("{name}: REFUSED: {message}"));
+                self.refused
+                    .get_or_insert(format!("stage `{name}`: {message}"));
                 return Flow::Halt;
             }
             Outcome::Interrupted => {

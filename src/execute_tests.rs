@@ -3,7 +3,7 @@
 
 use super::*;
 use crate::registry::{builtin, Registry};
-use crate::runner::LocalRunner;
+use crate::runner::{LocalRunner, Runners};
 use fmnist_stages::{Cancelled, Metrics, StageContext};
 
 const VERSION: u32 = 1;
@@ -106,7 +106,10 @@ impl Setup {
         run(
             &mut ws,
             &opts,
-            &LocalRunner,
+            &Runners {
+                local: LocalRunner,
+                slurm: None,
+            },
             &Console::new(),
             &AtomicBool::new(false),
         )

@@ -13,7 +13,8 @@
 //! - `execute` hands the selected stages to `schedule` (the ready set, `-j`, failure
 //!   propagation); each goes through `stage_run` (decide, restore or run, publish), whose
 //!   work is done by a `runner` (`LocalRunner`: built-in kinds in-process, commands through
-//!   `command_stage`), and outputs land through `publish`.
+//!   `command_stage`; `slurm`: one batch job per stage, running `exec_stage` for built-in
+//!   kinds), and outputs land through `publish`.
 //! - `maintenance` holds `clean` and `gc`; `cli` is the command line over all of it.
 
 pub mod cache;
@@ -23,6 +24,7 @@ pub mod command_stage;
 pub mod config;
 pub mod dag;
 pub mod error;
+pub mod exec_stage;
 pub mod execute;
 pub mod fingerprint;
 pub mod journal;
@@ -40,5 +42,6 @@ pub mod reason;
 pub mod registry;
 pub mod runner;
 pub mod schedule;
+pub mod slurm;
 pub mod stage_run;
 pub mod workspace;

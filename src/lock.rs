@@ -36,6 +36,9 @@ pub struct LockEntry {
     /// Recorded, not hashed: "fast" CPU kernels or the "portable" path.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub kernels: Option<String>,
+    /// Recorded, not hashed: the job that ran it when not this machine ("slurm job 42").
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub placed: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub seed: Option<u64>,
     #[serde(default)]

@@ -7,15 +7,19 @@
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use fmnist_stages::{Cancelled, Metrics, StageContext};
+use fmnist_stages::{Cancelled, Metrics, Progress, StageContext};
 
 use crate::command_stage;
+use crate::config::{Executor, Resources};
 use crate::publish::Backup;
 use crate::registry::Kind;
 
 /// Why a stage did not produce outputs.
 pub enum StageEnd {
     Failed(String),
+    /// Where it was to run refused it as asked (sbatch rejecting its resources): a
+    /// configuration error, exit 2.
+    Refused(String),
     Interrupted,
 }
 
@@ -41,34 +45,64 @@ pub enum Work<'a> {
         cmd: &'a str,
         log: &'a Path,
         backup: &'a mut Backup,
+        progress: &'a dyn Progress,
         cancel: &'a AtomicBool,
     },
+}
+
+/// What a finished piece of work reports.
+pub struct Ran {
+    /// The kind's figures (Null for commands).
+    pub metrics: Metrics,
+    /// Where it ran, when not in this process or as a local command (e.g. "slurm job 42"),
+    /// for the lock.
+    pub placed: Option<String>,
 }
 
 /// Carries out a stage's work. `Ok` means the work finished; the engine then checks and
 /// publishes what it wrote.
 pub trait Runner: Sync {
-    fn run(&self, work: Work<'_>) -> Result<Metrics, StageEnd>;
+    /// Runs `stage`'s work; `resources` is what the stage asks of a cluster.
+    fn run(&self, stage: &str, resources: &Resources, work: Work<'_>) -> Result<Ran, StageEnd>;
+}
+
+/// The runner for each executor a pipeline can name; Slurm's only when some stage uses it.
+pub struct Runners {
+    pub local: LocalRunner,
+    pub slurm: Option<crate::slurm::SlurmRunner>,
+}
+
+impl Runners {
+    pub fn for_executor(&self, executor: Executor) -> &dyn Runner {
+        match (executor, &self.slurm) {
+            (Executor::Slurm, Some(slurm)) => slurm,
+            _ => &self.local,
+        }
+    }
 }
 
 /// Runs everything on this machine: built-in kinds in-process, commands as process groups.
 pub struct LocalRunner;
 
 impl Runner for LocalRunner {
-    fn run(&self, work: Work<'_>) -> Result<Metrics, StageEnd> {
+    fn run(&self, _stage: &str, _: &Resources, work: Work<'_>) -> Result<Ran, StageEnd> {
         match work {
             Work::Builtin { kind, table, ctx } => {
                 let result = {
                     let _running = fmnist_stages::context::RunningStage::start();
                     kind.run(table, &ctx)
                 };
-                result.map_err(|e| {
+                let metrics = result.map_err(|e| {
                     if e.downcast_ref::<Cancelled>().is_some() || ctx.cancel.load(Ordering::Relaxed)
                     {
                         StageEnd::Interrupted
                     } else {
                         StageEnd::Failed(format!("{e:#}"))
                     }
+                })?;
+                Ok(Ran {
+                    metrics,
+                    placed: None,
                 })
             }
             Work::Command {
@@ -77,9 +111,13 @@ impl Runner for LocalRunner {
                 log,
                 backup,
                 cancel,
+                ..
             } => {
                 command_stage::execute(root, log, cmd, backup, cancel)?;
-                Ok(Metrics::Null)
+                Ok(Ran {
+                    metrics: Metrics::Null,
+                    placed: None,
+                })
             }
         }
     }

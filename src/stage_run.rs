@@ -18,7 +18,7 @@ use crate::plan::{self, Assessment, Decision, UpstreamHashes};
 use crate::progress::Console;
 use crate::publish::{publish_dir, remove_path, temp_dir, Backup};
 use crate::reason;
-use crate::runner::{io_fail, Runner, StageEnd, Work};
+use crate::runner::{io_fail, Ran, Runners, StageEnd, Work};
 use crate::workspace::Workspace;
 
 /// What happened to one stage.
@@ -36,13 +36,15 @@ pub enum Outcome {
         took: Duration,
     },
     Failed(String),
+    /// Refused as configured (exit 2 once the run ends).
+    Refused(String),
     Interrupted,
 }
 
 /// What every stage of a run shares.
 pub struct Env<'a> {
     pub ws: &'a Workspace,
-    pub runner: &'a dyn Runner,
+    pub runners: &'a Runners,
     pub cache: &'a dyn Cache,
     pub console: &'a Console,
     pub cancel: &'a AtomicBool,
@@ -126,11 +128,15 @@ pub fn process(
         Body::Command { cmd, outs, .. } => run_command(env, stage, cmd, outs),
     };
     match result {
-        Ok((outs, metrics)) => Outcome::Ran {
-            entry: new_entry(env, stage, assessment, outs, &metrics, started.elapsed()),
-            took: started.elapsed(),
-        },
+        Ok((outs, ran)) => {
+            let took = started.elapsed();
+            Outcome::Ran {
+                entry: new_entry(env, stage, assessment, outs, ran, took),
+                took,
+            }
+        }
         Err(StageEnd::Failed(msg)) => Outcome::Failed(msg),
+        Err(StageEnd::Refused(msg)) => Outcome::Refused(msg),
         Err(StageEnd::Interrupted) => Outcome::Interrupted,
     }
 }
@@ -141,9 +147,10 @@ fn new_entry(
     stage: &Stage,
     assessment: Assessment,
     outs: Vec<FileRecord>,
-    metrics: &serde_json::Value,
+    ran: Ran,
     took: Duration,
 ) -> LockEntry {
+    let metrics = &ran.metrics;
     let pipeline = &env.ws.pipeline;
     let builtin = stage.is_builtin();
     LockEntry {
@@ -159,6 +166,7 @@ fn new_entry(
                 .map_or_else(|| pipeline.device.clone(), str::to_string)
         }),
         kernels: builtin.then(|| pipeline.kernels.to_string()),
+        placed: ran.placed,
         seed: builtin.then_some(pipeline.seed),
         seconds: (took.as_secs_f64() * 1000.0).round() / 1000.0,
         params: lock::json_to_table(&stage.hashed_params),
@@ -189,7 +197,7 @@ fn run_builtin(
     table: &toml::Table,
     fingerprint: &str,
     upstream: &BTreeMap<String, Published>,
-) -> Result<(Vec<FileRecord>, serde_json::Value), StageEnd> {
+) -> Result<(Vec<FileRecord>, Ran), StageEnd> {
     let pipeline = &env.ws.pipeline;
     let artifacts = pipeline.artifacts();
     let implementation = env
@@ -242,8 +250,9 @@ fn run_builtin(
         table,
         ctx,
     };
-    let metrics = match env.runner.run(work) {
-        Ok(metrics) => metrics,
+    let runner = env.runners.for_executor(stage.executor_in(pipeline));
+    let ran = match runner.run(&stage.name, &stage.resources, work) {
+        Ok(ran) => ran,
         Err(end) => {
             let _ = remove_path(&out_dir);
             return Err(end);
@@ -256,7 +265,7 @@ fn run_builtin(
     publish_dir(&artifacts, &stage.name, &out_dir)
         .map_err(io_fail("publish", &artifacts.join(&stage.name)))?;
     let _ = remove_path(&scratch_dir);
-    Ok((outs, metrics))
+    Ok((outs, ran))
 }
 
 /// A command stage: its declared outputs moved aside (journaled), the command run in
@@ -266,7 +275,7 @@ fn run_command(
     stage: &Stage,
     cmd: &str,
     outs: &[String],
-) -> Result<(Vec<FileRecord>, serde_json::Value), StageEnd> {
+) -> Result<(Vec<FileRecord>, Ran), StageEnd> {
     let root = &env.ws.pipeline.root;
     let artifacts = env.ws.pipeline.artifacts();
     let logs = artifacts.join(".logs");
@@ -279,24 +288,31 @@ fn run_command(
             let _ = std::fs::create_dir_all(parent);
         }
     }
+    let progress = env.console.stage(&stage.name);
     let work = Work::Command {
         root,
         cmd,
         log: &log,
         backup: &mut backup,
+        progress: &progress,
         cancel: env.cancel,
     };
-    let checked = env.runner.run(work).and_then(|metrics| {
-        let records = manifest::scan(root, outs, &[])
-            .map_err(|e| StageEnd::Failed(format!("cannot read outputs: {e}")))?;
-        match records.iter().find(|r| r.blake3 == MISSING) {
-            Some(missing) => Err(StageEnd::Failed(format!(
-                "the command did not write its declared output `{}`",
-                missing.path
-            ))),
-            None => Ok((records, metrics)),
-        }
-    });
+    let runner = env
+        .runners
+        .for_executor(stage.executor_in(&env.ws.pipeline));
+    let checked = runner
+        .run(&stage.name, &stage.resources, work)
+        .and_then(|ran| {
+            let records = manifest::scan(root, outs, &[])
+                .map_err(|e| StageEnd::Failed(format!("cannot read outputs: {e}")))?;
+            match records.iter().find(|r| r.blake3 == MISSING) {
+                Some(missing) => Err(StageEnd::Failed(format!(
+                    "the command did not write its declared output `{}`",
+                    missing.path
+                ))),
+                None => Ok((records, ran)),
+            }
+        });
     match checked {
         Ok(done) => {
             backup.discard();
