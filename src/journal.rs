@@ -116,6 +116,36 @@ impl Entry {
         kind: Kind,
         moves: Vec<Move>,
     ) -> Result<Entry, JournalError> {
+        let entry = Entry::prepare(artifacts, name, stage, kind, moves)?;
+        entry.save()?;
+        Ok(entry)
+    }
+
+    /// Like `begin`, but when nothing is to be moved aside (a first run) the record is
+    /// written only by `set_group`, just before the command starts: until then nothing of
+    /// the stage's outputs exists, and a first run of a long chain of commands saves two
+    /// synced writes per stage.
+    pub fn begin_until_group(
+        artifacts: &Path,
+        name: &str,
+        stage: &str,
+        kind: Kind,
+        moves: Vec<Move>,
+    ) -> Result<Entry, JournalError> {
+        let entry = Entry::prepare(artifacts, name, stage, kind, moves)?;
+        if entry.record.moves.iter().any(|m| m.aside.is_some()) {
+            entry.save()?;
+        }
+        Ok(entry)
+    }
+
+    fn prepare(
+        artifacts: &Path,
+        name: &str,
+        stage: &str,
+        kind: Kind,
+        moves: Vec<Move>,
+    ) -> Result<Entry, JournalError> {
         let dir = artifacts.join(JOURNAL_DIR);
         if !dir.is_dir() {
             std::fs::create_dir_all(&dir).map_err(io_err("create", &dir))?;
@@ -131,7 +161,6 @@ impl Entry {
                 group: None,
             },
         };
-        entry.save()?;
         Ok(entry)
     }
 
@@ -164,11 +193,18 @@ impl Entry {
         let tmp = self.file.with_extension("json.tmp");
         let mut f = std::fs::File::create(&tmp).map_err(io_err("create", &tmp))?;
         f.write_all(&text).map_err(io_err("write", &tmp))?;
-        f.sync_all().map_err(io_err("sync", &tmp))?;
+        // Synced (against power loss, not only a killed process) when it holds previous
+        // outputs moved aside: those exist nowhere else. A record of outputs that had no
+        // previous version only says what to delete, and losing it loses nothing; syncing it
+        // made a first run of a long chain wait on the disk for every stage.
+        let durable = self.record.moves.iter().any(|m| m.aside.is_some());
+        if durable {
+            f.sync_all().map_err(io_err("sync", &tmp))?;
+        }
         std::fs::rename(&tmp, &self.file).map_err(io_err("write", &self.file))?;
         match self.file.parent() {
-            Some(dir) => sync_dir(dir),
-            None => Ok(()),
+            Some(dir) if durable => sync_dir(dir),
+            _ => Ok(()),
         }
     }
 }

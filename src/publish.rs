@@ -64,6 +64,9 @@ fn settle(result: Result<(), JournalError>, stage: &str) {
     }
 }
 
+/// `Entry::begin` or `Entry::begin_until_group`.
+type BeginFn = fn(&Path, &str, &str, Kind, Vec<Move>) -> Result<Entry, JournalError>;
+
 /// A command stage's declared outputs moved aside while it runs, put back if it fails.
 pub struct Backup {
     dir: PathBuf,
@@ -80,6 +83,27 @@ impl Backup {
         stage: &str,
         outs: &[String],
     ) -> Result<Backup, JournalError> {
+        Backup::take_with(root, artifacts, stage, outs, Entry::begin)
+    }
+
+    /// `take` for a command that is about to start: with nothing to move aside, the record
+    /// is first written by `set_group`, before the command runs.
+    pub fn take_for_command(
+        root: &Path,
+        artifacts: &Path,
+        stage: &str,
+        outs: &[String],
+    ) -> Result<Backup, JournalError> {
+        Backup::take_with(root, artifacts, stage, outs, Entry::begin_until_group)
+    }
+
+    fn take_with(
+        root: &Path,
+        artifacts: &Path,
+        stage: &str,
+        outs: &[String],
+        begin: BeginFn,
+    ) -> Result<Backup, JournalError> {
         let name = temp_name(stage, "backup");
         let dir = artifacts.join(".tmp").join(&name);
         let mut moves = Vec::with_capacity(outs.len());
@@ -93,7 +117,7 @@ impl Backup {
                 aside,
             });
         }
-        let entry = Entry::begin(artifacts, &name, stage, Kind::Backup, moves)?;
+        let entry = begin(artifacts, &name, stage, Kind::Backup, moves)?;
         let backup = Backup {
             dir,
             entry,

@@ -281,7 +281,7 @@ fn run_command(
     let logs = artifacts.join(".logs");
     std::fs::create_dir_all(&logs).map_err(io_fail("create", &logs))?;
     let log = logs.join(format!("{}.log", stage.name));
-    let mut backup = Backup::take(root, &artifacts, &stage.name, outs)
+    let mut backup = Backup::take_for_command(root, &artifacts, &stage.name, outs)
         .map_err(|e| StageEnd::Failed(format!("cannot move previous outputs aside: {e}")))?;
     for out in outs {
         if let Some(parent) = root.join(out).parent() {
