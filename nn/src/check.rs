@@ -7,16 +7,16 @@
 use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor, Var};
-use candle_nn::VarMap;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use serde::Serialize;
 
 use crate::data::{Dataset, Normalization};
 use crate::device;
-use crate::models::{self, Classifier, ModelKind, DROPOUT_STREAM};
+use crate::learner::Learner;
+use crate::models::{self, ModelKind, DROPOUT_STREAM};
 use crate::ops::{self, Kernels};
-use crate::optim::{self, Optimizer};
+use crate::optim;
 
 /// Where and how one side of the comparison computes.
 #[derive(Debug, Clone)]
@@ -295,8 +295,20 @@ fn logits_rel_diff(sides: &mut [Side; 2], images: &Tensor) -> anyhow::Result<f64
     Ok(diff / scale)
 }
 
+/// The largest `|a[i] - b[i]|`, NaN when any difference is NaN (or the lengths differ), so a
+/// kernel that returns NaN fails every bound: `f32::max` would drop the NaN.
+pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
+    if a.len() != b.len() {
+        return f32::NAN;
+    }
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| f64::from((x - y).abs()))
+        .fold(0.0, nan_max) as f32
+}
+
 /// The larger of two, NaN winning (so a NaN anywhere fails a check).
-fn nan_max(m: f64, v: f64) -> f64 {
+pub fn nan_max(m: f64, v: f64) -> f64 {
     if exceeds(v, m) {
         v
     } else {
@@ -313,13 +325,11 @@ fn exceeds(value: f64, bound: f64) -> bool {
 /// Each parameter's name and values (gradients, on the CPU).
 type NamedValues = Vec<(String, Vec<f32>)>;
 
-/// One path's model, optimizer and dropout stream.
+/// One path's learner and dropout stream.
 struct Side {
     spec: PathSpec,
-    model: Box<dyn Classifier>,
-    varmap: VarMap,
+    learner: Learner,
     params: Vec<(String, Var)>,
-    optimizer: Box<dyn Optimizer>,
     dropout_rng: ChaCha8Rng,
     fast_dispatches: u64,
     seconds: f64,
@@ -328,17 +338,15 @@ struct Side {
 impl Side {
     fn new(run: &CheckRun, spec: &PathSpec) -> anyhow::Result<Self> {
         // Weights are drawn on the CPU from the seed, then moved: the same on every device.
-        let (model, varmap) = models::init_as(run.model, run.seed, &spec.device, spec.dtype)?;
-        let params = models::trainable_vars(&varmap);
-        let optimizer = optim::study_optimizer(run.model).build(params.clone())?;
+        let optimizer = optim::study_optimizer(run.model);
+        let learner = Learner::init(run.model, run.seed, &spec.device, spec.dtype, &optimizer)?;
+        let params = models::trainable_vars(&learner.varmap);
         let mut dropout_rng = ChaCha8Rng::seed_from_u64(run.seed);
         dropout_rng.set_stream(DROPOUT_STREAM);
         Ok(Side {
             spec: spec.clone(),
-            model,
-            varmap,
+            learner,
             params,
-            optimizer,
             dropout_rng,
             fast_dispatches: 0,
             seconds: 0.0,
@@ -364,19 +372,21 @@ impl Side {
                 .to_device(&side.spec.device)?
                 .to_dtype(side.spec.dtype)?;
             let y = labels.to_device(&side.spec.device)?;
-            let logits = side.model.forward_train(&x, &mut side.dropout_rng)?;
-            let loss = candle_nn::loss::cross_entropy(&logits, &y)?;
-            let grads = loss.backward()?;
             let mut out = Vec::with_capacity(side.params.len());
-            for (name, var) in &side.params {
-                let values = match grads.get(var.as_tensor()) {
-                    Some(g) => to_cpu_vec(g)?,
-                    None => vec![0.0; var.elem_count()],
-                };
-                out.push((name.clone(), values));
-            }
-            side.optimizer.step(&grads)?;
-            Ok((to_cpu_vec(&loss)?[0], out))
+            let params = &side.params;
+            let step = side
+                .learner
+                .step_inspecting(&x, &y, &mut side.dropout_rng, |grads| {
+                    for (name, var) in params {
+                        let values = match grads.get(var.as_tensor()) {
+                            Some(g) => to_cpu_vec(g)?,
+                            None => vec![0.0; var.elem_count()],
+                        };
+                        out.push((name.clone(), values));
+                    }
+                    Ok(())
+                })?;
+            Ok((to_cpu_vec(&step.loss)?[0], out))
         })
     }
 
@@ -385,14 +395,14 @@ impl Side {
             let x = images
                 .to_device(&side.spec.device)?
                 .to_dtype(side.spec.dtype)?;
-            Ok(to_cpu_vec(&side.model.forward(&x)?)?)
+            Ok(to_cpu_vec(&side.learner.model.forward(&x)?)?)
         })
     }
 
     /// Every variable (running statistics included), flattened in name order.
     fn all_params(&self) -> anyhow::Result<Vec<f32>> {
         let mut all = Vec::new();
-        for (_, var) in models::sorted_vars(&self.varmap) {
+        for (_, var) in models::sorted_vars(&self.learner.varmap) {
             all.extend(to_cpu_vec(var.as_tensor())?);
         }
         Ok(all)

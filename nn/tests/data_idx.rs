@@ -6,7 +6,7 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use fmnist_stages::data::{Dataset, IdxArray, Split};
+use fmnist_nn::data::{Dataset, IdxArray, Split};
 use proptest::prelude::*;
 
 fn fixture_dir() -> PathBuf {

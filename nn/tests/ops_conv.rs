@@ -3,7 +3,7 @@
 //! strides, paddings, channel counts and batch sizes the two models use (and a few more).
 
 use candle_core::{DType, Device, Result, Tensor, Var};
-use fmnist_stages::ops;
+use fmnist_nn::ops;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
@@ -19,11 +19,8 @@ fn assert_close(what: &str, ours: &Tensor, reference: &Tensor) -> Result<()> {
     let a = ours.flatten_all()?.to_vec1::<f32>()?;
     let b = reference.flatten_all()?.to_vec1::<f32>()?;
     let scale = b.iter().fold(1e-6f32, |m, v| m.max(v.abs()));
-    let worst = a
-        .iter()
-        .zip(&b)
-        .map(|(x, y)| (x - y).abs())
-        .fold(0f32, f32::max);
+    // NaN-propagating: a kernel that returns NaN fails.
+    let worst = fmnist_nn::check::max_abs_diff(&a, &b);
     assert!(
         worst <= 1e-4 * scale,
         "{what}: max abs diff {worst} vs scale {scale}"

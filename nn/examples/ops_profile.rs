@@ -1,5 +1,5 @@
 //! Profiles the raw CPU kernels (no candle graph) of the baseline's conv2 and pool layers.
-use fmnist_stages::ops::{
+use fmnist_nn::ops::{
     conv_backward, conv_forward, pool_backward, pool_forward, ConvGeometry, PoolGeometry,
 };
 use std::time::Instant;

@@ -1,9 +1,9 @@
 //! Micro-benchmark: forward + backward of the models' convolution (and pooling) layers at
-//! batch 64, candle's stock CPU ops against the custom ops in `fmnist_stages::ops`, in ms per
-//! batch and GFLOP/s. Run: `cargo run --release -p fmnist-stages --example conv_bench [reps]`.
+//! batch 64, candle's stock CPU ops against the custom ops in `fmnist_nn::ops`, in ms per
+//! batch and GFLOP/s. Run: `cargo run --release -p fmnist-nn --example conv_bench [reps]`.
 
 use candle_core::{Device, Result, Tensor, Var};
-use fmnist_stages::ops;
+use fmnist_nn::ops;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use std::time::Instant;

@@ -4,7 +4,6 @@
 //! reference (`scripts/bench-vs-torch.sh` does both) to compare.
 
 use std::path::PathBuf;
-use std::time::Instant;
 
 use anyhow::Context;
 use candle_core::{DType, Device};
@@ -12,9 +11,10 @@ use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use serde::Serialize;
 
-use crate::data::{Dataset, Normalization, Split};
+use crate::data::{Dataset, Normalization, Split, PIXELS};
 use crate::device;
-use crate::models::{self, ModelKind, DROPOUT_STREAM};
+use crate::learner::{self, Learner, NoHooks};
+use crate::models::{ModelKind, DROPOUT_STREAM};
 use crate::ops::{self, Kernels};
 use crate::optim;
 
@@ -84,20 +84,6 @@ pub struct BenchOptions {
     pub device: String,
 }
 
-impl BenchOptions {
-    /// The study's benchmark of `model` on the CPU with the fast kernels and the real data.
-    pub fn new(model: ModelKind, images: usize, threads: usize) -> Self {
-        BenchOptions {
-            model,
-            images,
-            threads,
-            data_dir: PathBuf::from(DEFAULT_DATA_DIR),
-            kernels: Kernels::Fast,
-            device: "cpu".to_string(),
-        }
-    }
-}
-
 /// Benchmarks as `options` say.
 pub fn run(options: &BenchOptions) -> anyhow::Result<BenchReport> {
     if options.images == 0 {
@@ -125,39 +111,38 @@ fn measure(options: &BenchOptions, device: &Device) -> anyhow::Result<BenchRepor
         anyhow::bail!("the training set in {} is empty", data_dir.display());
     }
     let norm = Normalization::default();
-    let (model, varmap) = models::init(kind, 42, device)?;
-    let optimizer_config = optim::study_optimizer(kind);
-    let mut optimizer = optimizer_config.build(models::trainable_vars(&varmap))?;
+    let mut learner = Learner::init(kind, 42, device, DType::F32, &optim::study_optimizer(kind))?;
     let order = train_set.shuffled_indices(42);
     let mut dropout_rng = ChaCha8Rng::seed_from_u64(42);
     dropout_rng.set_stream(DROPOUT_STREAM);
+    let batch = |indices: &[usize]| Ok(train_set.batch(indices, norm, device)?);
+    let trained =
+        learner.train_epoch(&order, TRAIN_BATCH, batch, &mut dropout_rng, &mut NoHooks)?;
+    let (train_seconds, last_loss) = (trained.seconds, trained.last_loss);
 
-    let started = Instant::now();
-    let mut last_loss = f32::NAN;
-    for indices in order.chunks(TRAIN_BATCH) {
-        let (x, labels) = train_set.batch(indices, norm, device)?;
-        let logits = model.forward_train(&x, &mut dropout_rng)?;
-        let loss = candle_nn::loss::cross_entropy(&logits, &labels)?;
-        let grads = loss.backward()?;
-        optimizer.step(&grads)?;
-        last_loss = loss.to_dtype(DType::F32)?.to_scalar::<f32>()?;
-    }
-    let train_seconds = started.elapsed().as_secs_f64();
-
-    let all: Vec<usize> = (0..images).collect();
     // One small warm-up batch first, as the PyTorch side of scripts/bench-vs-torch.sh does.
-    let (warm_up, _) = train_set.batch(&all[..images.min(TRAIN_BATCH)], norm, device)?;
-    model
-        .forward(&warm_up)?
-        .to_dtype(DType::F32)?
-        .to_vec2::<f32>()?;
-    let started = Instant::now();
-    for indices in all.chunks(INFER_BATCH) {
-        let (x, _) = train_set.batch(indices, norm, device)?;
-        // Reading the logits back forces the whole forward pass.
-        let _ = model.forward(&x)?.to_dtype(DType::F32)?.to_vec2::<f32>()?;
-    }
-    let infer_seconds = started.elapsed().as_secs_f64();
+    let warm = images.min(TRAIN_BATCH);
+    let warm_up = Dataset {
+        images: train_set.images[..warm * PIXELS].to_vec(),
+        labels: train_set.labels[..warm].to_vec(),
+    };
+    learner::evaluate(
+        &*learner.model,
+        &warm_up,
+        TRAIN_BATCH,
+        norm,
+        device,
+        &mut NoHooks,
+    )?;
+    let inferred = learner::evaluate(
+        &*learner.model,
+        &train_set,
+        INFER_BATCH,
+        norm,
+        device,
+        &mut NoHooks,
+    )?;
+    let infer_seconds = inferred.forward_seconds;
 
     Ok(BenchReport {
         model: kind,

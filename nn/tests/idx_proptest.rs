@@ -9,7 +9,7 @@ use std::alloc::{GlobalAlloc, Layout, System};
 use std::io::Write;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-use fmnist_stages::data::{Dataset, IdxArray, Split};
+use fmnist_nn::data::{Dataset, IdxArray, Split};
 use proptest::prelude::*;
 
 /// The largest single allocation (or reallocation) made so far by any thread.
@@ -86,7 +86,7 @@ fn temp_file(bytes: &[u8]) -> tempfile::NamedTempFile {
 }
 
 /// What an entry point returned, comparable with the model.
-fn outcome(r: Result<IdxArray, fmnist_stages::data::IdxError>) -> Option<(Vec<usize>, Vec<u8>)> {
+fn outcome(r: Result<IdxArray, fmnist_nn::data::IdxError>) -> Option<(Vec<usize>, Vec<u8>)> {
     r.ok().map(|a| (a.dims, a.data))
 }
 

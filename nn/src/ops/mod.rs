@@ -5,15 +5,23 @@
 //! `kernels = "portable"` on the CPU run it.
 
 mod conv;
+mod conv_backward;
+mod conv_geometry;
+mod conv_op;
 mod gemm;
 mod huge_pages;
+mod im2col;
 mod kernels;
 mod linear;
 mod norm;
 mod pool;
 mod winograd;
+#[cfg(test)]
+mod winograd_tests;
 
-pub use conv::{conv_backward, conv_forward, ConvGeometry, MaxPool};
+pub use conv::conv_forward;
+pub use conv_backward::conv_backward;
+pub use conv_geometry::{ConvGeometry, MaxPool};
 pub use huge_pages::HugePageAlloc;
 pub(crate) use kernels::note_fast_dispatch;
 pub use kernels::{
@@ -157,7 +165,7 @@ fn conv2d_activated(
             }
             None => Tensor::zeros(cout, DType::F32, x.device())?,
         };
-        let op = conv::Conv2dOp::new(stride, padding, bias.is_some(), relu, pool, tracked);
+        let op = conv_op::Conv2dOp::new(stride, padding, bias.is_some(), relu, pool, tracked);
         let op = match output {
             Some(o) => op.with_output(o.mask, o.flatten),
             None => op,
