@@ -18,9 +18,60 @@ use rayon::prelude::*;
 
 use crate::context::{Metrics, StageContext, StageError};
 use crate::data::{Dataset, Split, CLASS_NAMES, IMAGE_SIDE, PIXELS};
+use crate::download::DataFiles;
+use crate::format::count;
+use crate::kind::StageKind;
 use crate::plot::{self, BarSeries, HistogramScale, Tile};
 
+pub const NAME: &str = "stats";
 pub const VERSION: u32 = 1;
+const STATS_FILE: &str = "stats.json";
+
+/// The `stats` kind.
+pub struct StatsKind;
+
+impl StageKind for StatsKind {
+    const NAME: &'static str = NAME;
+    const VERSION: u32 = VERSION;
+    type Params = Params;
+    fn validate(params: &Params) -> Result<(), StageError> {
+        params.validate()
+    }
+    fn run(params: Params, ctx: &StageContext) -> anyhow::Result<Metrics> {
+        run(params, ctx)
+    }
+}
+
+/// A stats stage's outputs, as other stages read them.
+pub struct StatsOutputs {
+    dir: std::path::PathBuf,
+}
+
+impl StatsOutputs {
+    pub fn of(input: &crate::context::Input) -> Self {
+        StatsOutputs {
+            dir: input.dir.clone(),
+        }
+    }
+
+    /// stats.json, as the JSON it is.
+    pub fn json(&self) -> anyhow::Result<serde_json::Value> {
+        let path = self.dir.join(STATS_FILE);
+        let text = std::fs::read_to_string(&path)
+            .with_context(|| format!("reading {}", path.display()))?;
+        serde_json::from_str(&text).with_context(|| format!("{} is not valid JSON", path.display()))
+    }
+
+    /// stats.json, typed.
+    pub fn read(&self) -> anyhow::Result<Stats> {
+        Ok(serde_json::from_value(self.json()?)?)
+    }
+
+    /// The charts (sample grids, class means, histograms, class balance), sorted by name.
+    pub fn charts(&self) -> anyhow::Result<Vec<std::path::PathBuf>> {
+        crate::files::pngs_in(&self.dir)
+    }
+}
 
 #[derive(Debug, Clone, serde::Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields)]
@@ -198,11 +249,11 @@ fn split_stats(data: &Dataset) -> (SplitStats, Vec<Sums>) {
 
 pub fn run(params: Params, ctx: &StageContext) -> anyhow::Result<Metrics> {
     params.validate()?;
-    let dir = ctx.input_of_kind("download")?.dir.clone();
+    let data_files = DataFiles::of(ctx)?;
     let mut figures = Vec::new();
     for split in [Split::Train, Split::Test] {
         ctx.check_cancel()?;
-        let data = Dataset::load(&dir, split)?;
+        let data = data_files.load(split)?;
         let (stats, sums) = split_stats(&data);
         draw_split(&params, ctx.out_dir, split, &data, &stats, &sums)?;
         figures.push(stats);
@@ -215,7 +266,7 @@ pub fn run(params: Params, ctx: &StageContext) -> anyhow::Result<Metrics> {
         test,
     };
     draw_balance(ctx.out_dir, &stats)?;
-    let json_path = ctx.out_dir.join("stats.json");
+    let json_path = ctx.out_dir.join(STATS_FILE);
     std::fs::write(&json_path, serde_json::to_string_pretty(&stats)? + "\n")
         .with_context(|| format!("cannot write {}", json_path.display()))?;
     for line in summary(&stats) {
@@ -243,13 +294,13 @@ pub fn summary(stats: &Stats) -> Vec<String> {
         let lo = s.per_class.iter().min().copied().unwrap_or(0);
         let hi = s.per_class.iter().max().copied().unwrap_or(0);
         let balance = if lo == hi {
-            format!("{} per class", thousands(lo))
+            format!("{} per class", count(lo))
         } else {
-            format!("{} to {} per class", thousands(lo), thousands(hi))
+            format!("{} to {} per class", count(lo), count(hi))
         };
         format!(
             "{name:<5} {:>6} images ({balance}), pixel mean {:.4}, std {:.4}",
-            thousands(s.count),
+            count(s.count),
             s.mean,
             s.std
         )
@@ -283,18 +334,6 @@ pub fn summary(stats: &Stats) -> Vec<String> {
 }
 
 /// 60000 -> "60,000".
-fn thousands(n: usize) -> String {
-    let digits = n.to_string();
-    let mut out = String::new();
-    for (i, c) in digits.chars().enumerate() {
-        if i > 0 && (digits.len() - i).is_multiple_of(3) {
-            out.push(',');
-        }
-        out.push(c);
-    }
-    out
-}
-
 fn draw_split(
     params: &Params,
     out: &Path,
@@ -370,11 +409,11 @@ fn draw_balance(out: &Path, stats: &Stats) -> anyhow::Result<()> {
         &stats.class_names,
         &[
             BarSeries::new(
-                format!("train ({})", thousands(stats.train.count)),
+                format!("train ({})", count(stats.train.count)),
                 share(&stats.train),
             ),
             BarSeries::new(
-                format!("test ({})", thousands(stats.test.count)),
+                format!("test ({})", count(stats.test.count)),
                 share(&stats.test),
             ),
         ],
@@ -385,14 +424,6 @@ fn draw_balance(out: &Path, stats: &Stats) -> anyhow::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn thousands_separators() {
-        assert_eq!(thousands(0), "0");
-        assert_eq!(thousands(999), "999");
-        assert_eq!(thousands(60000), "60,000");
-        assert_eq!(thousands(1234567), "1,234,567");
-    }
 
     #[test]
     fn figures_of_a_tiny_dataset_are_exact() {

@@ -3,25 +3,44 @@
 //! inference speed — and writes metrics.json, a comparison table against the seed study's
 //! figures, confusion-matrix heatmaps, a grid of misclassified images and per-class bars.
 
-use std::path::{Path, PathBuf};
-use std::time::Instant;
+pub mod outputs;
 
-use anyhow::Context;
-use candle_core::{DType, Device, D};
+use std::path::Path;
+
 use serde::{Deserialize, Serialize};
 
-use crate::context::{Cancelled, Input, Metrics, StageContext, StageError};
+use crate::context::{Cancelled, Metrics, StageContext, StageError};
 use crate::data::{Dataset, Normalization, Split, CLASS_NAMES, IMAGE_SIDE};
 use crate::device;
-use crate::models::{self, Classifier, ModelKind};
-use crate::optim::OptimizerConfig;
+use crate::download::DataFiles;
+use crate::format;
+use crate::kind::StageKind;
+use crate::learner::{self, EvalHooks, Evaluation};
+use crate::models::ModelKind;
 use crate::plot::{self, BarSeries, Tile};
-use crate::report::group_thousands;
-use crate::train;
+use crate::train::TrainedModel;
+pub use outputs::EvaluateOutputs;
+
+pub const NAME: &str = "evaluate";
 
 /// Bump when outputs would change for the same params (3: the CPU kernels of the forward pass
 /// round differently, so the same model can score a little differently).
 pub const VERSION: u32 = 3;
+
+/// The `evaluate` kind.
+pub struct Evaluate;
+
+impl StageKind for Evaluate {
+    const NAME: &'static str = NAME;
+    const VERSION: u32 = VERSION;
+    type Params = Params;
+    fn validate(params: &Params) -> Result<(), StageError> {
+        params.validate()
+    }
+    fn run(params: Params, ctx: &StageContext) -> anyhow::Result<Metrics> {
+        run(params, ctx)
+    }
+}
 
 /// The `[stages.NAME]` table of an evaluate stage.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -67,104 +86,6 @@ impl Params {
     }
 }
 
-/// A train stage's outputs, as downstream stages read them.
-pub struct TrainedModel {
-    /// The train stage's name (e.g. "train-baseline").
-    pub stage: String,
-    pub kind: ModelKind,
-    /// The train stage's resolved params (from its config.json).
-    pub params: train::Params,
-    pub dir: PathBuf,
-}
-
-impl TrainedModel {
-    /// Every `train` input of the stage, or an error when there is none.
-    pub fn read_all(ctx: &StageContext) -> anyhow::Result<Vec<TrainedModel>> {
-        let trained: Vec<TrainedModel> = ctx
-            .inputs_of_kind("train")
-            .map(TrainedModel::read)
-            .collect::<anyhow::Result<_>>()?;
-        if trained.is_empty() {
-            return Err(StageError::MissingInput {
-                stage: ctx.name.to_string(),
-                kind: "train".to_string(),
-            }
-            .into());
-        }
-        Ok(trained)
-    }
-
-    /// Reads the config.json a train stage wrote into `input.dir`.
-    pub fn read(input: &Input) -> anyhow::Result<Self> {
-        let path = input.dir.join("config.json");
-        let text = std::fs::read_to_string(&path).with_context(|| {
-            format!("reading {} (train stage `{}`)", path.display(), input.stage)
-        })?;
-        let config: serde_json::Value = serde_json::from_str(&text)
-            .with_context(|| format!("{} is not valid JSON", path.display()))?;
-        let params: train::Params = serde_json::from_value(config["params"].clone())
-            .with_context(|| format!("{} has no valid `params` table", path.display()))?;
-        Ok(TrainedModel {
-            stage: input.stage.clone(),
-            kind: params.model,
-            params,
-            dir: input.dir.clone(),
-        })
-    }
-
-    /// Loads the trained weights onto `device`.
-    pub fn load(&self, device: &Device) -> anyhow::Result<Box<dyn Classifier>> {
-        models::load(self.kind, &self.dir.join("model.safetensors"), device)
-    }
-
-    /// The last epoch's mean training loss, from history.json.
-    pub fn final_train_loss(&self) -> anyhow::Result<f64> {
-        let path = self.dir.join("history.json");
-        let text = std::fs::read_to_string(&path)
-            .with_context(|| format!("reading {}", path.display()))?;
-        let history: serde_json::Value = serde_json::from_str(&text)
-            .with_context(|| format!("{} is not valid JSON", path.display()))?;
-        let epochs: Vec<train::EpochRecord> = serde_json::from_value(history["epochs"].clone())
-            .with_context(|| format!("{} has no valid `epochs` list", path.display()))?;
-        epochs
-            .last()
-            .map(|e| e.train_loss)
-            .with_context(|| format!("{} records no epoch", path.display()))
-    }
-
-    /// "Adadelta lr 1.0 x0.7/epoch", "Adam lr 1e-4".
-    pub fn optimizer_description(&self) -> String {
-        let (name, lr) = match &self.params.optimizer {
-            OptimizerConfig::Adadelta { lr, .. } => ("Adadelta", *lr),
-            OptimizerConfig::Adam { lr, .. } => ("Adam", *lr),
-            OptimizerConfig::Sgd { lr, .. } => ("SGD", *lr),
-        };
-        let decay = if (self.params.lr_decay - 1.0).abs() > f64::EPSILON {
-            format!(" x{}/epoch", self.params.lr_decay)
-        } else {
-            String::new()
-        };
-        format!("{name} lr {}{decay}", format_lr(lr))
-    }
-}
-
-/// A learning rate as the seed study writes it: "1.0", "0.1", "1e-4", "2.5e-3".
-pub fn format_lr(lr: f64) -> String {
-    if lr != 0.0 && lr.abs() < 0.01 {
-        format!("{lr:e}")
-    } else {
-        format!("{lr:?}")
-    }
-}
-
-/// The human name of an architecture, as the seed study's table spells it.
-pub fn architecture_name(kind: ModelKind) -> &'static str {
-    match kind {
-        ModelKind::Baseline => "Baseline CNN",
-        ModelKind::Resnet18 => "ResNet-18",
-    }
-}
-
 /// One class's precision, recall and F1 (0 where undefined).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ClassMetrics {
@@ -192,13 +113,6 @@ pub struct ModelMetrics {
     pub test_images: usize,
 }
 
-/// What the model predicted for each test image, and the figures derived from it.
-struct Predictions {
-    predicted: Vec<u8>,
-    loss: f64,
-    images_per_s: f64,
-}
-
 /// Runs the stage: see the module doc.
 pub fn run(params: Params, ctx: &StageContext) -> anyhow::Result<Metrics> {
     crate::ops::with_kernels(ctx.kernels, || run_with_kernels(params, ctx))
@@ -207,20 +121,23 @@ pub fn run(params: Params, ctx: &StageContext) -> anyhow::Result<Metrics> {
 fn run_with_kernels(params: Params, ctx: &StageContext) -> anyhow::Result<Metrics> {
     params.validate()?;
     let device = device::select(ctx.device)?;
-    let data_dir = &ctx.input_of_kind("download")?.dir;
-    let test_set = Dataset::load(data_dir, Split::Test)
-        .with_context(|| format!("loading the test set from {}", data_dir.display()))?
-        .truncated(params.test_limit);
-    if test_set.is_empty() {
-        anyhow::bail!("the test set in {} is empty", data_dir.display());
-    }
+    let test_set = DataFiles::of(ctx)?.load_nonempty(Split::Test, params.test_limit)?;
     let trained = TrainedModel::read_all(ctx)?;
 
     let mut all = serde_json::Map::new();
     let mut results = Vec::new();
     for model_info in &trained {
         let model = model_info.load(&device)?;
-        let predictions = predict(model.as_ref(), &test_set, &params, &device, ctx)?;
+        let batches = test_set.len().div_ceil(params.batch_size);
+        ctx.progress.start("evaluating", batches as u64, "batches");
+        let predictions = learner::evaluate(
+            model.as_ref(),
+            &test_set,
+            params.batch_size,
+            Normalization::default(),
+            &device,
+            &mut StageHooks(ctx),
+        )?;
         let confusion = confusion_matrix(&test_set.labels, &predictions.predicted);
         let metrics = ModelMetrics {
             model: model_info.kind,
@@ -230,7 +147,7 @@ fn run_with_kernels(params: Params, ctx: &StageContext) -> anyhow::Result<Metric
             per_class: per_class(&confusion),
             params: model.param_count(),
             final_train_loss: model_info.final_train_loss()?,
-            inference_images_per_s: predictions.images_per_s,
+            inference_images_per_s: predictions.images_per_s(),
             test_images: test_set.len(),
             confusion,
         };
@@ -259,14 +176,8 @@ fn run_with_kernels(params: Params, ctx: &StageContext) -> anyhow::Result<Metric
         "test_images": test_set.len(),
         "models": all,
     });
-    let mut text = serde_json::to_string_pretty(&metrics_json)?;
-    text.push('\n');
-    let path = ctx.out_dir.join("metrics.json");
-    std::fs::write(&path, text).with_context(|| format!("writing {}", path.display()))?;
-
     let table = comparison_markdown(&results);
-    let path = ctx.out_dir.join("comparison.md");
-    std::fs::write(&path, &table).with_context(|| format!("writing {}", path.display()))?;
+    outputs::write(ctx.out_dir, &metrics_json, &table)?;
     for line in table.lines().filter(|l| !l.trim().is_empty()) {
         ctx.progress.println(line);
     }
@@ -284,43 +195,16 @@ fn run_with_kernels(params: Params, ctx: &StageContext) -> anyhow::Result<Metric
     Ok(serde_json::json!({ "test_images": test_set.len(), "models": summary }))
 }
 
-/// Eval-mode predictions and mean cross-entropy over `set`, timing the forward passes.
-fn predict(
-    model: &dyn Classifier,
-    set: &Dataset,
-    params: &Params,
-    device: &Device,
-    ctx: &StageContext,
-) -> anyhow::Result<Predictions> {
-    let order: Vec<usize> = (0..set.len()).collect();
-    let batches = order.len().div_ceil(params.batch_size);
-    ctx.progress.start("evaluating", batches as u64, "batches");
-    let mut predicted = Vec::with_capacity(set.len());
-    let mut loss_sum = 0f64;
-    let mut forward_seconds = 0f64;
-    for indices in order.chunks(params.batch_size) {
-        if ctx.check_cancel().is_err() {
-            return Err(Cancelled.into());
-        }
-        let (images, labels) = set.batch(indices, Normalization::default(), device)?;
-        let started = Instant::now();
-        let logits = model.forward(&images)?;
-        let classes = logits
-            .argmax(D::Minus1)?
-            .to_dtype(DType::U32)?
-            .to_vec1::<u32>()?;
-        // Reading the classes back synchronizes a GPU, so the time covers the real work.
-        forward_seconds += started.elapsed().as_secs_f64();
-        let loss = candle_nn::loss::cross_entropy(&logits, &labels)?;
-        loss_sum += loss.to_dtype(DType::F32)?.to_scalar::<f32>()? as f64 * indices.len() as f64;
-        predicted.extend(classes.into_iter().map(|c| c as u8));
-        ctx.progress.advance(1);
+/// The stage's side of the evaluator: progress and Ctrl-C.
+struct StageHooks<'a, 'c>(&'a StageContext<'c>);
+
+impl EvalHooks for StageHooks<'_, '_> {
+    fn before_batch(&mut self) -> anyhow::Result<()> {
+        self.0.check_cancel().map_err(|_| Cancelled.into())
     }
-    Ok(Predictions {
-        predicted,
-        loss: loss_sum / set.len().max(1) as f64,
-        images_per_s: set.len() as f64 / forward_seconds.max(1e-9),
-    })
+    fn after_batch(&mut self) {
+        self.0.progress.advance(1);
+    }
 }
 
 /// Rows = true class, columns = predicted class.
@@ -394,7 +278,7 @@ fn write_model_plots(
     info: &TrainedModel,
     metrics: &ModelMetrics,
     set: &Dataset,
-    predictions: &Predictions,
+    predictions: &Evaluation,
     params: &Params,
 ) -> anyhow::Result<()> {
     let matrix: Vec<Vec<f64>> = metrics
@@ -403,11 +287,11 @@ fn write_model_plots(
         .map(|row| row.iter().map(|&v| v as f64).collect())
         .collect();
     plot::heatmap(
-        &out.join(format!("confusion-{}.png", info.stage)),
+        &out.join(outputs::confusion_chart(&info.stage)),
         &format!(
             "{} ({}): confusion matrix, accuracy {:.2}%",
             info.stage,
-            architecture_name(info.kind),
+            info.architecture_name(),
             100.0 * metrics.accuracy
         ),
         &matrix,
@@ -435,7 +319,7 @@ fn write_model_plots(
         .collect();
     if !tiles.is_empty() {
         plot::save_image_grid(
-            &out.join(format!("misclassified-{}.png", info.stage)),
+            &out.join(outputs::misclassified_grid(&info.stage)),
             &format!("{}: misclassified test images", info.stage),
             &tiles,
             8,
@@ -460,7 +344,7 @@ fn write_per_class_chart(
         })
         .collect();
     plot::bar_chart(
-        &out.join("per-class-accuracy.png"),
+        &out.join(outputs::PER_CLASS_CHART),
         "Per-class test accuracy",
         "accuracy",
         &class_labels(),
@@ -479,13 +363,13 @@ fn comparison_markdown(results: &[(&TrainedModel, ModelMetrics)]) -> String {
     s.push_str("|---|---|---|---|---|---|---|---|\n");
     for (info, m) in results {
         s.push_str(&format!(
-            "| {} | {} | {} | cross-entropy | {} | {} | {:.2}% | {:.4} |\n",
+            "| {} | {} | {} | cross-entropy | {} | {} | {} | {:.4} |\n",
             info.stage,
-            architecture_name(info.kind),
+            info.architecture_name(),
             m.optimizer,
             info.params.batch_size,
             info.params.epochs,
-            100.0 * m.accuracy,
+            format::percent(m.accuracy),
             m.final_train_loss
         ));
     }
@@ -498,7 +382,7 @@ fn comparison_markdown(results: &[(&TrainedModel, ModelMetrics)]) -> String {
         s.push_str(&format!(
             "\nThis run's accuracies are on the first {} test images only (`test_limit`); \
              the seed's on all 10,000.\n",
-            group_thousands(n as i128)
+            format::count(n)
         ));
     }
     s
@@ -524,17 +408,6 @@ mod tests {
         assert!((pc[2].f1 - 1.0).abs() < 1e-12);
         assert_eq!(pc[3].f1, 0.0);
         assert_eq!(pc[1].support, 3);
-    }
-
-    #[test]
-    fn learning_rates_and_counts_read_like_the_seed_table() {
-        assert_eq!(format_lr(1.0), "1.0");
-        assert_eq!(format_lr(0.1), "0.1");
-        assert_eq!(format_lr(1e-4), "1e-4");
-        assert_eq!(format_lr(2.5e-3), "2.5e-3");
-        assert_eq!(group_thousands(300), "300");
-        assert_eq!(group_thousands(10_000), "10,000");
-        assert_eq!(group_thousands(-1_199_882), "-1,199,882");
     }
 
     #[test]

@@ -12,12 +12,51 @@ use serde::{Deserialize, Serialize};
 use crate::context::{Cancelled, Metrics, StageContext, StageError};
 use crate::data::{Dataset, Normalization, Split, CLASS_NAMES, IMAGE_SIDE};
 use crate::device;
-use crate::evaluate::{architecture_name, TrainedModel};
+use crate::download::DataFiles;
+use crate::kind::StageKind;
 use crate::models::Classifier;
 use crate::plot::{self, Tile};
+use crate::train::TrainedModel;
 
 /// Bump when outputs would change for the same params.
+pub const NAME: &str = "visualize";
 pub const VERSION: u32 = 1;
+const FILTERS_MARK: &str = "-filters-";
+
+/// The `visualize` kind.
+pub struct Visualize;
+
+impl StageKind for Visualize {
+    const NAME: &'static str = NAME;
+    const VERSION: u32 = VERSION;
+    type Params = Params;
+    fn validate(params: &Params) -> Result<(), StageError> {
+        params.validate()
+    }
+    fn run(params: Params, ctx: &StageContext) -> anyhow::Result<Metrics> {
+        run(params, ctx)
+    }
+}
+
+/// A visualize stage's outputs, as the report reads them.
+pub struct VisualizeOutputs {
+    dir: std::path::PathBuf,
+}
+
+impl VisualizeOutputs {
+    pub fn of(input: &crate::context::Input) -> Self {
+        VisualizeOutputs {
+            dir: input.dir.clone(),
+        }
+    }
+
+    /// (first-layer filter grids, activation maps), each sorted by name.
+    pub fn images(&self) -> anyhow::Result<(Vec<std::path::PathBuf>, Vec<std::path::PathBuf>)> {
+        Ok(crate::files::pngs_in(&self.dir)?
+            .into_iter()
+            .partition(|p| crate::files::file_name(p).contains(FILTERS_MARK)))
+    }
+}
 
 /// A test image to show activations for: a class name (its first test image) or an index
 /// (a number, or a string of digits).
@@ -173,9 +212,7 @@ pub fn run(params: Params, ctx: &StageContext) -> anyhow::Result<Metrics> {
 fn run_with_kernels(params: Params, ctx: &StageContext) -> anyhow::Result<Metrics> {
     params.validate()?;
     let device = device::select(ctx.device)?;
-    let data_dir = &ctx.input_of_kind("download")?.dir;
-    let test_set = Dataset::load(data_dir, Split::Test)
-        .with_context(|| format!("loading the test set from {}", data_dir.display()))?;
+    let test_set = DataFiles::of(ctx)?.load(Split::Test)?;
     let chosen = choose(&params.samples, &test_set)?;
     let trained = TrainedModel::read_all(ctx)?;
 
@@ -226,7 +263,7 @@ fn write_filters(
         .enumerate()
         .map(|(i, w)| Tile::scaled(&w[..kh * kw], kw, kh, format!("{i}")))
         .collect();
-    let name = format!("{}-filters-conv1.png", info.stage);
+    let name = format!("{}{FILTERS_MARK}conv1.png", info.stage);
     // Magnify small kernels to about 42 pixels so the weights are visible.
     let scale = (42 / kh.max(1)).max(1);
     plot::save_image_grid(
@@ -234,7 +271,7 @@ fn write_filters(
         &format!(
             "{} ({}): conv1 filters {kh}x{kw}",
             info.stage,
-            architecture_name(info.kind)
+            info.architecture_name()
         ),
         &tiles,
         16,
