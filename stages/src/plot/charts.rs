@@ -4,7 +4,10 @@
 
 use std::path::Path;
 
-use plotters::coord::ranged1d::{DefaultFormatting, KeyPointHint, Ranged};
+use plotters::chart::MeshStyle;
+use plotters::coord::ranged1d::{
+    AsRangedCoord, DefaultFormatting, KeyPointHint, Ranged, ValueFormatter,
+};
 use plotters::prelude::*;
 use plotters::style::text_anchor::{HPos, Pos, VPos};
 
@@ -57,6 +60,97 @@ pub enum HistogramScale {
     Log,
 }
 
+/// The chart being drawn into a frame (see [`Frame::draw`]).
+type Chart<'a, X, Y> = ChartContext<'a, BitMapBackend<'a>, Cartesian2d<X, Y>>;
+
+/// What differs between the charts' frames.
+struct Frame<'p> {
+    path: &'p Path,
+    title: &'p str,
+    /// Canvas width and height, in pixels.
+    size: (u32, u32),
+    /// The x label area's height and the y label area's width, in pixels.
+    label_areas: (u32, u32),
+    /// Room right of the plot (the heatmap's last column label needs more).
+    margin_right: u32,
+}
+
+impl Frame<'_> {
+    fn new<'p>(
+        path: &'p Path,
+        title: &'p str,
+        size: (u32, u32),
+        label_areas: (u32, u32),
+    ) -> Frame<'p> {
+        Frame {
+            path,
+            title,
+            size,
+            label_areas,
+            margin_right: MARGIN,
+        }
+    }
+
+    /// The one frame every chart has: a white canvas of the checked size, the title, the
+    /// margins and label areas, and coordinates `x` by `y`; `draw` draws the mesh and the
+    /// data into it; then the PNG is written.
+    fn draw<X: AsRangedCoord, Y: AsRangedCoord>(
+        &self,
+        x: X,
+        y: Y,
+        draw: impl FnOnce(&mut Chart<'_, X::CoordDescType, Y::CoordDescType>) -> Result<(), PlotError>,
+    ) -> Result<(), PlotError> {
+        ensure_font();
+        check_canvas(self.path, self.size.0, self.size.1)?;
+        let err = PlotError::drawing(self.path);
+        let root = BitMapBackend::new(self.path, self.size).into_drawing_area();
+        root.fill(&WHITE).map_err(&err)?;
+        let mut chart = ChartBuilder::on(&root)
+            .caption(self.title, (FONT_FAMILY, TITLE_SIZE))
+            .margin(MARGIN)
+            .margin_right(self.margin_right)
+            .x_label_area_size(self.label_areas.0)
+            .y_label_area_size(self.label_areas.1)
+            .build_cartesian_2d(x, y)
+            .map_err(&err)?;
+        draw(&mut chart)?;
+        root.present().map_err(&err)?;
+        Ok(())
+    }
+}
+
+const MARGIN: u32 = 16;
+
+/// The mesh in the house style (fonts, light grid); the caller adds its labels and draws.
+fn mesh<'a, 'c, X, Y>(chart: &'c mut Chart<'a, X, Y>) -> MeshStyle<'a, 'c, X, Y, BitMapBackend<'a>>
+where
+    X: Ranged + ValueFormatter<X::ValueType>,
+    Y: Ranged + ValueFormatter<Y::ValueType>,
+{
+    let mut mesh = chart.configure_mesh();
+    mesh.label_style((FONT_FAMILY, TICK_SIZE))
+        .axis_desc_style((FONT_FAMILY, AXIS_DESC_SIZE))
+        .light_line_style(RGBColor(235, 235, 235))
+        .max_light_lines(2);
+    mesh
+}
+
+/// The series' legend in the house style at `position`.
+fn draw_legend<X: Ranged, Y: Ranged>(
+    chart: &mut Chart<'_, X, Y>,
+    position: SeriesLabelPosition,
+    path: &Path,
+) -> Result<(), PlotError> {
+    chart
+        .configure_series_labels()
+        .position(position)
+        .background_style(WHITE.mix(0.9))
+        .border_style(BLACK)
+        .label_font((FONT_FAMILY, LEGEND_SIZE))
+        .draw()
+        .map_err(PlotError::drawing(path))
+}
+
 /// A short tick label: integers without decimals, others with up to 4 significant decimals.
 fn tick_label(v: f64) -> String {
     if v == 0.0 {
@@ -92,7 +186,6 @@ pub fn line_chart(
     y_label: &str,
     series: &[Series],
 ) -> Result<(), PlotError> {
-    ensure_font();
     let finite = |&&(x, y): &&(f64, f64)| x.is_finite() && y.is_finite();
     let all: Vec<(f64, f64)> = series
         .iter()
@@ -120,67 +213,45 @@ pub fn line_chart(
         10
     };
 
-    let (width, height) = (900u32, 560u32);
-    check_canvas(path, width, height)?;
     let err = PlotError::drawing(path);
-    let root = BitMapBackend::new(path, (width, height)).into_drawing_area();
-    root.fill(&WHITE).map_err(&err)?;
-    let mut chart = ChartBuilder::on(&root)
-        .caption(title, (FONT_FAMILY, TITLE_SIZE))
-        .margin(16)
-        .x_label_area_size(48)
-        .y_label_area_size(72)
-        .build_cartesian_2d(x0..x1, y0..y1)
-        .map_err(&err)?;
-    chart
-        .configure_mesh()
-        .x_desc(x_label)
-        .y_desc(y_label)
-        .x_labels(x_ticks)
-        .y_labels(8)
-        .x_label_formatter(&|v| tick_label(*v))
-        .y_label_formatter(&|v| tick_label(*v))
-        .label_style((FONT_FAMILY, TICK_SIZE))
-        .axis_desc_style((FONT_FAMILY, AXIS_DESC_SIZE))
-        .light_line_style(RGBColor(235, 235, 235))
-        .max_light_lines(2)
-        .draw()
-        .map_err(&err)?;
-    for (i, s) in series.iter().enumerate() {
-        let color = series_color(i);
-        let points: Vec<(f64, f64)> = s.points.iter().filter(finite).copied().collect();
-        chart
-            .draw_series(LineSeries::new(points.clone(), color.stroke_width(2)))
-            .map_err(&err)?
-            .label(s.name.clone())
-            .legend(move |(x, y)| {
-                PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2))
-            });
-        chart
-            .draw_series(points.iter().map(|&p| Circle::new(p, 3, color.filled())))
+    let frame = Frame::new(path, title, (900, 560), (48, 72));
+    frame.draw(x0..x1, y0..y1, |chart| {
+        mesh(chart)
+            .x_desc(x_label)
+            .y_desc(y_label)
+            .x_labels(x_ticks)
+            .y_labels(8)
+            .x_label_formatter(&|v| tick_label(*v))
+            .y_label_formatter(&|v| tick_label(*v))
+            .draw()
             .map_err(&err)?;
-    }
-    // Put the legend where the curves are not at their end: losses fall, accuracies rise.
-    let ends: Vec<f64> = series
-        .iter()
-        .filter_map(|s| s.points.iter().rfind(finite).map(|p| p.1))
-        .collect();
-    let mean_end = ends.iter().sum::<f64>() / ends.len().max(1) as f64;
-    let legend_at = if mean_end > (y0 + y1) / 2.0 {
-        SeriesLabelPosition::LowerRight
-    } else {
-        SeriesLabelPosition::UpperRight
-    };
-    chart
-        .configure_series_labels()
-        .position(legend_at)
-        .background_style(WHITE.mix(0.9))
-        .border_style(BLACK)
-        .label_font((FONT_FAMILY, LEGEND_SIZE))
-        .draw()
-        .map_err(&err)?;
-    root.present().map_err(&err)?;
-    Ok(())
+        for (i, s) in series.iter().enumerate() {
+            let color = series_color(i);
+            let points: Vec<(f64, f64)> = s.points.iter().filter(finite).copied().collect();
+            chart
+                .draw_series(LineSeries::new(points.clone(), color.stroke_width(2)))
+                .map_err(&err)?
+                .label(s.name.clone())
+                .legend(move |(x, y)| {
+                    PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2))
+                });
+            chart
+                .draw_series(points.iter().map(|&p| Circle::new(p, 3, color.filled())))
+                .map_err(&err)?;
+        }
+        // Put the legend where the curves are not at their end: losses fall, accuracies rise.
+        let ends: Vec<f64> = series
+            .iter()
+            .filter_map(|s| s.points.iter().rfind(finite).map(|p| p.1))
+            .collect();
+        let mean_end = ends.iter().sum::<f64>() / ends.len().max(1) as f64;
+        let legend_at = if mean_end > (y0 + y1) / 2.0 {
+            SeriesLabelPosition::LowerRight
+        } else {
+            SeriesLabelPosition::UpperRight
+        };
+        draw_legend(chart, legend_at, path)
+    })
 }
 
 /// Writes a grouped bar chart: one group per category, one coloured bar per series, and a
@@ -192,7 +263,6 @@ pub fn bar_chart(
     categories: &[String],
     series: &[BarSeries],
 ) -> Result<(), PlotError> {
-    ensure_font();
     if categories.is_empty() || series.is_empty() {
         return Err(PlotError::invalid(
             path,
@@ -238,66 +308,45 @@ pub fn bar_chart(
         .unwrap_or(0);
     let slot = (widest + 14).max(series.len() as u32 * 14 + 16);
     let width = (n as u32 * slot + 120).max(640);
-    let height = 520u32;
-    check_canvas(path, width, height)?;
     let err = PlotError::drawing(path);
-    let root = BitMapBackend::new(path, (width, height)).into_drawing_area();
-    root.fill(&WHITE).map_err(&err)?;
     let key_points: Vec<f64> = (0..n).map(|i| i as f64).collect();
-    let mut chart = ChartBuilder::on(&root)
-        .caption(title, (FONT_FAMILY, TITLE_SIZE))
-        .margin(16)
-        .x_label_area_size(36)
-        .y_label_area_size(72)
-        .build_cartesian_2d(TickedAxis::new(-0.5..n as f64 - 0.5, key_points), y0..y1)
-        .map_err(&err)?;
-    chart
-        .configure_mesh()
-        .disable_x_mesh()
-        .y_desc(y_label)
-        .y_labels(8)
-        .x_label_formatter(&|x| {
-            let i = x.round();
-            if i >= 0.0 && (i as usize) < n {
-                categories[i as usize].clone()
-            } else {
-                String::new()
-            }
-        })
-        .y_label_formatter(&|v| tick_label(*v))
-        .label_style((FONT_FAMILY, TICK_SIZE))
-        .axis_desc_style((FONT_FAMILY, AXIS_DESC_SIZE))
-        .light_line_style(RGBColor(235, 235, 235))
-        .max_light_lines(2)
-        .draw()
-        .map_err(&err)?;
-    let group = 0.8;
-    let bar = group / series.len() as f64;
-    for (s_idx, s) in series.iter().enumerate() {
-        let color = series_color(s_idx);
-        let bars = s.values.iter().enumerate().map(move |(c, &v)| {
-            let left = c as f64 - group / 2.0 + s_idx as f64 * bar;
-            Rectangle::new([(left, 0.0), (left + bar * 0.92, v)], color.filled())
-        });
-        let drawn = chart.draw_series(bars).map_err(&err)?;
-        if series.len() > 1 || !s.name.is_empty() {
-            drawn.label(s.name.clone()).legend(move |(x, y)| {
-                Rectangle::new([(x, y - 5), (x + 14, y + 5)], color.filled())
-            });
-        }
-    }
-    if series.len() > 1 || series.iter().any(|s| !s.name.is_empty()) {
-        chart
-            .configure_series_labels()
-            .position(SeriesLabelPosition::UpperRight)
-            .background_style(WHITE.mix(0.9))
-            .border_style(BLACK)
-            .label_font((FONT_FAMILY, LEGEND_SIZE))
+    let x = TickedAxis::new(-0.5..n as f64 - 0.5, key_points);
+    Frame::new(path, title, (width, 520), (36, 72)).draw(x, y0..y1, |chart| {
+        mesh(chart)
+            .disable_x_mesh()
+            .y_desc(y_label)
+            .y_labels(8)
+            .x_label_formatter(&|x| {
+                let i = x.round();
+                if i >= 0.0 && (i as usize) < n {
+                    categories[i as usize].clone()
+                } else {
+                    String::new()
+                }
+            })
+            .y_label_formatter(&|v| tick_label(*v))
             .draw()
             .map_err(&err)?;
-    }
-    root.present().map_err(&err)?;
-    Ok(())
+        let group = 0.8;
+        let bar = group / series.len() as f64;
+        for (s_idx, s) in series.iter().enumerate() {
+            let color = series_color(s_idx);
+            let bars = s.values.iter().enumerate().map(move |(c, &v)| {
+                let left = c as f64 - group / 2.0 + s_idx as f64 * bar;
+                Rectangle::new([(left, 0.0), (left + bar * 0.92, v)], color.filled())
+            });
+            let drawn = chart.draw_series(bars).map_err(&err)?;
+            if series.len() > 1 || !s.name.is_empty() {
+                drawn.label(s.name.clone()).legend(move |(x, y)| {
+                    Rectangle::new([(x, y - 5), (x + 14, y + 5)], color.filled())
+                });
+            }
+        }
+        if series.len() > 1 || series.iter().any(|s| !s.name.is_empty()) {
+            draw_legend(chart, SeriesLabelPosition::UpperRight, path)?;
+        }
+        Ok(())
+    })
 }
 
 /// Writes a histogram of `counts`, equal-width bins covering `range`, on a linear axis.
@@ -321,7 +370,6 @@ pub fn histogram_with_scale(
     range: (f64, f64),
     scale: HistogramScale,
 ) -> Result<(), PlotError> {
-    ensure_font();
     let (lo, hi) = range;
     if counts.is_empty() {
         return Err(PlotError::invalid(path, "no bins to draw"));
@@ -350,54 +398,40 @@ pub fn histogram_with_scale(
         }
     };
 
-    let (width, height) = (900u32, 520u32);
-    check_canvas(path, width, height)?;
     let err = PlotError::drawing(path);
-    let root = BitMapBackend::new(path, (width, height)).into_drawing_area();
-    root.fill(&WHITE).map_err(&err)?;
     let log = key_points.is_some();
     let key_points = key_points.unwrap_or_else(|| nice_ticks(0.0, y_top, 8));
-    let mut chart = ChartBuilder::on(&root)
-        .caption(title, (FONT_FAMILY, TITLE_SIZE))
-        .margin(16)
-        .x_label_area_size(48)
-        .y_label_area_size(80)
-        .build_cartesian_2d(lo..hi, TickedAxis::new(0.0..y_top, key_points))
-        .map_err(&err)?;
-    chart
-        .configure_mesh()
-        .disable_x_mesh()
-        .x_desc(x_label)
-        .y_desc(y_desc)
-        .x_labels(11)
-        .x_label_formatter(&|v| tick_label(*v))
-        .y_label_formatter(&|v| {
-            if log {
-                tick_label(10f64.powf(*v).round())
-            } else {
-                tick_label(*v)
-            }
-        })
-        .label_style((FONT_FAMILY, TICK_SIZE))
-        .axis_desc_style((FONT_FAMILY, AXIS_DESC_SIZE))
-        .light_line_style(RGBColor(235, 235, 235))
-        .max_light_lines(2)
-        .draw()
-        .map_err(&err)?;
-    let bin = (hi - lo) / counts.len() as f64;
-    let color = series_color(0);
-    chart
-        .draw_series(counts.iter().enumerate().filter_map(|(i, &c)| {
-            let top = height_of(c)?;
-            let left = lo + i as f64 * bin;
-            Some(Rectangle::new(
-                [(left, 0.0), (left + bin, top)],
-                color.filled(),
-            ))
-        }))
-        .map_err(&err)?;
-    root.present().map_err(&err)?;
-    Ok(())
+    let y = TickedAxis::new(0.0..y_top, key_points);
+    Frame::new(path, title, (900, 520), (48, 80)).draw(lo..hi, y, |chart| {
+        mesh(chart)
+            .disable_x_mesh()
+            .x_desc(x_label)
+            .y_desc(y_desc)
+            .x_labels(11)
+            .x_label_formatter(&|v| tick_label(*v))
+            .y_label_formatter(&|v| {
+                if log {
+                    tick_label(10f64.powf(*v).round())
+                } else {
+                    tick_label(*v)
+                }
+            })
+            .draw()
+            .map_err(&err)?;
+        let bin = (hi - lo) / counts.len() as f64;
+        let color = series_color(0);
+        chart
+            .draw_series(counts.iter().enumerate().filter_map(|(i, &c)| {
+                let top = height_of(c)?;
+                let left = lo + i as f64 * bin;
+                Some(Rectangle::new(
+                    [(left, 0.0), (left + bin, top)],
+                    color.filled(),
+                ))
+            }))
+            .map_err(&err)?;
+        Ok(())
+    })
 }
 
 /// About `target` evenly spaced round tick values covering `lo..=hi` (steps of 1, 2 or 5
@@ -451,7 +485,6 @@ pub fn heatmap_with_axes(
     annotate: bool,
     axes: (&str, &str),
 ) -> Result<(), PlotError> {
-    ensure_font();
     let rows = matrix.len();
     let cols = matrix.first().map_or(0, Vec::len);
     if rows == 0 || cols == 0 {
@@ -513,73 +546,62 @@ pub fn heatmap_with_axes(
     let y_area = widest_row + 40;
     let width = y_area + cell * cols as u32 + 40;
     let height = 60 + cell * rows as u32 + 60;
-    check_canvas(path, width, height)?;
-
     let err = PlotError::drawing(path);
-    let root = BitMapBackend::new(path, (width, height)).into_drawing_area();
-    root.fill(&WHITE).map_err(&err)?;
     let centers = |n: usize| (0..n).map(|i| i as f64 + 0.5).collect::<Vec<_>>();
-    let mut chart = ChartBuilder::on(&root)
-        .caption(title, (FONT_FAMILY, TITLE_SIZE))
-        .margin(16)
-        .margin_right(24)
-        .x_label_area_size(48)
-        .y_label_area_size(y_area)
-        .build_cartesian_2d(
-            TickedAxis::new(0.0..cols as f64, centers(cols)),
-            // Reversed so row 0 is drawn on top, as a matrix is read.
-            TickedAxis::new(rows as f64..0.0, centers(rows)),
-        )
-        .map_err(&err)?;
-    let label_of = |labels: &[String], v: f64| {
-        let i = v.floor();
-        if i >= 0.0 && (i as usize) < labels.len() {
-            labels[i as usize].clone()
-        } else {
-            String::new()
-        }
+    let x = TickedAxis::new(0.0..cols as f64, centers(cols));
+    // Reversed so row 0 is drawn on top, as a matrix is read.
+    let y = TickedAxis::new(rows as f64..0.0, centers(rows));
+    let frame = Frame {
+        margin_right: 24,
+        ..Frame::new(path, title, (width, height), (48, y_area))
     };
-    chart
-        .configure_mesh()
-        .disable_mesh()
-        .y_desc(axes.0)
-        .x_desc(axes.1)
-        .x_label_formatter(&|v| label_of(col_labels, *v))
-        .y_label_formatter(&|v| label_of(row_labels, *v))
-        .label_style((FONT_FAMILY, TICK_SIZE))
-        .axis_desc_style((FONT_FAMILY, AXIS_DESC_SIZE))
-        .draw()
-        .map_err(&err)?;
-    let shade = |v: f64| -> f64 {
-        if v.is_finite() {
-            ((v - v_lo) / span).clamp(0.0, 1.0)
-        } else {
-            0.0
-        }
-    };
-    chart
-        .draw_series(matrix.iter().enumerate().flat_map(|(r, row)| {
-            row.iter().enumerate().map(move |(c, &v)| {
-                let (x, y) = (c as f64, r as f64);
-                Rectangle::new([(x, y), (x + 1.0, y + 1.0)], blues(shade(v)).filled())
-            })
-        }))
-        .map_err(&err)?;
-    if annotate {
+    frame.draw(x, y, |chart| {
+        let label_of = |labels: &[String], v: f64| {
+            let i = v.floor();
+            if i >= 0.0 && (i as usize) < labels.len() {
+                labels[i as usize].clone()
+            } else {
+                String::new()
+            }
+        };
+        mesh(chart)
+            .disable_mesh()
+            .y_desc(axes.0)
+            .x_desc(axes.1)
+            .x_label_formatter(&|v| label_of(col_labels, *v))
+            .y_label_formatter(&|v| label_of(row_labels, *v))
+            .draw()
+            .map_err(&err)?;
+        let shade = |v: f64| -> f64 {
+            if v.is_finite() {
+                ((v - v_lo) / span).clamp(0.0, 1.0)
+            } else {
+                0.0
+            }
+        };
         chart
             .draw_series(matrix.iter().enumerate().flat_map(|(r, row)| {
                 row.iter().enumerate().map(move |(c, &v)| {
-                    let ink: &'static RGBColor = if shade(v) > 0.55 { &WHITE } else { &BLACK };
-                    let style = TextStyle::from((FONT_FAMILY, text_size).into_font())
-                        .color(ink)
-                        .pos(Pos::new(HPos::Center, VPos::Center));
-                    Text::new(cell_text(v), (c as f64 + 0.5, r as f64 + 0.5), style)
+                    let (x, y) = (c as f64, r as f64);
+                    Rectangle::new([(x, y), (x + 1.0, y + 1.0)], blues(shade(v)).filled())
                 })
             }))
             .map_err(&err)?;
-    }
-    root.present().map_err(&err)?;
-    Ok(())
+        if annotate {
+            chart
+                .draw_series(matrix.iter().enumerate().flat_map(|(r, row)| {
+                    row.iter().enumerate().map(move |(c, &v)| {
+                        let ink: &'static RGBColor = if shade(v) > 0.55 { &WHITE } else { &BLACK };
+                        let style = TextStyle::from((FONT_FAMILY, text_size).into_font())
+                            .color(ink)
+                            .pos(Pos::new(HPos::Center, VPos::Center));
+                        Text::new(cell_text(v), (c as f64 + 0.5, r as f64 + 0.5), style)
+                    })
+                }))
+                .map_err(&err)?;
+        }
+        Ok(())
+    })
 }
 
 /// A linear f64 axis with ticks exactly at the given values (category centres, round
