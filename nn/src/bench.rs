@@ -19,7 +19,7 @@ use crate::ops::{self, Kernels};
 use crate::optim;
 
 /// Where the real data set lives when no directory is given.
-pub const DEFAULT_DATA_DIR: &str = "/usr/share/datasets/fashion-mnist";
+pub const DEFAULT_DATA_DIR: &str = crate::data::DEBIAN_DATA_DIR;
 /// Training batch size (the study's).
 pub const TRAIN_BATCH: usize = 64;
 /// Inference batch size (the PyTorch reference evaluates in batches of 1000 too).

@@ -14,3 +14,4 @@ pub mod learner;
 pub mod models;
 pub mod ops;
 pub mod optim;
+pub mod test_support;

@@ -165,11 +165,9 @@ proptest! {
 /// publishes them), load in well under a second. Skipped without the Debian package.
 #[test]
 fn full_training_images_load_fast() {
-    let source = Path::new("/usr/share/datasets/fashion-mnist");
-    if !source.is_dir() {
-        eprintln!("skipped: {} is absent", source.display());
+    let Some(source) = fmnist_nn::test_support::real_data("full_training_images_load_fast") else {
         return;
-    }
+    };
     let dir = tempfile::tempdir().unwrap();
     for name in ["train-images-idx3-ubyte", "train-labels-idx1-ubyte"] {
         std::fs::write(
@@ -183,7 +181,7 @@ fn full_training_images_load_fast() {
     let plain = started.elapsed();
     assert_eq!(data.len(), 60_000);
     let started = Instant::now();
-    let gz = Dataset::load(source, Split::Train).unwrap();
+    let gz = Dataset::load(&source, Split::Train).unwrap();
     let gzipped = started.elapsed();
     assert_eq!(gz.images, data.images);
     eprintln!("load train split: plain IDX {plain:?}, gzip {gzipped:?}");

@@ -16,4 +16,6 @@ pub use kinds::{download, evaluate, report, stats, train, visualize};
 
 /// The numerics live in fmnist-nn; re-exported so that callers (the engine's `bench` and
 /// `check` commands, its global allocator) reach them through this crate as before.
-pub use fmnist_nn::{bench, check, compute, data, device, learner, models, ops, optim};
+pub use fmnist_nn::{
+    bench, check, compute, data, device, learner, models, ops, optim, test_support,
+};

@@ -558,11 +558,8 @@ fn open_in_chromium(page: &Path) -> anyhow::Result<BrowserView> {
 }
 
 fn chromium_missing() -> bool {
-    if Path::new(CHROMIUM).exists() {
-        return false;
-    }
-    eprintln!("note: {CHROMIUM} not found; skipping the browser check");
-    true
+    fmnist_stages::test_support::require(Path::new(CHROMIUM), "Chromium", "the browser check")
+        .is_none()
 }
 
 #[test]

@@ -9,6 +9,9 @@ use rand::SeedableRng;
 
 use super::idx::{IdxArray, IdxError};
 
+/// Where the Debian package `dataset-fashion-mnist` installs the data.
+pub const DEBIAN_DATA_DIR: &str = "/usr/share/datasets/fashion-mnist";
+
 pub const IMAGE_SIDE: usize = 28;
 pub const PIXELS: usize = IMAGE_SIDE * IMAGE_SIDE;
 pub const CLASS_NAMES: [&str; 10] = [

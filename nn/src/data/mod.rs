@@ -4,5 +4,7 @@
 pub mod dataset;
 pub mod idx;
 
-pub use dataset::{Dataset, Normalization, Split, CLASS_NAMES, IMAGE_SIDE, PIXELS};
+pub use dataset::{
+    Dataset, Normalization, Split, CLASS_NAMES, DEBIAN_DATA_DIR, IMAGE_SIDE, PIXELS,
+};
 pub use idx::{IdxArray, IdxError};

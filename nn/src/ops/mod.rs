@@ -16,8 +16,6 @@ mod linear;
 mod norm;
 mod pool;
 mod winograd;
-#[cfg(test)]
-mod winograd_tests;
 
 pub use conv::conv_forward;
 pub use conv_backward::conv_backward;

@@ -195,7 +195,7 @@ impl Params {
 }
 
 /// Where the Debian package `dataset-fashion-mnist` installs the data.
-pub const DEBIAN_FOLDER: &str = "/usr/share/datasets/fashion-mnist";
+pub const DEBIAN_FOLDER: &str = crate::data::DEBIAN_DATA_DIR;
 
 /// One file's expected decompressed content.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -1,10 +1,10 @@
 //! The Winograd path against the im2col path it replaces (forward, pooled epilogue, pooled
 //! weight gradient): a module of its own, so neither path imports the other.
-use super::conv::im2col_forward;
-use super::conv_backward::{im2col_backward, OutputGrad};
-use super::conv_geometry::ConvGeometry;
-use super::pool::{pool_forward, PoolGeometry};
-use super::winograd::*;
+use super::super::conv::im2col_forward;
+use super::super::conv_backward::{im2col_backward, OutputGrad};
+use super::super::conv_geometry::ConvGeometry;
+use super::super::pool::{pool_forward, PoolGeometry};
+use super::*;
 
 fn pseudo_random(len: usize, seed: u64) -> Vec<f32> {
     let mut s = seed
