@@ -3,10 +3,13 @@
 //! stays out of fingerprints, with typed `Params` and a `run`. Each kind's module also
 //! exports a typed reader of its own outputs, so no other stage spells its file names.
 
+use std::marker::PhantomData;
+use std::path::PathBuf;
+
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
-use crate::context::{Metrics, StageContext, StageError};
+use crate::context::{Input, Metrics, StageContext, StageError};
 
 pub trait StageKind: 'static {
     /// The name a pipeline gives in `kind = "..."`.
@@ -34,4 +37,58 @@ pub trait StageKind: 'static {
 
     /// Runs the stage: reads `ctx.inputs`, writes into `ctx.out_dir`, returns its metrics.
     fn run(params: Self::Params, ctx: &StageContext) -> anyhow::Result<Metrics>;
+}
+
+/// Implements [`StageKind`] for the unit struct `$kind` from the items of its module:
+/// `NAME`, `VERSION`, `Params` (with `Params::validate`) and `run`; further `CONST = value`
+/// pairs set the unhashed params and outputs.
+macro_rules! stage_kind {
+    ($kind:ident $(, $key:ident = $value:expr)* $(,)?) => {
+        impl $crate::kind::StageKind for $kind {
+            const NAME: &'static str = NAME;
+            const VERSION: u32 = VERSION;
+            $(const $key: &'static [&'static str] = $value;)*
+            type Params = Params;
+            fn validate(params: &Params) -> Result<(), $crate::context::StageError> {
+                params.validate()
+            }
+            fn run(
+                params: Params,
+                ctx: &$crate::context::StageContext,
+            ) -> anyhow::Result<$crate::context::Metrics> {
+                run(params, ctx)
+            }
+        }
+    };
+}
+pub(crate) use stage_kind;
+
+/// A stage's published outputs as other stages see them: its kind's module adds the typed
+/// readers (`impl Outputs<Stats> { ... }`), which alone know the file names.
+pub struct Outputs<K> {
+    /// The stage's name in pipeline.toml.
+    pub stage: String,
+    pub(crate) dir: PathBuf,
+    kind: PhantomData<K>,
+}
+
+impl<K: StageKind> Outputs<K> {
+    /// The outputs of `input` (which the caller found to be of kind `K`).
+    pub fn of(input: &Input) -> Self {
+        Outputs {
+            stage: input.stage.clone(),
+            dir: input.dir.clone(),
+            kind: PhantomData,
+        }
+    }
+
+    /// The outputs of the stage's first input of kind `K`.
+    pub fn first(ctx: &StageContext) -> Result<Self, StageError> {
+        ctx.input_of_kind(K::NAME).map(Self::of)
+    }
+
+    /// A file of the outputs (for the kind's readers).
+    pub(crate) fn path(&self, file: &str) -> PathBuf {
+        self.dir.join(file)
+    }
 }

@@ -2,7 +2,7 @@
 
 use candle_core::{Result, Tensor, Var};
 
-use super::{fused, with_weight_decay, zeros_slot, Slot, SlotInit, UpdateRule};
+use super::{fused, with_weight_decay, zeros_slot, Slot, StepInfo, UpdateRule};
 
 pub struct Adadelta {
     pub rho: f64,
@@ -10,32 +10,19 @@ pub struct Adadelta {
     pub weight_decay: f64,
 }
 
-const SLOTS: &[Slot] = &[
-    Slot {
-        name: "square_avg",
-        init: SlotInit::Zeros,
-    },
-    Slot {
-        name: "acc_delta",
-        init: SlotInit::Zeros,
-    },
-];
-
 impl UpdateRule for Adadelta {
-    fn slots(&self) -> &'static [Slot] {
-        SLOTS
-    }
+    const SLOTS: &'static [Slot] = &[Slot::zeros("square_avg"), Slot::zeros("acc_delta")];
 
     /// One fused in-place pass on the CPU (f32 arithmetic in PyTorch's order); the tensor ops
     /// below are the general path.
     fn update(
         &self,
-        _step: u64,
-        lr: f64,
+        at: StepInfo,
         var: &Var,
         grad: &Tensor,
         buffers: &mut [Option<Tensor>],
     ) -> Result<()> {
+        let lr = at.lr;
         let param = var.as_tensor();
         let (square_avg, acc_delta) = (zeros_slot(&buffers[0])?, zeros_slot(&buffers[1])?);
         let (rho, one_minus_rho) = (self.rho as f32, (1.0 - self.rho) as f32);

@@ -3,7 +3,7 @@
 
 use candle_core::{Result, Tensor, Var};
 
-use super::{fused, with_weight_decay, zeros_slot, Slot, SlotInit, UpdateRule};
+use super::{fused, with_weight_decay, zeros_slot, Slot, StepInfo, UpdateRule};
 
 pub struct Adam {
     pub betas: (f64, f64),
@@ -11,32 +11,19 @@ pub struct Adam {
     pub weight_decay: f64,
 }
 
-const SLOTS: &[Slot] = &[
-    Slot {
-        name: "exp_avg",
-        init: SlotInit::Zeros,
-    },
-    Slot {
-        name: "exp_avg_sq",
-        init: SlotInit::Zeros,
-    },
-];
-
 impl UpdateRule for Adam {
-    fn slots(&self) -> &'static [Slot] {
-        SLOTS
-    }
+    const SLOTS: &'static [Slot] = &[Slot::zeros("exp_avg"), Slot::zeros("exp_avg_sq")];
 
     /// One fused in-place pass on the CPU (f32 arithmetic in PyTorch's order); the tensor ops
     /// below are the general path.
     fn update(
         &self,
-        step: u64,
-        lr: f64,
+        at: StepInfo,
         var: &Var,
         grad: &Tensor,
         buffers: &mut [Option<Tensor>],
     ) -> Result<()> {
+        let StepInfo { step, lr } = at;
         let (beta1, beta2) = self.betas;
         let t = step as i32;
         let bias_correction1 = 1.0 - beta1.powi(t);

@@ -54,19 +54,43 @@ pub struct Slot {
     pub init: SlotInit,
 }
 
+impl Slot {
+    /// A buffer that starts as zeros.
+    pub const fn zeros(name: &'static str) -> Self {
+        Slot {
+            name,
+            init: SlotInit::Zeros,
+        }
+    }
+    /// A buffer that the first update sets.
+    pub const fn first_update(name: &'static str) -> Self {
+        Slot {
+            name,
+            init: SlotInit::FirstUpdate,
+        }
+    }
+}
+
+/// What a step hands an update rule besides the variable: the optimizer's step count (from
+/// 1) and its current learning rate.
+#[derive(Debug, Clone, Copy)]
+pub struct StepInfo {
+    pub step: u64,
+    pub lr: f64,
+}
+
 /// An optimization algorithm's update of one variable, over the buffers it declares.
 pub trait UpdateRule: Send {
     /// The per-variable buffers, in the order `update` receives them.
-    fn slots(&self) -> &'static [Slot];
+    const SLOTS: &'static [Slot];
     /// Updates `var` from its gradient and its buffers (None: a `FirstUpdate` buffer not yet
-    /// set). `step` counts the optimizer's steps from 1; `lr` is the current learning rate.
+    /// set).
     fn update(
         &self,
-        step: u64,
-        lr: f64,
+        at: StepInfo,
         var: &Var,
         grad: &Tensor,
-        buffers: &mut [Option<Tensor>],
+        buf: &mut [Option<Tensor>],
     ) -> Result<()>;
 }
 
@@ -86,7 +110,7 @@ impl<R: UpdateRule> Stateful<R> {
         let buffers = params
             .iter()
             .map(|(_, var)| {
-                rule.slots()
+                R::SLOTS
                     .iter()
                     .map(|slot| match slot.init {
                         SlotInit::Zeros => var.as_tensor().zeros_like().map(Some),
@@ -112,7 +136,11 @@ impl<R: UpdateRule> Optimizer for Stateful<R> {
             let Some(grad) = grads.get(var.as_tensor()) else {
                 continue;
             };
-            self.rule.update(self.steps, self.lr, var, grad, buffers)?;
+            let at = StepInfo {
+                step: self.steps,
+                lr: self.lr,
+            };
+            self.rule.update(at, var, grad, buffers)?;
         }
         Ok(())
     }
@@ -124,7 +152,7 @@ impl<R: UpdateRule> Optimizer for Stateful<R> {
     fn state(&self) -> Result<Vec<(String, Tensor)>> {
         let mut out = vec![("step".to_string(), step_tensor(self.steps)?)];
         for ((name, _), buffers) in self.params.iter().zip(&self.buffers) {
-            for (slot, buffer) in self.rule.slots().iter().zip(buffers) {
+            for (slot, buffer) in R::SLOTS.iter().zip(buffers) {
                 if let Some(buffer) = buffer {
                     out.push((format!("{name}.{}", slot.name), buffer.copy()?));
                 }
@@ -136,7 +164,7 @@ impl<R: UpdateRule> Optimizer for Stateful<R> {
     fn load_state(&mut self, state: &HashMap<String, Tensor>) -> Result<()> {
         self.steps = read_step(state)?;
         for ((name, var), buffers) in self.params.iter().zip(&mut self.buffers) {
-            for (slot, buffer) in self.rule.slots().iter().zip(buffers.iter_mut()) {
+            for (slot, buffer) in R::SLOTS.iter().zip(buffers.iter_mut()) {
                 let key = format!("{name}.{}", slot.name);
                 *buffer = if slot.init == SlotInit::FirstUpdate && !state.contains_key(&key) {
                     None

@@ -3,7 +3,7 @@
 
 use candle_core::{Result, Tensor, Var};
 
-use super::{fused, with_weight_decay, Slot, SlotInit, UpdateRule};
+use super::{fused, with_weight_decay, Slot, StepInfo, UpdateRule};
 
 pub struct Sgd {
     pub momentum: f64,
@@ -11,12 +11,6 @@ pub struct Sgd {
     pub weight_decay: f64,
     pub nesterov: bool,
 }
-
-/// None until the variable's first step (PyTorch initializes the buffer to the gradient).
-const SLOTS: &[Slot] = &[Slot {
-    name: "momentum_buffer",
-    init: SlotInit::FirstUpdate,
-}];
 
 impl Sgd {
     /// The update as one in-place pass on the CPU (f32 arithmetic in PyTorch's order); false
@@ -59,18 +53,16 @@ impl Sgd {
 }
 
 impl UpdateRule for Sgd {
-    fn slots(&self) -> &'static [Slot] {
-        SLOTS
-    }
+    const SLOTS: &'static [Slot] = &[Slot::first_update("momentum_buffer")];
 
     fn update(
         &self,
-        _step: u64,
-        lr: f64,
+        at: StepInfo,
         var: &Var,
         grad: &Tensor,
         buffers: &mut [Option<Tensor>],
     ) -> Result<()> {
+        let lr = at.lr;
         let param = var.as_tensor();
         let momentum_buffer = &mut buffers[0];
         if self.update_fused(lr, param, grad, momentum_buffer)? {

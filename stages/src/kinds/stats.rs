@@ -20,7 +20,7 @@ use crate::context::{Metrics, StageContext, StageError};
 use crate::data::{Dataset, Split, CLASS_NAMES, IMAGE_SIDE, PIXELS};
 use crate::download::DataFiles;
 use crate::format::count;
-use crate::kind::StageKind;
+use crate::kind::{stage_kind, Outputs};
 use crate::plot::{self, BarSeries, HistogramScale, Tile};
 
 pub const NAME: &str = "stats";
@@ -30,33 +30,15 @@ const STATS_FILE: &str = "stats.json";
 /// The `stats` kind.
 pub struct StatsKind;
 
-impl StageKind for StatsKind {
-    const NAME: &'static str = NAME;
-    const VERSION: u32 = VERSION;
-    type Params = Params;
-    fn validate(params: &Params) -> Result<(), StageError> {
-        params.validate()
-    }
-    fn run(params: Params, ctx: &StageContext) -> anyhow::Result<Metrics> {
-        run(params, ctx)
-    }
-}
+stage_kind!(StatsKind);
 
 /// A stats stage's outputs, as other stages read them.
-pub struct StatsOutputs {
-    dir: std::path::PathBuf,
-}
+pub type StatsOutputs = Outputs<StatsKind>;
 
 impl StatsOutputs {
-    pub fn of(input: &crate::context::Input) -> Self {
-        StatsOutputs {
-            dir: input.dir.clone(),
-        }
-    }
-
     /// stats.json, as the JSON it is.
     pub fn json(&self) -> anyhow::Result<serde_json::Value> {
-        let path = self.dir.join(STATS_FILE);
+        let path = self.path(STATS_FILE);
         let text = std::fs::read_to_string(&path)
             .with_context(|| format!("reading {}", path.display()))?;
         serde_json::from_str(&text).with_context(|| format!("{} is not valid JSON", path.display()))
@@ -249,7 +231,7 @@ fn split_stats(data: &Dataset) -> (SplitStats, Vec<Sums>) {
 
 pub fn run(params: Params, ctx: &StageContext) -> anyhow::Result<Metrics> {
     params.validate()?;
-    let data_files = DataFiles::of(ctx)?;
+    let data_files = DataFiles::first(ctx)?;
     let mut figures = Vec::new();
     for split in [Split::Train, Split::Test] {
         ctx.check_cancel()?;

@@ -13,7 +13,7 @@ use crate::context::{Cancelled, Metrics, StageContext, StageError};
 use crate::data::{Dataset, Normalization, Split, CLASS_NAMES, IMAGE_SIDE};
 use crate::device;
 use crate::download::DataFiles;
-use crate::kind::StageKind;
+use crate::kind::{stage_kind, Outputs};
 use crate::models::Classifier;
 use crate::plot::{self, Tile};
 use crate::train::TrainedModel;
@@ -26,30 +26,12 @@ const FILTERS_MARK: &str = "-filters-";
 /// The `visualize` kind.
 pub struct Visualize;
 
-impl StageKind for Visualize {
-    const NAME: &'static str = NAME;
-    const VERSION: u32 = VERSION;
-    type Params = Params;
-    fn validate(params: &Params) -> Result<(), StageError> {
-        params.validate()
-    }
-    fn run(params: Params, ctx: &StageContext) -> anyhow::Result<Metrics> {
-        run(params, ctx)
-    }
-}
+stage_kind!(Visualize);
 
 /// A visualize stage's outputs, as the report reads them.
-pub struct VisualizeOutputs {
-    dir: std::path::PathBuf,
-}
+pub type VisualizeOutputs = Outputs<Visualize>;
 
 impl VisualizeOutputs {
-    pub fn of(input: &crate::context::Input) -> Self {
-        VisualizeOutputs {
-            dir: input.dir.clone(),
-        }
-    }
-
     /// (first-layer filter grids, activation maps), each sorted by name.
     pub fn images(&self) -> anyhow::Result<(Vec<std::path::PathBuf>, Vec<std::path::PathBuf>)> {
         Ok(crate::files::pngs_in(&self.dir)?
@@ -212,7 +194,7 @@ pub fn run(params: Params, ctx: &StageContext) -> anyhow::Result<Metrics> {
 fn run_with_kernels(params: Params, ctx: &StageContext) -> anyhow::Result<Metrics> {
     params.validate()?;
     let device = device::select(ctx.device)?;
-    let test_set = DataFiles::of(ctx)?.load(Split::Test)?;
+    let test_set = DataFiles::first(ctx)?.load(Split::Test)?;
     let chosen = choose(&params.samples, &test_set)?;
     let trained = TrainedModel::read_all(ctx)?;
 

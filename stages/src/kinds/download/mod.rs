@@ -32,7 +32,7 @@ use anyhow::Context as _;
 
 use crate::context::{Cancelled, Metrics, StageContext, StageError};
 use crate::data::{Dataset, Split};
-use crate::kind::StageKind;
+use crate::kind::{stage_kind, Outputs};
 
 pub const NAME: &str = "download";
 pub const VERSION: u32 = 1;
@@ -40,32 +40,12 @@ pub const VERSION: u32 = 1;
 /// The `download` kind.
 pub struct Download;
 
-impl StageKind for Download {
-    const NAME: &'static str = NAME;
-    const VERSION: u32 = VERSION;
-    const UNHASHED_PARAMS: &'static [&'static str] = UNHASHED_PARAMS;
-    type Params = Params;
-    fn validate(params: &Params) -> Result<(), StageError> {
-        params.validate()
-    }
-    fn run(params: Params, ctx: &StageContext) -> anyhow::Result<Metrics> {
-        run(params, ctx)
-    }
-}
+stage_kind!(Download, UNHASHED_PARAMS = UNHASHED_PARAMS);
 
 /// A download stage's outputs, as other stages read them: the data set's two splits.
-pub struct DataFiles {
-    dir: PathBuf,
-}
+pub type DataFiles = Outputs<Download>;
 
 impl DataFiles {
-    /// The outputs of the stage's first `download` input.
-    pub fn of(ctx: &StageContext) -> Result<Self, StageError> {
-        Ok(DataFiles {
-            dir: ctx.input_of_kind(NAME)?.dir.clone(),
-        })
-    }
-
     /// One split, loaded.
     pub fn load(&self, split: Split) -> anyhow::Result<Dataset> {
         Dataset::load(&self.dir, split).with_context(|| {

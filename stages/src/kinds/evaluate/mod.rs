@@ -14,7 +14,7 @@ use crate::data::{Dataset, Normalization, Split, CLASS_NAMES, IMAGE_SIDE};
 use crate::device;
 use crate::download::DataFiles;
 use crate::format;
-use crate::kind::StageKind;
+use crate::kind::stage_kind;
 use crate::learner::{self, EvalHooks, Evaluation};
 use crate::models::ModelKind;
 use crate::plot::{self, BarSeries, Tile};
@@ -30,17 +30,7 @@ pub const VERSION: u32 = 3;
 /// The `evaluate` kind.
 pub struct Evaluate;
 
-impl StageKind for Evaluate {
-    const NAME: &'static str = NAME;
-    const VERSION: u32 = VERSION;
-    type Params = Params;
-    fn validate(params: &Params) -> Result<(), StageError> {
-        params.validate()
-    }
-    fn run(params: Params, ctx: &StageContext) -> anyhow::Result<Metrics> {
-        run(params, ctx)
-    }
-}
+stage_kind!(Evaluate);
 
 /// The `[stages.NAME]` table of an evaluate stage.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -121,7 +111,7 @@ pub fn run(params: Params, ctx: &StageContext) -> anyhow::Result<Metrics> {
 fn run_with_kernels(params: Params, ctx: &StageContext) -> anyhow::Result<Metrics> {
     params.validate()?;
     let device = device::select(ctx.device)?;
-    let test_set = DataFiles::of(ctx)?.load_nonempty(Split::Test, params.test_limit)?;
+    let test_set = DataFiles::first(ctx)?.load_nonempty(Split::Test, params.test_limit)?;
     let trained = TrainedModel::read_all(ctx)?;
 
     let mut all = serde_json::Map::new();

@@ -8,8 +8,8 @@ use std::path::{Path, PathBuf};
 
 use anyhow::Context;
 
-use crate::context::Input;
 use crate::files::pngs_in;
+use crate::kind::Outputs;
 
 const METRICS_FILE: &str = "metrics.json";
 const COMPARISON_FILE: &str = "comparison.md";
@@ -41,20 +41,12 @@ pub(super) fn write(
 }
 
 /// An evaluate stage's outputs, as the report reads them.
-pub struct EvaluateOutputs {
-    dir: PathBuf,
-}
+pub type EvaluateOutputs = Outputs<super::Evaluate>;
 
 impl EvaluateOutputs {
-    pub fn of(input: &Input) -> Self {
-        EvaluateOutputs {
-            dir: input.dir.clone(),
-        }
-    }
-
     /// metrics.json, when there is one.
     pub fn metrics(&self) -> anyhow::Result<Option<serde_json::Value>> {
-        let path = self.dir.join(METRICS_FILE);
+        let path = self.path(METRICS_FILE);
         if !path.is_file() {
             return Ok(None);
         }
@@ -67,7 +59,7 @@ impl EvaluateOutputs {
 
     /// comparison.md, when there is one.
     pub fn comparison_markdown(&self) -> anyhow::Result<Option<String>> {
-        let path = self.dir.join(COMPARISON_FILE);
+        let path = self.path(COMPARISON_FILE);
         if !path.is_file() {
             return Ok(None);
         }

@@ -16,7 +16,7 @@ use serde::{Deserialize, Serialize};
 use crate::context::{Input, Metrics, StageContext, StageError};
 use crate::evaluate::EvaluateOutputs;
 use crate::files;
-use crate::kind::StageKind;
+use crate::kind::stage_kind;
 use crate::train::TrainedModel;
 use crate::visualize::VisualizeOutputs;
 use crate::{download, evaluate, format, stats, train, visualize};
@@ -33,17 +33,7 @@ pub const VERSION: u32 = 3;
 /// The `report` kind.
 pub struct Report;
 
-impl StageKind for Report {
-    const NAME: &'static str = NAME;
-    const VERSION: u32 = VERSION;
-    type Params = Params;
-    fn validate(params: &Params) -> Result<(), StageError> {
-        params.validate()
-    }
-    fn run(params: Params, ctx: &StageContext) -> anyhow::Result<Metrics> {
-        run(params, ctx)
-    }
-}
+stage_kind!(Report);
 
 /// The `[stages.NAME]` table of a report stage.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -17,7 +17,7 @@ use crate::context::{Cancelled, Metrics, StageContext, StageError};
 use crate::data::{Dataset, Normalization, Split, IMAGE_SIDE, PIXELS};
 use crate::device;
 use crate::download::DataFiles;
-use crate::kind::StageKind;
+use crate::kind::stage_kind;
 use crate::learner::{self, EpochHooks, EpochTotals, EvalHooks, Learner, StepFn, StepOutput};
 use crate::models::{ModelKind, DROPOUT_STREAM};
 use crate::optim::OptimizerConfig;
@@ -35,18 +35,7 @@ pub const VERSION: u32 = 4;
 /// The `train` kind.
 pub struct Train;
 
-impl StageKind for Train {
-    const NAME: &'static str = NAME;
-    const VERSION: u32 = VERSION;
-    const UNHASHED_OUTPUTS: &'static [&'static str] = outputs::UNHASHED_OUTPUTS;
-    type Params = Params;
-    fn validate(params: &Params) -> Result<(), StageError> {
-        params.validate()
-    }
-    fn run(params: Params, ctx: &StageContext) -> anyhow::Result<Metrics> {
-        run(params, ctx)
-    }
-}
+stage_kind!(Train, UNHASHED_OUTPUTS = outputs::UNHASHED_OUTPUTS);
 
 /// The `[stages.NAME]` table of a train stage.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -117,7 +106,7 @@ fn train(params: Params, ctx: &StageContext) -> anyhow::Result<Metrics> {
     crate::ops::tune_allocator_for_training();
     let seed = params.seed.unwrap_or(ctx.seed);
     let device = device::select(ctx.device)?;
-    let data = DataFiles::of(ctx)?;
+    let data = DataFiles::first(ctx)?;
     let train_set = data.load_nonempty(Split::Train, params.train_limit)?;
     let test_set = data.load(Split::Test)?;
 
