@@ -2,6 +2,8 @@
 //! outputs are written, runs are byte-reproducible, an interrupted run resumes to the same
 //! bytes (also when its newest checkpoints were damaged: they are discarded with a warning),
 //! and bad params are rejected with the valid values listed.
+//! (Over 500 lines: the checkpoint-damage cases share the interrupted run and the reference
+//! model bytes built once above them.)
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};

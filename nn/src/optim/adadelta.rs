@@ -2,7 +2,7 @@
 
 use candle_core::{Result, Tensor, Var};
 
-use super::{fused, with_weight_decay, zeros_slot, Slot, StepInfo, UpdateRule};
+use super::{fused, with_weight_decay, zeros_slot, Buffers, Slot, StepInfo, UpdateRule};
 
 pub struct Adadelta {
     pub rho: f64,
@@ -13,15 +13,7 @@ pub struct Adadelta {
 impl UpdateRule for Adadelta {
     const SLOTS: &'static [Slot] = &[Slot::zeros("square_avg"), Slot::zeros("acc_delta")];
 
-    /// One fused in-place pass on the CPU (f32 arithmetic in PyTorch's order); the tensor ops
-    /// below are the general path.
-    fn update(
-        &self,
-        at: StepInfo,
-        var: &Var,
-        grad: &Tensor,
-        buffers: &mut [Option<Tensor>],
-    ) -> Result<()> {
+    fn update(&self, at: StepInfo, var: &Var, grad: &Tensor, buffers: &mut Buffers) -> Result<()> {
         let lr = at.lr;
         let param = var.as_tensor();
         let (square_avg, acc_delta) = (zeros_slot(&buffers[0])?, zeros_slot(&buffers[1])?);

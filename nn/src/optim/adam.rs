@@ -3,7 +3,7 @@
 
 use candle_core::{Result, Tensor, Var};
 
-use super::{fused, with_weight_decay, zeros_slot, Slot, StepInfo, UpdateRule};
+use super::{fused, with_weight_decay, zeros_slot, Buffers, Slot, StepInfo, UpdateRule};
 
 pub struct Adam {
     pub betas: (f64, f64),
@@ -14,15 +14,7 @@ pub struct Adam {
 impl UpdateRule for Adam {
     const SLOTS: &'static [Slot] = &[Slot::zeros("exp_avg"), Slot::zeros("exp_avg_sq")];
 
-    /// One fused in-place pass on the CPU (f32 arithmetic in PyTorch's order); the tensor ops
-    /// below are the general path.
-    fn update(
-        &self,
-        at: StepInfo,
-        var: &Var,
-        grad: &Tensor,
-        buffers: &mut [Option<Tensor>],
-    ) -> Result<()> {
+    fn update(&self, at: StepInfo, var: &Var, grad: &Tensor, buffers: &mut Buffers) -> Result<()> {
         let StepInfo { step, lr } = at;
         let (beta1, beta2) = self.betas;
         let t = step as i32;

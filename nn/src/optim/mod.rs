@@ -79,7 +79,12 @@ pub struct StepInfo {
     pub lr: f64,
 }
 
-/// An optimization algorithm's update of one variable, over the buffers it declares.
+/// One variable's buffers, in the order of its rule's `SLOTS`.
+pub type Buffers = [Option<Tensor>];
+
+/// An optimization algorithm's update of one variable, over the buffers it declares. Each
+/// rule takes one fused in-place pass on the CPU where it applies (f32 arithmetic in
+/// PyTorch's order: `fused`), and its tensor ops otherwise (the portable path).
 pub trait UpdateRule: Send {
     /// The per-variable buffers, in the order `update` receives them.
     const SLOTS: &'static [Slot];

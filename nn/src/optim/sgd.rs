@@ -3,7 +3,7 @@
 
 use candle_core::{Result, Tensor, Var};
 
-use super::{fused, with_weight_decay, Slot, StepInfo, UpdateRule};
+use super::{fused, with_weight_decay, Buffers, Slot, StepInfo, UpdateRule};
 
 pub struct Sgd {
     pub momentum: f64,
@@ -55,13 +55,7 @@ impl Sgd {
 impl UpdateRule for Sgd {
     const SLOTS: &'static [Slot] = &[Slot::first_update("momentum_buffer")];
 
-    fn update(
-        &self,
-        at: StepInfo,
-        var: &Var,
-        grad: &Tensor,
-        buffers: &mut [Option<Tensor>],
-    ) -> Result<()> {
+    fn update(&self, at: StepInfo, var: &Var, grad: &Tensor, buffers: &mut Buffers) -> Result<()> {
         let lr = at.lr;
         let param = var.as_tensor();
         let momentum_buffer = &mut buffers[0];
