@@ -138,3 +138,23 @@ impl Registry {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn builtins_come_from_the_stage_kinds() {
+        let registry = Registry::builtins();
+        assert_eq!(
+            registry.known_kinds(),
+            "download, evaluate, report, stats, train, visualize"
+        );
+        let train = registry
+            .get("train")
+            .map(|k| (k.version, k.unhashed_outputs));
+        assert_eq!(train, Some((4, &["timings.json"][..])));
+        let download = registry.get("download").map(|k| k.unhashed);
+        assert_eq!(download, Some(&["sources", "retries", "timeout_secs"][..]));
+    }
+}
