@@ -5,10 +5,10 @@
 #
 #   scripts/bench-vs-torch.sh [baseline|resnet18|both] [IMAGES] [THREADS] [REPEATS]
 #
-# Env: PYTHON (required: a python with torch), TORCH_REF (default ../shared/peers/torch_reference.py
-#      beside the repo),
-#      DATA (default /usr/share/datasets/fashion-mnist), WITH_CANDLE=1 also runs the portable
-#      path (candle's ops only, as a GPU runs them).
+# Env: PYTHON (required: a python with torch; TORCH_PYTHON is taken too), TORCH_REF (default
+#      ../shared/peers/torch_reference.py, relative to the repository), DATA (required: the
+#      folder with the four Fashion-MNIST files, e.g. Debian's /usr/share/datasets/fashion-mnist),
+#      WITH_CANDLE=1 also runs the portable path (candle's ops only, as a GPU runs them).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -16,13 +16,17 @@ models=${1:-both}
 images=${2:-3200}
 threads=${3:-2}
 repeats=${4:-1}
-python=${PYTHON:?set PYTHON to a python that has torch installed (e.g. a venv's bin/python)}
+python=${PYTHON:-${TORCH_PYTHON:-}}
+if [ -z "$python" ]; then
+  echo "error: set PYTHON (or TORCH_PYTHON) to a python that has torch installed (e.g. a venv's bin/python)" >&2
+  exit 2
+fi
 torch_ref=${TORCH_REF:-../shared/peers/torch_reference.py}
-data=${DATA:-/usr/share/datasets/fashion-mnist}
+data=${DATA:?set DATA to the folder holding the four Fashion-MNIST files (e.g. /usr/share/datasets/fashion-mnist)}
 [ "$models" = both ] && models="baseline resnet18"
 
-for tool in "$python" "$torch_ref"; do
-  [ -e "$tool" ] || { echo "error: $tool not found (set PYTHON / TORCH_REF)" >&2; exit 2; }
+for tool in "$python" "$torch_ref" "$data"; do
+  [ -e "$tool" ] || { echo "error: $tool not found (set PYTHON / TORCH_REF / DATA)" >&2; exit 2; }
 done
 
 cargo build --release -q

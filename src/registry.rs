@@ -1,9 +1,10 @@
 //! Built-in stage kinds: kind name -> implementation. The one place that knows both the
-//! engine and the stages crate; adding a kind is one `stage_kind!` line below.
+//! engine and the stages crate; adding a kind is one line in [`Registry::builtins`] naming a
+//! type that implements fmnist-stages' `StageKind`.
 
 use std::collections::BTreeMap;
 
-use fmnist_stages::{Metrics, StageContext};
+use fmnist_stages::{Metrics, StageContext, StageKind};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
@@ -19,6 +20,7 @@ pub struct Kind {
     /// Output files (paths relative to the stage's folder) that are published, cached and
     /// restored like the others but left out of the content hash downstream stages see
     /// (timings: a retrain to identical model bytes must not make its consumers stale).
+    #[allow(dead_code)] // read by the engine's fingerprint of what downstream stages see
     pub unhashed_outputs: &'static [&'static str],
     validate: Box<ValidateFn>,
     run: Box<RunFn>,
@@ -32,7 +34,17 @@ pub struct Validated {
     pub hashed: serde_json::Value,
 }
 
-/// Wires a stage module (`VERSION`, `Params`, `run`, `Params::validate`) as a kind. The
+/// A [`StageKind`] as the engine sees it: its name, version, unhashed params and outputs, and
+/// type-erased entry points.
+pub fn kind<K: StageKind>() -> Kind {
+    Kind {
+        unhashed_outputs: K::UNHASHED_OUTPUTS,
+        ..builtin(K::NAME, K::VERSION, K::run, K::UNHASHED_PARAMS, K::validate)
+    }
+}
+
+/// Wires a stage (`VERSION`, `Params`, `run`, a validation) as a kind, with no unhashed
+/// outputs (see [`kind`] for a `StageKind`). The
 /// stage's table (minus `kind` and `needs`) is deserialized into `P`, so unknown or
 /// wrong-typed params are config errors before anything runs; `check` rules out values the
 /// types cannot (ranges, combinations), also as config errors; the resolved `P` (defaults
@@ -87,24 +99,6 @@ impl Kind {
     }
 }
 
-/// `stage_kind!(module)` registers fmnist-stages' `module` (its `VERSION`, `Params`,
-/// `Params::validate` and `run`) as the kind of the same name; a second argument lists params
-/// left out of the fingerprint.
-macro_rules! stage_kind {
-    ($module:ident) => {
-        stage_kind!($module, &[])
-    };
-    ($module:ident, $unhashed:expr) => {
-        builtin(
-            stringify!($module),
-            stages::$module::VERSION,
-            stages::$module::run,
-            $unhashed,
-            stages::$module::Params::validate,
-        )
-    };
-}
-
 /// The set of kinds a pipeline may name.
 #[derive(Default)]
 pub struct Registry {
@@ -118,16 +112,16 @@ impl Registry {
         }
     }
 
-    /// The kinds this binary ships: one line per stage module of fmnist-stages.
+    /// The kinds this binary ships: one line per `StageKind` of fmnist-stages.
     pub fn builtins() -> Self {
-        use fmnist_stages as stages;
+        use fmnist_stages::kinds::{download, evaluate, report, stats, train, visualize};
         Registry::from_kinds([
-            stage_kind!(download, stages::download::UNHASHED_PARAMS),
-            stage_kind!(stats),
-            stage_kind!(train),
-            stage_kind!(evaluate),
-            stage_kind!(visualize),
-            stage_kind!(report),
+            kind::<download::Download>(),
+            kind::<stats::StatsKind>(),
+            kind::<train::Train>(),
+            kind::<evaluate::Evaluate>(),
+            kind::<visualize::Visualize>(),
+            kind::<report::Report>(),
         ])
     }
 
@@ -142,5 +136,25 @@ impl Registry {
         } else {
             self.kinds.keys().copied().collect::<Vec<_>>().join(", ")
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn builtins_come_from_the_stage_kinds() {
+        let registry = Registry::builtins();
+        assert_eq!(
+            registry.known_kinds(),
+            "download, evaluate, report, stats, train, visualize"
+        );
+        let train = registry
+            .get("train")
+            .map(|k| (k.version, k.unhashed_outputs));
+        assert_eq!(train, Some((4, &["timings.json"][..])));
+        let download = registry.get("download").map(|k| k.unhashed);
+        assert_eq!(download, Some(&["sources", "retries", "timeout_secs"][..]));
     }
 }

@@ -2,34 +2,12 @@
 //! sink and a cancel flag. The contract every stage kind implements.
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 
-/// How many stages this process is running right now. The orchestrator holds a
-/// [`RunningStage`] while a stage runs; compute-heavy stages size their thread pools from
-/// [`running_stages`] so that stages running side by side share the cores instead of
-/// contending for all of them.
-static RUNNING_STAGES: AtomicUsize = AtomicUsize::new(0);
-
-/// Counts a stage as running for as long as it is alive.
-pub struct RunningStage(());
-
-impl RunningStage {
-    pub fn start() -> Self {
-        RUNNING_STAGES.fetch_add(1, Ordering::SeqCst);
-        RunningStage(())
-    }
-}
-
-impl Drop for RunningStage {
-    fn drop(&mut self) {
-        RUNNING_STAGES.fetch_sub(1, Ordering::SeqCst);
-    }
-}
-
-/// Stages running in this process now (at least 1: the caller).
-pub fn running_stages() -> usize {
-    RUNNING_STAGES.load(Ordering::SeqCst).max(1)
-}
+/// A stage counts as one compute job while it runs (the orchestrator holds a
+/// [`RunningStage`]); compute-heavy stages size their thread pools from [`running_stages`] so
+/// that stages running side by side share the cores.
+pub use fmnist_nn::compute::{running_jobs as running_stages, ComputeJob as RunningStage};
 
 /// A stage's result figures (accuracy, counts, ...), recorded in the lock and printed.
 pub type Metrics = serde_json::Value;

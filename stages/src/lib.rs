@@ -1,23 +1,21 @@
-//! fmnist-stages: the Fashion-MNIST study's domain. Each built-in stage kind is a plain
-//! function `run(params, &StageContext) -> Result<Metrics>`; this crate knows nothing of
-//! DAGs, fingerprints or caching (the orchestrator in `src/` does), so every stage can be
-//! called and tested on its own.
+//! fmnist-stages: the Fashion-MNIST study's domain. Each built-in stage kind implements
+//! [`StageKind`] in `kinds/` (download, stats, train, evaluate, visualize, report); this crate
+//! knows nothing of DAGs, fingerprints or caching (the orchestrator in `src/` does), so every
+//! stage can be called and tested on its own. The numerics are in fmnist-nn.
 
-pub mod bench;
-pub mod check;
-pub mod compute;
 pub mod context;
-pub mod data;
-pub mod device;
-pub mod download;
-pub mod evaluate;
-pub mod models;
-pub mod ops;
-pub mod optim;
+pub mod files;
+pub mod format;
+pub mod kind;
+pub mod kinds;
 pub mod plot;
-pub mod report;
-pub mod stats;
-pub mod train;
-pub mod visualize;
 
 pub use context::{Cancelled, Input, Metrics, NoProgress, Progress, StageContext, StageError};
+pub use kind::StageKind;
+pub use kinds::{download, evaluate, report, stats, train, visualize};
+
+/// The numerics live in fmnist-nn; re-exported so that callers (the engine's `bench` and
+/// `check` commands, its global allocator) reach them through this crate as before.
+pub use fmnist_nn::{
+    bench, check, compute, data, device, learner, models, ops, optim, test_support,
+};

@@ -134,15 +134,11 @@ fn stats_without_a_download_input_is_an_error() {
 /// The full dataset from the Debian package: the known figures, to 4 decimals.
 #[test]
 fn full_dataset_download_and_stats_match_the_known_figures() {
-    let source = Path::new(download::DEBIAN_FOLDER);
-    if !source.is_dir() {
-        eprintln!(
-            "skipped: {} is absent (install dataset-fashion-mnist)",
-            source.display()
-        );
+    let Some(source) = fmnist_stages::test_support::real_data("full_dataset_download_and_stats")
+    else {
         return;
-    }
-    let (s, _, _out) = download_then_stats(source, Expect::Full);
+    };
+    let (s, _, _out) = download_then_stats(&source, Expect::Full);
     let round4 = |v: f64| (v * 1e4).round() / 1e4;
     assert_eq!(s.train.count, 60_000);
     assert_eq!(s.train.per_class, vec![6_000; 10]);

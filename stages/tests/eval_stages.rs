@@ -2,6 +2,8 @@
 //! baseline is trained once (and an untrained ResNet-18 saved), then each downstream stage runs on them
 //! and its outputs are checked (metrics consistent with the confusion matrix, PNGs that
 //! decode at sensible sizes, a self-contained report whose images all load in Chromium).
+//! (Over 500 lines: the three stages share the one trained fixture, trained once per test
+//! binary, which a split into files would train again for each.)
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
@@ -558,11 +560,8 @@ fn open_in_chromium(page: &Path) -> anyhow::Result<BrowserView> {
 }
 
 fn chromium_missing() -> bool {
-    if Path::new(CHROMIUM).exists() {
-        return false;
-    }
-    eprintln!("note: {CHROMIUM} not found; skipping the browser check");
-    true
+    fmnist_stages::test_support::require(Path::new(CHROMIUM), "Chromium", "the browser check")
+        .is_none()
 }
 
 #[test]

@@ -2,6 +2,8 @@
 //! outputs are written, runs are byte-reproducible, an interrupted run resumes to the same
 //! bytes (also when its newest checkpoints were damaged: they are discarded with a warning),
 //! and bad params are rejected with the valid values listed.
+//! (Over 500 lines: the checkpoint-damage cases share the interrupted run and the reference
+//! model bytes built once above them.)
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -104,6 +106,16 @@ fn baseline_learns_and_writes_its_outputs() -> anyhow::Result<()> {
     assert_eq!(config["device"], "cpu");
     assert_eq!(config["params"]["seed"], 42);
     assert_eq!(metrics["param_count"], 1_199_882);
+    // Timings live in timings.json (left out of the hash downstream stages see), not in
+    // history.json.
+    assert!(
+        epochs.iter().all(|e| e.get("seconds").is_none()),
+        "{epochs:?}"
+    );
+    let timings: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.path().join("timings.json"))?)?;
+    assert_eq!(timings["epochs"].as_array().map(Vec::len), Some(2));
+    assert!(timings["epochs"][1]["images_per_s"].as_f64().unwrap_or(0.0) > 0.0);
     for file in ["model.safetensors", "loss.png", "accuracy.png"] {
         assert!(out.path().join(file).is_file(), "{file} missing");
     }

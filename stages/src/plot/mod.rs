@@ -3,7 +3,9 @@
 //! Text is drawn with an embedded DejaVu Sans font, so no system font is ever needed.
 
 mod charts;
+mod frame;
 mod grid;
+mod heatmap;
 
 use std::path::{Path, PathBuf};
 use std::sync::Once;
@@ -11,10 +13,10 @@ use std::sync::Once;
 use plotters::style::{FontStyle, RGBColor};
 
 pub use charts::{
-    bar_chart, heatmap, heatmap_with_axes, histogram, histogram_with_scale, line_chart, BarSeries,
-    HistogramScale, Series,
+    bar_chart, histogram, histogram_with_scale, line_chart, BarSeries, HistogramScale, Series,
 };
 pub use grid::{save_image_grid, Tile};
+pub use heatmap::{heatmap, heatmap_with_axes};
 
 /// DejaVu Sans (see stages/assets/LICENSE-DejaVuSans.txt).
 static DEJAVU_SANS: &[u8] = include_bytes!("../../assets/DejaVuSans.ttf");

@@ -1,0 +1,131 @@
+//! The Winograd path against the im2col path it replaces (forward, pooled epilogue, pooled
+//! weight gradient): a module of its own, so neither path imports the other.
+use super::super::conv::im2col_forward;
+use super::super::conv_backward::{im2col_backward, OutputGrad};
+use super::super::conv_geometry::ConvGeometry;
+use super::super::pool::{pool_forward, PoolGeometry};
+use super::*;
+
+fn pseudo_random(len: usize, seed: u64) -> Vec<f32> {
+    let mut s = seed
+        .wrapping_mul(6364136223846793005)
+        .wrapping_add(1442695040888963407);
+    (0..len)
+        .map(|_| {
+            s = s
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+        })
+        .collect()
+}
+
+use crate::check::max_abs_diff as max_diff;
+
+#[test]
+fn matches_im2col_forward_on_odd_and_even_maps_and_paddings() {
+    for &(cin, cout, h, w, p) in &[
+        (8, 16, 26, 26, 0),
+        (9, 8, 11, 13, 1),
+        (16, 12, 10, 9, 2),
+        (8, 8, 12, 12, 1),
+    ] {
+        let g = ConvGeometry::new((3, cin, h, w), (cout, cin, 3, 3), 1, p).unwrap();
+        assert!(suits(&g));
+        let x = pseudo_random(3 * cin * h * w, 1);
+        let wt = pseudo_random(cout * cin * 9, 2);
+        let b = pseudo_random(cout, 3);
+        for relu in [false, true] {
+            let want = im2col_forward(&g, &x, &wt, Some(&b), relu);
+            let (got, idx) = forward(
+                &g,
+                &x,
+                &wt,
+                Epilogue::Map {
+                    bias: Some(&b),
+                    relu,
+                },
+            );
+            assert!(idx.is_none());
+            let d = max_diff(&got, &want);
+            assert!(d < 1e-4, "{cin}->{cout} {h}x{w} p{p} relu {relu}: {d}");
+        }
+    }
+}
+
+#[test]
+fn pooled_epilogue_matches_conv_then_pool_with_indices() {
+    let g = ConvGeometry::new((2, 8, 14, 14), (8, 8, 3, 3), 1, 0).unwrap();
+    assert!(suits_pooled(&g, 2, 2, 0));
+    let x = pseudo_random(2 * 8 * 14 * 14, 4);
+    let wt = pseudo_random(8 * 8 * 9, 5);
+    let b = pseudo_random(8, 6);
+    let conv = im2col_forward(&g, &x, &wt, Some(&b), true);
+    let pg = PoolGeometry::new((2, 8, 12, 12), 2, 2, 0).unwrap();
+    let (want, want_idx) = pool_forward(&pg, &conv);
+    let (got, idx) = forward(
+        &g,
+        &x,
+        &wt,
+        Epilogue::Pooled {
+            bias: Some(&b),
+            relu: true,
+            indices: true,
+        },
+    );
+    assert!(max_diff(&got, &want) < 1e-4);
+    // Winograd rounds differently, so a near-tie may pick the other pixel; ReLU zeros tie
+    // exactly (all four clamp to 0) and then both pick the first.
+    let idx = idx.unwrap();
+    let agree = idx.iter().zip(&want_idx).filter(|(a, b)| a == b).count();
+    assert!(agree * 100 >= idx.len() * 99, "{agree} of {}", idx.len());
+    let (values, none) = forward(
+        &g,
+        &x,
+        &wt,
+        Epilogue::Pooled {
+            bias: Some(&b),
+            relu: true,
+            indices: false,
+        },
+    );
+    assert!(none.is_none());
+    assert_eq!(values, got);
+}
+
+#[test]
+fn pooled_weight_grad_matches_im2col() {
+    // (batch, cin, cout, size, padding): the baseline's conv2 (more images than groups),
+    // odd channel counts, padding 1 and 2.
+    for &(batch, cin, cout, h, p) in &[(10, 32, 64, 26, 0), (3, 9, 12, 12, 1), (2, 8, 8, 8, 2)] {
+        let g = ConvGeometry::new((batch, cin, h, h), (cout, cin, 3, 3), 1, p).unwrap();
+        let x = pseudo_random(batch * cin * h * h, 11);
+        let wt = pseudo_random(cout * cin * 9, 12);
+        let conv = im2col_forward(&g, &x, &wt, None, true);
+        let (ho, wo) = (g.out_height, g.out_width);
+        let pool = PoolGeometry::new((batch, cout, ho, wo), 2, 2, 0).unwrap();
+        let (_, indices) = pool_forward(&pool, &conv);
+        let grad = pseudo_random(indices.len(), 13);
+        let source = OutputGrad::Pooled {
+            pool: &pool,
+            indices: &indices,
+            grad: &grad,
+        };
+        let want = im2col_backward(&g, &x, &wt, source, (false, true, false))
+            .w
+            .unwrap();
+        let got = weight_grad_pooled(&g, &x, &pool, &indices, &grad).expect("suits");
+        let scale = want.iter().fold(1f32, |m, v| m.max(v.abs()));
+        let d = max_diff(&got, &want);
+        assert!(
+            d < 1e-4 * scale,
+            "{batch}x{cin}->{cout} {h} p{p}: {d} (scale {scale})"
+        );
+    }
+    // A 3x3/2 pool (ResNet's stem) is not a tile: no Winograd.
+    let g = ConvGeometry::new((1, 8, 10, 10), (8, 8, 3, 3), 1, 1).unwrap();
+    let pool = PoolGeometry::new((1, 8, 10, 10), 3, 2, 1).unwrap();
+    let n = 8 * pool.out_height * pool.out_width;
+    let x = vec![0f32; 800];
+    assert!(weight_grad_pooled(&g, &x, &pool, &vec![0; n], &vec![0.0; n]).is_none());
+}

@@ -1,0 +1,179 @@
+//! The Winograd weight gradient of a 3x3 stride-1 convolution followed by a 2x2/2 max pool:
+//! it reuses the forward's input transform and tile layout (the parent module's).
+
+use super::super::conv_geometry::{ConvGeometry, WEIGHT_GRAD_GROUPS};
+use super::super::gemm::{sgemm, MatRef};
+use super::super::pool::PoolGeometry;
+use super::*;
+
+/// The weight gradient of the convolution `g` when the 2x2/2 max pool of [`suits_pooled`]
+/// follows it, from the gradient at the pooled output (`grad`, after the ReLU) and each
+/// window's argmax (`indices`, positions in the conv output plane); None when Winograd does
+/// not suit. dW = G^T (sum over tiles of (A gy A^T) * (B^T d B)) G: the input transform is the
+/// forward's, and since a pool window is a tile, each tile's output gradient has a single
+/// non-zero pixel, so A gy A^T is the pooled value times one of four fixed patterns. Per image
+/// that is 16 GEMMs [Cout x tiles] x [tiles x Cin], summed per fixed group of images and the
+/// groups added in order (bit-reproducible whatever the thread count).
+pub fn weight_grad_pooled(
+    g: &ConvGeometry,
+    x: &[f32],
+    pool: &PoolGeometry,
+    indices: &[u32],
+    grad: &[f32],
+) -> Option<Vec<f32>> {
+    let (th, tw) = tiles(g);
+    let tile_count = th * tw;
+    if !suits_pooled(g, pool.kernel, pool.stride, pool.padding)
+        || (pool.out_height, pool.out_width) != (th, tw)
+        || indices.len() != g.batch * g.out_channels * tile_count
+        || grad.len() != indices.len()
+    {
+        return None;
+    }
+    let (cin, cout) = (g.in_channels, g.out_channels);
+    let cin_p = lanes(cin);
+    let part_len = POINTS * cout * cin_p;
+    let groups = g.batch.min(WEIGHT_GRAD_GROUPS);
+    let per_group = g.batch.div_ceil(groups);
+    let pooled = PooledGrad {
+        indices,
+        grad,
+        corners: &tile_corners(g),
+    };
+    let mut partials = vec![0f32; groups * part_len];
+    partials
+        .par_chunks_mut(part_len)
+        .enumerate()
+        .for_each(|(group, part)| {
+            let mut s = Scratch::default();
+            let images = group * per_group..((group + 1) * per_group).min(g.batch);
+            for (k, n) in images.enumerate() {
+                weight_image(g, x, n, &pooled, part, k > 0, &mut s);
+            }
+        });
+    let mut total = partials[..part_len].to_vec();
+    for part in partials.chunks(part_len).skip(1) {
+        for (t, v) in total.iter_mut().zip(part) {
+            *t += *v;
+        }
+    }
+    // G^T M G per filter: rows of G^T are (1, 1/2, 1/2, 0), (0, 1/2, -1/2, 0), (0, 1/2, 1/2, 1).
+    let gt = |[a, b, c, d]: [f32; 4]| {
+        [
+            a + 0.5 * b + 0.5 * c,
+            0.5 * b - 0.5 * c,
+            0.5 * b + 0.5 * c + d,
+        ]
+    };
+    let mut dw = vec![0f32; cout * cin * 9];
+    for co in 0..cout {
+        for ci in 0..cin {
+            let m = |point: usize| total[(point * cout + co) * cin_p + ci];
+            let rows: [[f32; 3]; 4] =
+                [0, 1, 2, 3].map(|i| gt([m(4 * i), m(4 * i + 1), m(4 * i + 2), m(4 * i + 3)]));
+            let filter = &mut dw[(co * cin + ci) * 9..(co * cin + ci + 1) * 9];
+            for j in 0..3 {
+                let [a, b, c] = gt([rows[0][j], rows[1][j], rows[2][j], rows[3][j]]);
+                filter[j] = a;
+                filter[3 + j] = b;
+                filter[6 + j] = c;
+            }
+        }
+    }
+    Some(dw)
+}
+
+/// The pooled output gradient with what the transform needs to place it.
+struct PooledGrad<'a> {
+    indices: &'a [u32],
+    grad: &'a [f32],
+    /// Each tile's top-left pixel in the output plane.
+    corners: &'a [u32],
+}
+
+with_avx2! {
+    /// One image's share of the weight gradient, added to `m` (`[point][co][ci]`; overwritten
+    /// when not `accumulate`).
+    fn weight_image => weight_image_generic(
+        g: &ConvGeometry,
+        x: &[f32],
+        n: usize,
+        pooled: &PooledGrad,
+        m: &mut [f32],
+        accumulate: bool,
+        s: &mut Scratch,
+    )
+}
+
+#[inline(always)]
+fn weight_image_generic(
+    g: &ConvGeometry,
+    x: &[f32],
+    n: usize,
+    pooled: &PooledGrad,
+    m: &mut [f32],
+    accumulate: bool,
+    s: &mut Scratch,
+) {
+    let (th, tw) = tiles(g);
+    let tile_count = th * tw;
+    let tiles_padded = lanes(tile_count);
+    let (cin_p, cout) = (lanes(g.in_channels), g.out_channels);
+    s.v.resize(POINTS * tiles_padded * cin_p, 0.0);
+    transform_input(g, x, n, &mut s.xt, &mut s.v, tiles_padded);
+    // Which pixel of its tile each pooled value came from, q = 2 * dy + dx.
+    let wo = g.out_width as u32;
+    let plane = n * cout * tile_count..(n + 1) * cout * tile_count;
+    let (idx, grad) = (&pooled.indices[plane.clone()], &pooled.grad[plane]);
+    s.which.clear();
+    s.which.extend(
+        idx.iter()
+            .zip(pooled.corners.iter().cycle())
+            .map(|(at, corner)| {
+                let offset = at.wrapping_sub(*corner);
+                2 * u32::from(offset >= wo) + offset % 2
+            }),
+    );
+    let which = &s.which;
+    // A e A^T for that pixel e is the outer product of A's columns (1, 1, 1, 0) (d = 0) and
+    // (0, 1, -1, -1) (d = 1): the tile's transformed gradient at each point is the pooled value
+    // times 0 or +-1. One point at a time, so the [Cout x tiles] operand stays in cache.
+    const A: [[f32; 4]; 2] = [[1.0, 1.0, 1.0, 0.0], [0.0, 1.0, -1.0, -1.0]];
+    let z = &mut s.m;
+    z.resize(cout * tile_count, 0.0);
+    for point in 0..POINTS {
+        let (i, j) = (point / 4, point % 4);
+        let coef = [
+            A[0][i] * A[0][j],
+            A[0][i] * A[1][j],
+            A[1][i] * A[0][j],
+            A[1][i] * A[1][j],
+        ];
+        for ((out, gv), q) in z.iter_mut().zip(grad).zip(which) {
+            let c = if *q == 0 {
+                coef[0]
+            } else if *q == 1 {
+                coef[1]
+            } else if *q == 2 {
+                coef[2]
+            } else {
+                coef[3]
+            };
+            *out = gv * c;
+        }
+        sgemm(
+            cout,
+            cin_p,
+            tile_count,
+            &mut m[point * cout * cin_p..(point + 1) * cout * cin_p],
+            cin_p,
+            accumulate,
+            MatRef::row_major(z, tile_count),
+            MatRef::row_major(
+                &s.v[point * tiles_padded * cin_p..(point + 1) * tiles_padded * cin_p],
+                cin_p,
+            ),
+            1,
+        );
+    }
+}
