@@ -20,7 +20,6 @@ pub struct Kind {
     /// Output files (paths relative to the stage's folder) that are published, cached and
     /// restored like the others but left out of the content hash downstream stages see
     /// (timings: a retrain to identical model bytes must not make its consumers stale).
-    #[allow(dead_code)] // read by the engine's fingerprint of what downstream stages see
     pub unhashed_outputs: &'static [&'static str],
     validate: Box<ValidateFn>,
     run: Box<RunFn>,

@@ -13,6 +13,16 @@ fn fixture_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/fashion-mnist")
 }
 
+/// One test at a time on the cluster: the tests look jobs up by name and count what is
+/// queued, and the one node has two CPUs.
+static CLUSTER: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn cluster() -> std::sync::MutexGuard<'static, ()> {
+    CLUSTER
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
 /// True when a Slurm controller answers; otherwise says why the test skips (or panics in
 /// CI, where a skipped test would pass without testing anything).
 fn slurm_ready(test: &str) -> bool {
@@ -199,6 +209,7 @@ fn the_study_through_slurm_gives_the_local_bytes_and_records_the_jobs() {
     if !slurm_ready("the_study_through_slurm_gives_the_local_bytes_and_records_the_jobs") {
         return;
     }
+    let _cluster = cluster();
     let local = Workspace::new(&study("local"));
     let out = local.pipe(&["run"]);
     assert_eq!(out.status.code(), Some(0), "{}", text(&out));
@@ -239,6 +250,7 @@ fn independent_stages_are_in_the_queue_at_once() {
     if !slurm_ready("independent_stages_are_in_the_queue_at_once") {
         return;
     }
+    let _cluster = cluster();
     let (a, b) = (unique("qa"), unique("qb"));
     let ws = Workspace::new(&format!(
         r#"
@@ -273,6 +285,7 @@ fn a_cancelled_job_fails_its_stage_keeps_outputs_and_the_rerun_resumes() {
     if !slurm_ready("a_cancelled_job_fails_its_stage_keeps_outputs_and_the_rerun_resumes") {
         return;
     }
+    let _cluster = cluster();
     let ws = Workspace::new(&study("slurm"));
     let out = ws.pipe(&["run", "--stage", "download"]);
     assert_eq!(out.status.code(), Some(0), "{}", text(&out));
@@ -372,6 +385,7 @@ fn a_stage_marked_local_runs_here_inside_a_slurm_pipeline() {
     if !slurm_ready("a_stage_marked_local_runs_here_inside_a_slurm_pipeline") {
         return;
     }
+    let _cluster = cluster();
     let (here, there) = (unique("here"), unique("there"));
     let ws = Workspace::new(&format!(
         r#"
@@ -415,6 +429,7 @@ fn a_refused_submission_is_a_config_error() {
     if !slurm_ready("a_refused_submission_is_a_config_error") {
         return;
     }
+    let _cluster = cluster();
     let ws = Workspace::new(
         r#"
 [pipeline]

@@ -150,6 +150,28 @@ fn the_study_runs_then_reruns_only_what_a_change_affects() {
     assert!(third.status.success(), "{}", text(&third));
     assert_eq!(modified(&model), model_time, "training must not rerun");
     assert_ne!(modified(&art.join("visualize")), visualize_time);
+
+    // Early cutoff: retraining to the same model bytes (only its timings differ) leaves
+    // evaluate, visualize and the report up to date.
+    let model_bytes = std::fs::read(&model).unwrap();
+    let retrain = fmnist(dir, &["run", "--force", "--stage", "train-baseline"]);
+    assert!(retrain.status.success(), "{}", text(&retrain));
+    assert!(
+        text(&retrain).contains("train-baseline: done"),
+        "{}",
+        text(&retrain)
+    );
+    assert_eq!(
+        std::fs::read(&model).unwrap(),
+        model_bytes,
+        "same seed, same bytes"
+    );
+    let after = fmnist(dir, &["run"]);
+    let shown = text(&after);
+    assert!(after.status.success(), "{shown}");
+    for stage in ["evaluate", "visualize", "report"] {
+        assert!(shown.contains(&format!("{stage}: up to date")), "{shown}");
+    }
 }
 
 #[test]

@@ -24,13 +24,14 @@ pub use outputs::EvaluateOutputs;
 pub const NAME: &str = "evaluate";
 
 /// Bump when outputs would change for the same params (3: the CPU kernels of the forward pass
-/// round differently, so the same model can score a little differently).
-pub const VERSION: u32 = 3;
+/// round differently, so the same model can score a little differently; 4: inference speed
+/// moved from metrics.json to the unhashed timings.json).
+pub const VERSION: u32 = 4;
 
 /// The `evaluate` kind.
 pub struct Evaluate;
 
-stage_kind!(Evaluate);
+stage_kind!(Evaluate, UNHASHED_OUTPUTS = outputs::UNHASHED_OUTPUTS);
 
 /// The `[stages.NAME]` table of an evaluate stage.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -99,6 +100,9 @@ pub struct ModelMetrics {
     pub confusion: Vec<Vec<u64>>,
     pub params: usize,
     pub final_train_loss: f64,
+    /// Wall-clock speed: written to timings.json (unhashed), not to metrics.json, so that
+    /// evaluating the same model again leaves the report up to date.
+    #[serde(skip_serializing, default)]
     pub inference_images_per_s: f64,
     pub test_images: usize,
 }
@@ -115,6 +119,7 @@ fn run_with_kernels(params: Params, ctx: &StageContext) -> anyhow::Result<Metric
     let trained = TrainedModel::read_all(ctx)?;
 
     let mut all = serde_json::Map::new();
+    let mut speeds = serde_json::Map::new();
     let mut results = Vec::new();
     for model_info in &trained {
         let model = model_info.load(&device)?;
@@ -158,6 +163,10 @@ fn run_with_kernels(params: Params, ctx: &StageContext) -> anyhow::Result<Metric
             metrics.inference_images_per_s
         ));
         all.insert(model_info.stage.clone(), serde_json::to_value(&metrics)?);
+        speeds.insert(
+            model_info.stage.clone(),
+            serde_json::json!({ "inference_images_per_s": metrics.inference_images_per_s }),
+        );
         results.push((model_info, metrics));
     }
 
@@ -167,7 +176,8 @@ fn run_with_kernels(params: Params, ctx: &StageContext) -> anyhow::Result<Metric
         "models": all,
     });
     let table = comparison_markdown(&results);
-    outputs::write(ctx.out_dir, &metrics_json, &table)?;
+    let timings = serde_json::json!({ "models": speeds });
+    outputs::write(ctx.out_dir, &metrics_json, &timings, &table)?;
     for line in table.lines().filter(|l| !l.trim().is_empty()) {
         ctx.progress.println(line);
     }
