@@ -19,7 +19,7 @@ use crate::registry::Registry;
 use crate::runner::{LocalRunner, Runners};
 use crate::slurm::SlurmRunner;
 use crate::workspace::Workspace;
-use crate::{check, command_stage, exec_stage, execute, maintenance, output, plan};
+use crate::{check, command_stage, exec_stage, execute, experiments, maintenance, output, plan};
 
 #[derive(Parser)]
 #[command(
@@ -61,6 +61,16 @@ enum Cmd {
         /// local | slurm. Default: the pipeline's `executor`.
         #[arg(long, value_name = "EXECUTOR")]
         executor: Option<String>,
+        /// The name of the experiment this run records (default: adjective-noun from its
+        /// state's hash). With --sweep, NAME-1, NAME-2, ...
+        #[arg(long, value_name = "NAME")]
+        name: Option<String>,
+        /// Run the grid of the --set value lists (STAGE.KEY=V1,V2,...; commas inside quotes
+        /// or brackets do not split), each combination an experiment. Combinations run one
+        /// after another (-j applies within each); stages they share are computed once; at
+        /// the end the workspace is restored to its own params. pipeline.toml is not changed.
+        #[arg(long)]
+        sweep: bool,
     },
     /// Runs one built-in stage from a job spec (what a Slurm job runs).
     #[command(name = "__exec-stage", hide = true)]
@@ -137,6 +147,21 @@ enum Cmd {
         /// One JSON object instead of text.
         #[arg(long)]
         json: bool,
+    },
+    /// Experiments: every successful run's state of the pipeline, recorded.
+    Exp {
+        #[command(subcommand)]
+        command: experiments::ExpCmd,
+    },
+    /// Compare params between experiments, the workspace and git's HEAD.
+    Params {
+        #[command(subcommand)]
+        command: experiments::DiffCmd,
+    },
+    /// Compare metrics between experiments, the workspace and git's HEAD.
+    Metrics {
+        #[command(subcommand)]
+        command: experiments::DiffCmd,
     },
 }
 
@@ -233,56 +258,32 @@ fn dispatch(cli: Cli) -> Result<(), PipeError> {
             sets,
             jobs,
             executor,
+            name,
+            sweep,
         } => {
-            let overrides: Vec<Override> =
-                sets.iter().map(|s| s.parse()).collect::<Result<_, _>>()?;
-            let mut ws = Workspace::load(&cli.file, &overrides, Registry::builtins())?;
-            if let Some(executor) = executor {
-                ws.pipeline.executor = executor
-                    .parse()
-                    .map_err(|e| PipeError::Config(format!("--executor: {e}")))?;
-            }
-            let targets = ws.targets(&stages)?;
-            let runners = Runners {
-                local: LocalRunner,
-                slurm: if !dry_run && uses_slurm(&ws, &targets) {
-                    Some(SlurmRunner::new(
-                        &ws.pipeline.root,
-                        &ws.pipeline.artifacts(),
-                    )?)
-                } else {
-                    None
-                },
-            };
-            let cancel = Arc::new(AtomicBool::new(false));
-            let flag = Arc::clone(&cancel);
-            // First Ctrl-C (or SIGTERM, SIGHUP): ask stages to stop, ending their commands'
-            // process groups, and keep what finished; second: kill the groups and leave now.
-            let _ = ctrlc::set_handler(move || {
-                if flag.swap(true, Ordering::SeqCst) {
-                    command_stage::kill_running_groups();
-                    std::process::exit(130);
-                }
-            });
-            let jobs = jobs.unwrap_or_else(|| {
-                std::thread::available_parallelism()
-                    .map(|n| n.get())
-                    .unwrap_or(1)
-            });
-            if jobs == 0 {
-                return Err(PipeError::Config("-j must be at least 1".to_string()));
-            }
-            let opts = RunOptions {
-                targets,
+            let args = RunArgs {
+                stages,
                 force,
                 dry_run,
                 jobs,
+                executor,
             };
-            let result = execute::run(&mut ws, &opts, &runners, &Console::new(), &cancel);
-            // The process ends next: freeing a large pipeline's structures one by one took
-            // longer than a no-op run's checks.
-            std::mem::forget(ws);
-            result
+            let cancel = interruptible();
+            if sweep {
+                if dry_run {
+                    return Err(PipeError::Config(
+                        "--sweep runs the grid; --dry-run shows one run's plan".to_string(),
+                    ));
+                }
+                let mut run_one = |sets: &[String], name: Option<&str>| {
+                    run_once(&cli.file, &args, sets, name, &cancel)
+                };
+                experiments::sweep::run(&cli.file, &sets, name.as_deref(), &mut run_one, &|l| {
+                    output::warn_line(l)
+                })
+            } else {
+                run_once(&cli.file, &args, &sets, name.as_deref(), &cancel).map(|_| ())
+            }
         }
         Cmd::ExecStage { spec } => exec_stage::run(&spec),
         Cmd::Status { json } => {
@@ -345,6 +346,26 @@ fn dispatch(cli: Cli) -> Result<(), PipeError> {
                 report.bytes_freed as f64 / 1e6,
                 report.scratch_removed
             ))
+        }
+        Cmd::Exp { command } => {
+            let args = RunArgs {
+                stages: Vec::new(),
+                force: false,
+                dry_run: false,
+                jobs: None,
+                executor: None,
+            };
+            let cancel = interruptible();
+            let mut run_one = |sets: &[String], name: Option<&str>| {
+                run_once(&cli.file, &args, sets, name, &cancel)
+            };
+            experiments::dispatch_exp(&cli.file, command, &mut run_one)
+        }
+        Cmd::Params { command } => {
+            experiments::dispatch_diff(&cli.file, experiments::diff::What::Params, command)
+        }
+        Cmd::Metrics { command } => {
+            experiments::dispatch_diff(&cli.file, experiments::diff::What::Metrics, command)
         }
         Cmd::Bench {
             model,
@@ -409,4 +430,85 @@ fn dispatch(cli: Cli) -> Result<(), PipeError> {
             json,
         }),
     }
+}
+
+/// What `run` was asked, besides its `--set`s and `--name` (a sweep runs with it repeatedly).
+struct RunArgs {
+    stages: Vec<String>,
+    force: bool,
+    dry_run: bool,
+    jobs: Option<usize>,
+    executor: Option<String>,
+}
+
+/// The run's cancel flag, raised by Ctrl-C.
+fn interruptible() -> Arc<AtomicBool> {
+    let cancel = Arc::new(AtomicBool::new(false));
+    let flag = Arc::clone(&cancel);
+    // First Ctrl-C (or SIGTERM, SIGHUP): ask stages to stop, ending their commands'
+    // process groups, and keep what finished; second: kill the groups and leave now.
+    let _ = ctrlc::set_handler(move || {
+        if flag.swap(true, Ordering::SeqCst) {
+            command_stage::kill_running_groups();
+            std::process::exit(130);
+        }
+    });
+    cancel
+}
+
+/// One `run` with these `--set`s; a successful one (not a dry run) records the workspace's
+/// state as an experiment, whose name it returns.
+fn run_once(
+    file: &std::path::Path,
+    args: &RunArgs,
+    sets: &[String],
+    name: Option<&str>,
+    cancel: &Arc<AtomicBool>,
+) -> Result<String, PipeError> {
+    let overrides: Vec<Override> = sets.iter().map(|s| s.parse()).collect::<Result<_, _>>()?;
+    let mut ws = Workspace::load(file, &overrides, Registry::builtins())?;
+    if let Some(executor) = &args.executor {
+        ws.pipeline.executor = executor
+            .parse()
+            .map_err(|e| PipeError::Config(format!("--executor: {e}")))?;
+    }
+    let targets = ws.targets(&args.stages)?;
+    let runners = Runners {
+        local: LocalRunner,
+        slurm: if !args.dry_run && uses_slurm(&ws, &targets) {
+            Some(SlurmRunner::new(
+                &ws.pipeline.root,
+                &ws.pipeline.artifacts(),
+            )?)
+        } else {
+            None
+        },
+    };
+    let jobs = args.jobs.unwrap_or_else(|| {
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1)
+    });
+    if jobs == 0 {
+        return Err(PipeError::Config("-j must be at least 1".to_string()));
+    }
+    let opts = RunOptions {
+        targets,
+        force: args.force,
+        dry_run: args.dry_run,
+        jobs,
+    };
+    let result = execute::run(&mut ws, &opts, &runners, &Console::new(), cancel);
+    let recorded = match result {
+        Ok(()) if !args.dry_run => experiments::record::after_run(&ws, name, sets).map(|e| {
+            output::warn_line(&format!("experiment: {} ({})", e.name, e.id));
+            e.name
+        }),
+        Ok(()) => Ok(String::new()),
+        Err(e) => Err(e),
+    };
+    // The process ends next: freeing a large pipeline's structures one by one took
+    // longer than a no-op run's checks.
+    std::mem::forget(ws);
+    recorded
 }

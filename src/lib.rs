@@ -15,7 +15,9 @@
 //!   work is done by a `runner` (`LocalRunner`: built-in kinds in-process, commands through
 //!   `command_stage`; `slurm`: one batch job per stage, running `exec_stage` for built-in
 //!   kinds), and outputs land through `publish`.
-//! - `maintenance` holds `clean` and `gc`; `cli` is the command line over all of it.
+//! - `maintenance` holds `clean` and `gc`; `experiments` records each successful run's
+//!   state (stage -> fingerprint) and shows, diffs, sweeps and applies them; `cli` is the
+//!   command line over all of it.
 
 pub mod cache;
 pub mod check;
@@ -26,6 +28,7 @@ pub mod dag;
 pub mod error;
 pub mod exec_stage;
 pub mod execute;
+pub mod experiments;
 pub mod fingerprint;
 pub mod journal;
 pub mod lock;

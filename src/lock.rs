@@ -43,6 +43,9 @@ pub struct LockEntry {
     pub seed: Option<u64>,
     #[serde(default)]
     pub seconds: f64,
+    /// Recorded, not hashed: when the run finished (UTC, RFC 3339); kept by a restore.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub finished: Option<String>,
     /// The hashed params (canonical; unset options omitted).
     #[serde(default, skip_serializing_if = "toml::Table::is_empty")]
     pub params: toml::Table,
