@@ -1,7 +1,7 @@
 //! `params diff [A] [B]` and `metrics diff [A] [B]`: A and B are experiment names (or ids).
 //! Without B, the workspace's current state is the new side; without A, the old side is the
 //! pipeline.lock of git's HEAD when the workspace is in a git repository that has one, else
-//! the experiment recorded before the current one.
+//! the experiment a run last left the workspace in before its current state.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
@@ -73,15 +73,11 @@ fn sides(ws: &Workspace, a: Option<&str>, b: Option<&str>) -> Result<(Side, Side
                 state: state_from_lock(&lock, Some(&ws.pipeline), &artifacts),
             },
             None => {
-                let current_created = all
-                    .iter()
-                    .find(|e| e.id == current_id)
-                    .map(|e| e.created.clone());
+                // The state the workspace was last left in before this one.
                 let previous = all
                     .iter()
-                    .rev()
                     .filter(|e| e.id != current_id)
-                    .find(|e| current_created.as_ref().is_none_or(|c| &e.created <= c))
+                    .max_by_key(|e| e.seen_seq)
                     .ok_or_else(|| {
                         PipeError::Config(
                             "nothing to compare with: no git HEAD with a pipeline.lock and no \

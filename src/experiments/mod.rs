@@ -57,10 +57,16 @@ pub type State = BTreeMap<String, StageState>;
 pub struct Experiment {
     pub id: String,
     pub name: String,
+    /// The order experiments were recorded in (1, 2, ...): times can tie.
+    #[serde(default)]
+    pub seq: u64,
     /// When this state was first reached (UTC, RFC 3339).
     pub created: String,
     /// When a run last left the workspace in this state.
     pub seen: String,
+    /// The order of `seen` across experiments (the latest run's experiment has the highest).
+    #[serde(default)]
+    pub seen_seq: u64,
     /// The `--set` overrides of the run that recorded it, if any.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub overrides: Vec<String>,
@@ -72,7 +78,7 @@ pub fn dir(artifacts: &Path) -> PathBuf {
     artifacts.join(".cache").join("experiments")
 }
 
-/// Every recorded experiment, oldest first (by creation, then id).
+/// Every recorded experiment, oldest first.
 pub fn load_all(artifacts: &Path) -> Vec<Experiment> {
     let mut all: Vec<Experiment> = std::fs::read_dir(dir(artifacts))
         .into_iter()
@@ -84,7 +90,7 @@ pub fn load_all(artifacts: &Path) -> Vec<Experiment> {
             serde_json::from_str(&text).ok()
         })
         .collect();
-    all.sort_by(|a, b| (&a.created, &a.id).cmp(&(&b.created, &b.id)));
+    all.sort_by(|a, b| (a.seq, &a.created, &a.id).cmp(&(b.seq, &b.created, &b.id)));
     all
 }
 

@@ -29,7 +29,8 @@ pub fn after_run(
     // clash reported (exit 2) after the run's work is kept.
     let clash = name.filter(|n| others.contains(n));
     let name = name.filter(|n| !others.contains(n));
-    let experiment = match existing {
+    let next = all.iter().map(|e| e.seq.max(e.seen_seq)).max().unwrap_or(0) + 1;
+    let mut experiment = match existing {
         Some(mut e) => {
             e.seen = now;
             if let Some(name) = name {
@@ -41,8 +42,12 @@ pub fn after_run(
             e.stages = state;
             e
         }
-        None => fresh(&id, &others, &now, overrides, state, name),
+        None => Experiment {
+            seq: all.iter().map(|e| e.seq).max().unwrap_or(0) + 1,
+            ..fresh(&id, &others, &now, overrides, state, name)
+        },
     };
+    experiment.seen_seq = next;
     write(&artifacts, &experiment)?;
     if let Some(clash) = clash {
         return Err(PipeError::Config(format!(
@@ -63,6 +68,8 @@ fn fresh(
 ) -> Experiment {
     Experiment {
         id: id.to_string(),
+        seq: 0,
+        seen_seq: 0,
         name: name.map_or_else(|| auto_name(id, others), str::to_string),
         created: now.to_string(),
         seen: now.to_string(),

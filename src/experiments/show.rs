@@ -192,7 +192,7 @@ fn label(cols: &mut [Column]) {
 /// Orders the experiments: newest first, or by `--sort` (ascending; `--reverse` flips).
 fn order<'a>(exps: &'a [Experiment], opts: &Options) -> Result<Vec<&'a Experiment>, PipeError> {
     let mut rows: Vec<&Experiment> = exps.iter().collect();
-    rows.sort_by(|a, b| (&b.created, &b.id).cmp(&(&a.created, &a.id)));
+    rows.reverse();
     if let Some(sort) = &opts.sort {
         let cols = columns(&rows);
         let keyed: Vec<(usize, Option<Value>)> = match sort.as_str() {
@@ -204,7 +204,7 @@ fn order<'a>(exps: &'a [Experiment], opts: &Options) -> Result<Vec<&'a Experimen
             "when" | "created" => rows
                 .iter()
                 .enumerate()
-                .map(|(i, e)| (i, Some(Value::from(e.created.clone()))))
+                .map(|(i, e)| (i, Some(Value::from(e.seq))))
                 .collect(),
             _ => {
                 let col = cols
