@@ -215,6 +215,8 @@ fn edits_and_reruns_are_experiments_compared_by_show_and_diff() {
         csv.lines().nth(1).unwrap().starts_with("true,third,"),
         "{csv}"
     );
+    let picked = ws.json(&["exp", "show", "--json", "first", "third"]);
+    assert_eq!(picked.as_array().map(Vec::len), Some(2), "{picked}");
     let bad_sort = ws.pipe(&["exp", "show", "--sort", "nope"]);
     assert_eq!(bad_sort.status.code(), Some(2), "{}", text(&bad_sort));
 
@@ -408,6 +410,29 @@ fn bad_sweeps_exit_2_naming_the_value_before_anything_runs() {
     }
 }
 
+#[test]
+fn a_failed_combination_does_not_stop_the_sweep() {
+    let ws = Ws::new(PIPELINE);
+    ws.ok(&["run"]);
+    let out = ws.pipe(&[
+        "run",
+        "--sweep",
+        "--set",
+        r#"a.cmd="exit 3","sh score.sh a 0.3 1""#,
+    ]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    assert!(
+        text(&out).contains("1 of 2 combinations failed"),
+        "{}",
+        text(&out)
+    );
+    let rows = experiments(&ws);
+    assert_eq!(rows.len(), 2, "{rows:?}");
+    assert_eq!(number(&rows[0]["metrics"]["a.score"], "a.score"), 0.3);
+    assert_eq!(rows[1]["current"], true, "back on its own params: {rows:?}");
+    up_to_date(&ws, 3);
+}
+
 fn fixture_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/fashion-mnist")
 }
@@ -485,6 +510,17 @@ fn a_learning_rate_sweep_on_the_study_lists_accuracies_and_applies() {
     }
     assert!(table.contains("0.25") && table.contains('%'), "{table}");
     assert!(table.lines().all(|l| l.chars().count() <= 80), "{table}");
+
+    // The page: one curve per experiment in each of the training stage's two charts.
+    let page = ws.path("experiments.html");
+    ws.ok(&["exp", "show", "--html", page.to_str().unwrap()]);
+    let html = ws.read("experiments.html");
+    assert!(html.contains("train-baseline: test accuracy"), "{html}");
+    assert_eq!(html.matches("<polyline").count(), 2 * 3, "{html}");
+    for r in &rows {
+        assert!(html.contains(r["name"].as_str().unwrap()), "{html}");
+    }
+    assert!(!html.contains("NaN") && !html.contains("<script") && !html.contains("src="));
 
     let other = rows
         .iter()

@@ -4,7 +4,8 @@
 //! state and the name given by `run --name` or derived from the id (adjective-noun).
 //!
 //! - `record`: the record written after each successful run.
-//! - `show`: `exp show`, one row per experiment (table, `--csv`, `--json`, `--html`).
+//! - `show`: `exp show`, one row per experiment (table, `--csv`, `--json`); `html`: its
+//!   `--html` page, training curves overlaid.
 //! - `diff`: `params diff` and `metrics diff` between two experiments, the workspace and
 //!   the lock committed in git.
 //! - `sweep`: `run --sweep`, a grid of `--set` value lists run one combination after another.
@@ -13,6 +14,7 @@
 
 pub mod apply;
 pub mod diff;
+pub mod html;
 pub mod record;
 pub mod show;
 pub mod sweep;
@@ -340,8 +342,14 @@ pub enum ExpCmd {
         #[arg(long, conflicts_with = "csv")]
         json: bool,
         /// The table's columns unabbreviated, as CSV.
-        #[arg(long)]
+        #[arg(long, conflicts_with = "html")]
         csv: bool,
+        /// Write a self-contained HTML page to PATH: each training stage's curves (train
+        /// loss, test accuracy per epoch) of the experiments overlaid, and the table.
+        #[arg(long, value_name = "PATH", conflicts_with = "json")]
+        html: Option<PathBuf>,
+        /// Only these experiments (names or ids).
+        names: Vec<String>,
     },
     /// Write the experiment's params into pipeline.toml (comments and layout kept) and
     /// restore its outputs from the run cache (nothing is recomputed).
@@ -376,6 +384,8 @@ pub fn dispatch_exp(
             reverse,
             json,
             csv,
+            html,
+            names,
         } => {
             let ws = crate::workspace::Workspace::load(
                 file,
@@ -398,6 +408,9 @@ pub fn dispatch_exp(
                     json,
                     csv,
                     width,
+                    names,
+                    html,
+                    artifacts: artifacts.clone(),
                 },
             )
         }

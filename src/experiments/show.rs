@@ -19,6 +19,12 @@ pub struct Options {
     pub csv: bool,
     /// Table width (COLUMNS, else 80).
     pub width: usize,
+    /// Only these experiments (names or ids); all when empty.
+    pub names: Vec<String>,
+    /// Write the HTML page (curves and table) here.
+    pub html: Option<std::path::PathBuf>,
+    /// Where the run cache is (the HTML page's histories).
+    pub artifacts: std::path::PathBuf,
 }
 
 #[derive(Clone, Copy, PartialEq)]
@@ -253,8 +259,35 @@ fn compare(a: &Option<Value>, b: &Option<Value>) -> std::cmp::Ordering {
 
 /// `exp show`.
 pub fn run(exps: &[Experiment], current: Option<&str>, opts: &Options) -> Result<(), PipeError> {
-    let rows = order(exps, opts)?;
+    let selected: Vec<Experiment> = if opts.names.is_empty() {
+        exps.to_vec()
+    } else {
+        opts.names
+            .iter()
+            .map(|n| super::find(exps, n).cloned())
+            .collect::<Result<_, _>>()?
+    };
+    let rows = order(&selected, opts)?;
     let cols = columns(&rows);
+    if let Some(path) = &opts.html {
+        let mut header = vec!["name".to_string(), "when (UTC)".to_string()];
+        header.extend(cols.iter().map(|c| c.label.clone()));
+        let cells = rows
+            .iter()
+            .enumerate()
+            .map(|(r, e)| {
+                let mut line = vec![e.name.clone(), when(e)];
+                line.extend(cols.iter().map(|c| c.cell(r)));
+                line
+            })
+            .collect();
+        super::html::write(path, &rows, (header, cells), current, &opts.artifacts)?;
+        return output::emit_line(&format!(
+            "wrote {} ({} experiments)",
+            path.display(),
+            rows.len()
+        ));
+    }
     if opts.json {
         let items: Vec<Value> = rows
             .iter()
@@ -319,8 +352,12 @@ fn csv_line(cells: &[String]) -> String {
 
 /// The text table, columns dropped from the right (times, losses, other metrics, params)
 /// until it fits `width`.
+/// "MM-DD HH:MM" of when an experiment was first reached.
+fn when(e: &Experiment) -> String {
+    e.created.get(5..16).unwrap_or(&e.created).replace('T', " ")
+}
+
 fn table(rows: &[&Experiment], cols: &[Column], current: Option<&str>, width: usize) -> String {
-    let when = |e: &Experiment| e.created.get(5..16).unwrap_or(&e.created).replace('T', " ");
     let mut fixed: Vec<(String, Vec<String>)> = vec![
         (
             " ".to_string(),

@@ -3,7 +3,9 @@
 //! another, each an ordinary run with those overrides and so an experiment. The stages the
 //! combinations share are computed once: later combinations find them up to date or in the
 //! run cache. At the end the workspace goes back to its own params (restored from the run
-//! cache when every stage of that state is there; pipeline.toml is never written).
+//! cache when every stage of that state is there; pipeline.toml is never written). A
+//! combination whose stage fails does not stop the others (the sweep then exits 1); Ctrl-C
+//! stops the sweep where it is.
 
 use std::collections::BTreeSet;
 use std::path::Path;
@@ -97,6 +99,7 @@ pub fn run(
     }
     let mut names = Vec::new();
     let mut failed = None;
+    let mut failures = Vec::new();
     for (i, combo) in combos.iter().enumerate() {
         say(&format!(
             "sweep {}/{}: {}",
@@ -107,11 +110,23 @@ pub fn run(
         let this_name = name.map(|n| format!("{n}-{}", i + 1));
         match run_one(combo, this_name.as_deref()) {
             Ok(n) => names.push(n),
+            // A failed stage fails its combination only; the others still run.
+            Err(PipeError::StageFailed(message)) => {
+                say(&format!(
+                    "sweep {}/{}: failed: {message}",
+                    i + 1,
+                    combos.len()
+                ));
+                failures.push(combo.join(" "));
+            }
             Err(e) => {
                 failed = Some(e);
                 break;
             }
         }
+    }
+    if let Some(e @ PipeError::Interrupted) = failed {
+        return Err(e);
     }
     // Back to the workspace's own params.
     let ws = Workspace::load(file, &[], Registry::builtins())?;
@@ -134,6 +149,14 @@ pub fn run(
     }
     if let Some(e) = failed {
         return Err(e);
+    }
+    if !failures.is_empty() {
+        return Err(PipeError::StageFailed(format!(
+            "sweep: {} of {} combinations failed: {}",
+            failures.len(),
+            combos.len(),
+            failures.join("; ")
+        )));
     }
     say(&format!(
         "sweep: {} experiments: {} (`fmnist-pipe exp show` compares them)",
