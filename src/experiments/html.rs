@@ -102,11 +102,12 @@ fn chart(title: &str, y_label: &str, series: &[(String, &str, &Curve)]) -> Strin
         let y = y0 + (y1 - y0) * f64::from(i) / 4.0;
         let _ = write!(
             svg,
-            r##"<text x="{}" y="{}" text-anchor="end" class="a">{}</text><line x1="{left}" x2="{}" y1="{2}" y2="{2}" stroke="#eee"/>"##,
+            r##"<text x="{}" y="{}" text-anchor="end" class="a">{}</text><line x1="{left}" x2="{}" y1="{gy:.1}" y2="{gy:.1}" stroke="#eee"/>"##,
             left - 4.0,
             sy(y) + 4.0,
             super::short_float(y),
-            w - right
+            w - right,
+            gy = sy(y)
         );
     }
     let first = x0.ceil() as i64;
