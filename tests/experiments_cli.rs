@@ -511,6 +511,26 @@ fn a_learning_rate_sweep_on_the_study_lists_accuracies_and_applies() {
     assert!(table.contains("0.25") && table.contains('%'), "{table}");
     assert!(table.lines().all(|l| l.chars().count() <= 80), "{table}");
 
+    // Every run remembered: three trainings, three evaluations, one download.
+    let runs = ws.json(&["exp", "runs", "--json"]);
+    let runs = runs.as_array().unwrap();
+    let of = |stage: &str| runs.iter().filter(|r| r["stage"] == stage).count();
+    assert_eq!(
+        (of("download"), of("train-baseline"), of("evaluate")),
+        (1, 3, 3),
+        "{runs:?}"
+    );
+    for r in runs {
+        assert!(
+            r["finished"].as_str().is_some_and(|f| f.starts_with("20")),
+            "{r}"
+        );
+        assert!(number(&r["seconds"], "seconds") >= 0.0, "{r}");
+    }
+    let listed = ws.stdout(&["exp", "runs"]);
+    assert!(listed.contains("lr 0.25 1ep acc "), "{listed}");
+    assert_eq!(listed.lines().count(), 1 + 7, "{listed}");
+
     // The page: one curve per experiment in each of the training stage's two charts.
     let page = ws.path("experiments.html");
     ws.ok(&["exp", "show", "--html", page.to_str().unwrap()]);

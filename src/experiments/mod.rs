@@ -3,7 +3,8 @@
 //! as an *experiment* in artifacts/.cache/experiments/<id>.json, `id` a short hash of the
 //! state and the name given by `run --name` or derived from the id (adjective-noun).
 //!
-//! - `record`: the record written after each successful run.
+//! - `record`: the record written after each successful run; `runs`: `exp runs`, every
+//!   stage run the run cache remembers.
 //! - `show`: `exp show`, one row per experiment (table, `--csv`, `--json`); `html`: its
 //!   `--html` page, training curves overlaid.
 //! - `diff`: `params diff` and `metrics diff` between two experiments, the workspace and
@@ -16,6 +17,7 @@ pub mod apply;
 pub mod diff;
 pub mod html;
 pub mod record;
+pub mod runs;
 pub mod show;
 pub mod sweep;
 
@@ -181,7 +183,7 @@ pub fn state_from_lock(lock: &LockFile, pipeline: Option<&Pipeline>, artifacts: 
 
 /// A command stage's metrics: the JSON of its output named metrics.json, from the run cache
 /// (or the workspace when its bytes are the recorded ones).
-fn command_metrics(e: &crate::lock::LockEntry, artifacts: &Path) -> Option<Value> {
+pub(crate) fn command_metrics(e: &crate::lock::LockEntry, artifacts: &Path) -> Option<Value> {
     let record = e
         .outs
         .iter()
@@ -351,6 +353,13 @@ pub enum ExpCmd {
         /// Only these experiments (names or ids).
         names: Vec<String>,
     },
+    /// Every stage run the run cache remembers, newest first: when it finished (UTC), the stage,
+    /// how long it took, where it ran, its headline metrics.
+    Runs {
+        /// Each run's whole record (params, metrics, ...), as JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Write the experiment's params into pipeline.toml (comments and layout kept) and
     /// restore its outputs from the run cache (nothing is recomputed).
     Apply { name: String },
@@ -394,11 +403,7 @@ pub fn dispatch_exp(
             )?;
             let artifacts = ws.pipeline.artifacts();
             let current = id_of(&state_from_lock(&ws.lock, Some(&ws.pipeline), &artifacts));
-            let width = std::env::var("COLUMNS")
-                .ok()
-                .and_then(|c| c.parse().ok())
-                .filter(|&w: &usize| w >= 40)
-                .unwrap_or(80);
+            let width = width();
             show::run(
                 &load_all(&artifacts),
                 Some(&current),
@@ -414,10 +419,28 @@ pub fn dispatch_exp(
                 },
             )
         }
+        ExpCmd::Runs { json } => {
+            let ws = crate::workspace::Workspace::load(
+                file,
+                &[],
+                crate::registry::Registry::builtins(),
+            )?;
+            let artifacts = ws.pipeline.artifacts();
+            runs::run(&artifacts, &ws.lock, &load_all(&artifacts), json, width())
+        }
         ExpCmd::Apply { name } => {
             apply::run(file, &name, run_one, &|l| crate::output::warn_line(l))
         }
     }
+}
+
+/// The terminal's width as COLUMNS says (at least 40), else 80.
+fn width() -> usize {
+    std::env::var("COLUMNS")
+        .ok()
+        .and_then(|c| c.parse().ok())
+        .filter(|&w: &usize| w >= 40)
+        .unwrap_or(80)
 }
 
 /// Runs `params diff` / `metrics diff`.

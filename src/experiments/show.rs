@@ -66,7 +66,7 @@ impl Column {
 }
 
 /// "train-baseline" -> "base": the last `-` part, cut to 4 letters past 5.
-fn short(stage: &str) -> String {
+pub(super) fn short(stage: &str) -> String {
     let last = stage.rsplit('-').next().unwrap_or(stage);
     if last.chars().count() > 5 {
         last.chars().take(4).collect()
