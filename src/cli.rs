@@ -500,10 +500,12 @@ fn run_once(
     };
     let result = execute::run(&mut ws, &opts, &runners, &Console::new(), cancel);
     let recorded = match result {
-        Ok(()) if !args.dry_run => experiments::record::after_run(&ws, name, sets).map(|e| {
-            output::warn_line(&format!("experiment: {} ({})", e.name, e.id));
-            e.name
-        }),
+        Ok(()) if !args.dry_run => {
+            experiments::record::after_run(&ws, name, sets).map(|(name, id)| {
+                output::warn_line(&format!("experiment: {name} ({id})"));
+                name
+            })
+        }
         Ok(()) => Ok(String::new()),
         Err(e) => Err(e),
     };

@@ -8,7 +8,7 @@ use std::path::Path;
 
 use serde_json::Value;
 
-use super::{all_metrics, find, flat_params, id_of, load_all, state_from_lock, State};
+use super::{all_metrics, find, flat_params, load_all, state_from_lock, State};
 use crate::error::PipeError;
 use crate::lock::LockFile;
 use crate::output;
@@ -50,7 +50,7 @@ fn sides(ws: &Workspace, a: Option<&str>, b: Option<&str>) -> Result<(Side, Side
     let artifacts = ws.pipeline.artifacts();
     let all = load_all(&artifacts);
     let workspace = state_from_lock(&ws.lock, Some(&ws.pipeline), &artifacts);
-    let current_id = id_of(&workspace);
+    let current_id = super::id_of(&workspace);
     let named = |n: &str| -> Result<Side, PipeError> {
         let e = find(&all, n)?;
         Ok(Side {
@@ -73,11 +73,13 @@ fn sides(ws: &Workspace, a: Option<&str>, b: Option<&str>) -> Result<(Side, Side
                 state: state_from_lock(&lock, Some(&ws.pipeline), &artifacts),
             },
             None => {
-                // The state the workspace was last left in before this one.
-                let previous = all
+                // The state a run last left the workspace in before this one.
+                let visits = super::record::visits(&artifacts);
+                let previous = visits
                     .iter()
-                    .filter(|e| e.id != current_id)
-                    .max_by_key(|e| e.seen_seq)
+                    .rev()
+                    .filter(|v| v.id != current_id)
+                    .find_map(|v| all.iter().find(|e| e.id == v.id))
                     .ok_or_else(|| {
                         PipeError::Config(
                             "nothing to compare with: no git HEAD with a pipeline.lock and no \

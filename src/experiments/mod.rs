@@ -66,11 +66,6 @@ pub struct Experiment {
     pub seq: u64,
     /// When this state was first reached (UTC, RFC 3339).
     pub created: String,
-    /// When a run last left the workspace in this state.
-    pub seen: String,
-    /// The order of `seen` across experiments (the latest run's experiment has the highest).
-    #[serde(default)]
-    pub seen_seq: u64,
     /// The `--set` overrides of the run that recorded it, if any.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub overrides: Vec<String>,
@@ -88,7 +83,9 @@ pub fn load_all(artifacts: &Path) -> Vec<Experiment> {
         .into_iter()
         .flatten()
         .flatten()
-        .filter(|e| e.path().extension().is_some_and(|x| x == "json"))
+        .filter(|e| {
+            e.path().extension().is_some_and(|x| x == "json") && e.file_name() != "index.json"
+        })
         .filter_map(|e| {
             let text = std::fs::read_to_string(e.path()).ok()?;
             serde_json::from_str(&text).ok()
@@ -116,10 +113,25 @@ pub fn find<'a>(all: &'a [Experiment], name: &str) -> Result<&'a Experiment, Pip
 
 /// The short id of a state: a hash of its stage -> fingerprint map.
 pub fn id_of(state: &State) -> String {
-    let map: BTreeMap<&str, &str> = state
-        .iter()
-        .map(|(k, v)| (k.as_str(), v.fingerprint.as_str()))
-        .collect();
+    id_of_map(
+        state
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.fingerprint.as_str())),
+    )
+}
+
+/// [`id_of`] the state the lock describes for the pipeline's stages, without building it.
+pub fn id_from_lock(lock: &LockFile, pipeline: &Pipeline) -> String {
+    id_of_map(
+        lock.stages
+            .iter()
+            .filter(|(name, _)| pipeline.index_of(name).is_some())
+            .map(|(k, e)| (k.as_str(), e.fingerprint.as_str())),
+    )
+}
+
+fn id_of_map<'a>(pairs: impl Iterator<Item = (&'a str, &'a str)>) -> String {
+    let map: BTreeMap<&str, &str> = pairs.collect();
     let json = serde_json::to_string(&map).unwrap_or_default();
     blake3::hash(json.as_bytes()).to_hex()[..8].to_string()
 }
@@ -402,7 +414,7 @@ pub fn dispatch_exp(
                 crate::registry::Registry::builtins(),
             )?;
             let artifacts = ws.pipeline.artifacts();
-            let current = id_of(&state_from_lock(&ws.lock, Some(&ws.pipeline), &artifacts));
+            let current = id_from_lock(&ws.lock, &ws.pipeline);
             let width = width();
             show::run(
                 &load_all(&artifacts),

@@ -1,91 +1,132 @@
-//! The record a successful `run` leaves: the workspace's state as an experiment, created the
-//! first time that state is reached, its `seen` time (and name, with `--name`) updated after.
+//! The record a successful `run` leaves. A state reached for the first time becomes a new
+//! experiment (its file holds the state: each stage's fingerprint, params and metrics);
+//! every run appends one line to experiments/log.jsonl (which experiment the workspace was
+//! left in, when, with which `--set`s). A run that reaches a known state only appends that
+//! line: a no-op run of a large pipeline reads and writes no experiment file.
 
+use std::collections::BTreeMap;
+use std::io::Write as _;
 use std::path::Path;
 
-use super::{auto_name, dir, id_of, load_all, now_utc, state_from_lock, Experiment};
+use serde::{Deserialize, Serialize};
+
+use super::{auto_name, dir, id_from_lock, load_all, now_utc, state_from_lock, Experiment};
 use crate::error::PipeError;
 use crate::workspace::Workspace;
 
-/// Records the workspace's state after a successful run; returns the experiment.
+const INDEX: &str = "index.json";
+const LOG: &str = "log.jsonl";
+
+/// One line of the log: a run left the workspace in experiment `id`.
+#[derive(Serialize, Deserialize)]
+pub struct Visit {
+    pub id: String,
+    pub at: String,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub overrides: Vec<String>,
+}
+
+/// Which experiment each run left the workspace in, oldest first (torn lines skipped).
+pub fn visits(artifacts: &Path) -> Vec<Visit> {
+    std::fs::read_to_string(dir(artifacts).join(LOG))
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect()
+}
+
+/// id -> name of every experiment (a small file beside them, rebuilt when missing).
+fn index(artifacts: &Path) -> BTreeMap<String, String> {
+    let path = dir(artifacts).join(INDEX);
+    match std::fs::read(&path)
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok())
+    {
+        Some(index) => index,
+        None => load_all(artifacts)
+            .into_iter()
+            .map(|e| (e.id, e.name))
+            .collect(),
+    }
+}
+
+/// Records the workspace's state after a successful run; returns (name, id).
 /// `name`: `run --name`; `overrides`: the run's `--set`s.
 pub fn after_run(
     ws: &Workspace,
     name: Option<&str>,
     overrides: &[String],
-) -> Result<Experiment, PipeError> {
+) -> Result<(String, String), PipeError> {
     let artifacts = ws.pipeline.artifacts();
-    let state = state_from_lock(&ws.lock, Some(&ws.pipeline), &artifacts);
-    let id = id_of(&state);
-    let all = load_all(&artifacts);
-    let now = now_utc();
-    let existing = all.iter().find(|e| e.id == id).cloned();
-    let others: Vec<&str> = all
-        .iter()
-        .filter(|e| e.id != id)
-        .map(|e| e.name.as_str())
-        .collect();
-    // A name another experiment has: the state is recorded under its own name, and the
-    // clash reported (exit 2) after the run's work is kept.
-    let clash = name.filter(|n| others.contains(n));
-    let name = name.filter(|n| !others.contains(n));
-    let next = all.iter().map(|e| e.seq.max(e.seen_seq)).max().unwrap_or(0) + 1;
-    let mut experiment = match existing {
-        Some(mut e) => {
-            e.seen = now;
-            if let Some(name) = name {
-                e.name = name.to_string();
-            }
-            if e.overrides.is_empty() {
-                e.overrides = overrides.to_vec();
-            }
-            e.stages = state;
-            e
+    let folder = dir(&artifacts);
+    std::fs::create_dir_all(&folder).map_err(|err| PipeError::io_at(&folder, "create", err))?;
+    let id = id_from_lock(&ws.lock, &ws.pipeline);
+    let file = folder.join(format!("{id}.json"));
+    let mut index = index(&artifacts);
+    let known = file.is_file();
+    let mut clash = None;
+    let recorded_name = match (known, index.get(&id)) {
+        (true, Some(existing)) if name.is_none_or(|n| n == existing) => existing.clone(),
+        _ => {
+            // A new state, or a new name for a known one: the experiment's file is (re)written.
+            let others: Vec<&str> = index
+                .iter()
+                .filter(|(i, _)| **i != id)
+                .map(|(_, n)| n.as_str())
+                .collect();
+            clash = name.filter(|n| others.contains(n));
+            let wanted = name.filter(|n| !others.contains(n));
+            let experiment = match std::fs::read(&file)
+                .ok()
+                .and_then(|b| serde_json::from_slice::<Experiment>(&b).ok())
+            {
+                Some(mut e) => {
+                    if let Some(n) = wanted {
+                        e.name = n.to_string();
+                    }
+                    e
+                }
+                None => Experiment {
+                    seq: index.len() as u64 + 1,
+                    name: wanted.map_or_else(|| auto_name(&id, &others), str::to_string),
+                    id: id.clone(),
+                    created: now_utc(),
+                    overrides: overrides.to_vec(),
+                    stages: state_from_lock(&ws.lock, Some(&ws.pipeline), &artifacts),
+                },
+            };
+            write_json(&file, &experiment)?;
+            index.insert(id.clone(), experiment.name.clone());
+            write_json(&folder.join(INDEX), &index)?;
+            experiment.name
         }
-        None => Experiment {
-            seq: all.iter().map(|e| e.seq).max().unwrap_or(0) + 1,
-            ..fresh(&id, &others, &now, overrides, state, name)
-        },
     };
-    experiment.seen_seq = next;
-    write(&artifacts, &experiment)?;
+    let visit = Visit {
+        id: id.clone(),
+        at: now_utc(),
+        overrides: overrides.to_vec(),
+    };
+    let log = folder.join(LOG);
+    let line = serde_json::to_string(&visit).unwrap_or_default();
+    std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&log)
+        .and_then(|mut f| f.write_all(format!("{line}\n").as_bytes()))
+        .map_err(|err| PipeError::io_at(&log, "append to", err))?;
     if let Some(clash) = clash {
         return Err(PipeError::Config(format!(
-            "--name `{clash}`: another experiment has that name; this run's state is recorded as `{}`",
-            experiment.name
+            "--name `{clash}`: another experiment has that name; this run's state is recorded as `{recorded_name}`"
         )));
     }
-    Ok(experiment)
+    Ok((recorded_name, id))
 }
 
-fn fresh(
-    id: &str,
-    others: &[&str],
-    now: &str,
-    overrides: &[String],
-    state: super::State,
-    name: Option<&str>,
-) -> Experiment {
-    Experiment {
-        id: id.to_string(),
-        seq: 0,
-        seen_seq: 0,
-        name: name.map_or_else(|| auto_name(id, others), str::to_string),
-        created: now.to_string(),
-        seen: now.to_string(),
-        overrides: overrides.to_vec(),
-        stages: state,
-    }
-}
-
-fn write(artifacts: &Path, e: &Experiment) -> Result<(), PipeError> {
-    let folder = dir(artifacts);
-    std::fs::create_dir_all(&folder).map_err(|err| PipeError::io_at(&folder, "create", err))?;
-    let path = folder.join(format!("{}.json", e.id));
-    let text = serde_json::to_string_pretty(e)
+fn write_json<T: Serialize>(path: &Path, value: &T) -> Result<(), PipeError> {
+    let text = serde_json::to_vec_pretty(value)
         .map_err(|err| PipeError::io("cannot encode an experiment", std::io::Error::other(err)))?;
     let tmp = path.with_extension("json.tmp");
     std::fs::write(&tmp, text)
-        .and_then(|()| std::fs::rename(&tmp, &path))
-        .map_err(|err| PipeError::io_at(&path, "write", err))
+        .and_then(|()| std::fs::rename(&tmp, path))
+        .map_err(|err| PipeError::io_at(path, "write", err))
 }

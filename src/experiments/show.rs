@@ -296,7 +296,6 @@ pub fn run(exps: &[Experiment], current: Option<&str>, opts: &Options) -> Result
                     "name": e.name,
                     "id": e.id,
                     "created": e.created,
-                    "seen": e.seen,
                     "current": Some(e.id.as_str()) == current,
                     "overrides": e.overrides,
                     "params": flat_params(&e.stages),
