@@ -332,7 +332,11 @@ pub fn run(exps: &[Experiment], current: Option<&str>, opts: &Options) -> Result
             "no experiments yet: each successful `fmnist-pipe run` records one",
         );
     }
-    output::emit(&table(&rows, &cols, current, opts.width))
+    let mut text = table(&rows, &cols, current, opts.width);
+    if opts.names.is_empty() && !rows.iter().any(|e| Some(e.id.as_str()) == current) {
+        text.push_str("(the workspace's state is none of these: `fmnist-pipe run` records it)\n");
+    }
+    output::emit(&text)
 }
 
 fn csv_line(cells: &[String]) -> String {
