@@ -159,8 +159,9 @@ pub fn run(
         )));
     }
     say(&format!(
-        "sweep: {} experiments: {} (`fmnist-pipe exp show` compares them)",
+        "sweep: {} experiment{}: {} (`fmnist-pipe exp show` compares them)",
         names.len(),
+        if names.len() == 1 { "" } else { "s" },
         names.join(", ")
     ));
     Ok(())
