@@ -3,6 +3,8 @@
 //! training is not the point (a script writes metrics.json from its arguments), and one
 //! small study (download, a 1-epoch baseline on 256 images, evaluate) for the metrics
 //! columns and a sweep over the learning rate.
+//! Over 500 lines: each test walks one user loop end to end (edit and rerun, git, sweep
+//! and apply, the study), and the shared workspace helpers sit beside them.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
