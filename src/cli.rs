@@ -500,12 +500,21 @@ fn run_once(
     };
     let result = execute::run(&mut ws, &opts, &runners, &Console::new(), cancel);
     let recorded = match result {
-        Ok(()) if !args.dry_run => {
-            experiments::record::after_run(&ws, name, sets).map(|(name, id)| {
+        Ok(()) if !args.dry_run => match experiments::record::after_run(&ws, name, sets) {
+            Ok((name, id)) => {
                 output::warn_line(&format!("experiment: {name} ({id})"));
-                name
-            })
-        }
+                Ok(name)
+            }
+            // The run's work is done and recorded in the lock: a record that cannot be
+            // written is only a warning.
+            Err(PipeError::Io { context, source }) => {
+                output::warn_line(&format!(
+                    "warning: the experiment was not recorded: {context}: {source}"
+                ));
+                Ok(String::new())
+            }
+            Err(e) => Err(e),
+        },
         Ok(()) => Ok(String::new()),
         Err(e) => Err(e),
     };

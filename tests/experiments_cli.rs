@@ -245,6 +245,21 @@ fn edits_and_reruns_are_experiments_compared_by_show_and_diff() {
     assert!(named.contains("a.loss") && named.contains("-1"), "{named}");
     assert!(named.contains("+0.125"), "{named}");
 
+    // A name another experiment has: the run's work is kept, recorded under its own name.
+    ws.edit("sh score.sh b 1 1", "sh score.sh b 2 2");
+    let clash = ws.pipe(&["run", "--name", "first"]);
+    assert_eq!(clash.status.code(), Some(2), "{}", text(&clash));
+    assert!(
+        text(&clash).contains("another experiment has that name"),
+        "{}",
+        text(&clash)
+    );
+    let rows = experiments(&ws);
+    assert_eq!(rows.len(), 4);
+    assert_eq!(rows[0]["current"], true);
+    assert_ne!(rows[0]["name"], "first");
+    assert_eq!(rows.iter().filter(|r| r["name"] == "first").count(), 1);
+
     let unknown = ws.pipe(&["params", "diff", "frist"]);
     assert_eq!(unknown.status.code(), Some(2));
     assert!(
