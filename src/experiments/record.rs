@@ -43,10 +43,15 @@ fn index(artifacts: &Path) -> BTreeMap<String, String> {
         .and_then(|b| serde_json::from_slice(&b).ok())
     {
         Some(index) => index,
-        None => load_all(artifacts)
-            .into_iter()
-            .map(|e| (e.id, e.name))
-            .collect(),
+        None => {
+            let index: BTreeMap<String, String> = load_all(artifacts)
+                .into_iter()
+                .map(|e| (e.id, e.name))
+                .collect();
+            // Best effort: without it the next run only rebuilds it again.
+            let _ = write_json(&path, &index);
+            index
+        }
     }
 }
 
