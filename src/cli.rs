@@ -92,7 +92,11 @@ enum Cmd {
         stages: Vec<String>,
     },
     /// Drop cached runs the lock no longer refers to.
-    Gc,
+    Gc {
+        /// Keep the runs of every recorded experiment too (`exp apply` restores them).
+        #[arg(long)]
+        all_experiments: bool,
+    },
     /// Train one epoch on the first N real images, then infer over them: images/s and peak
     /// memory (scripts/bench-vs-torch.sh compares with PyTorch).
     Bench {
@@ -336,9 +340,14 @@ fn dispatch(cli: Cli) -> Result<(), PipeError> {
             output::emit_line(&format!("cleaned: {}", cleaned.join(", ")))?;
             Ok(())
         }
-        Cmd::Gc => {
+        Cmd::Gc { all_experiments } => {
             let ws = Workspace::load(&cli.file, &[], Registry::builtins())?;
-            let report = maintenance::gc(&ws)?;
+            let also = if all_experiments {
+                experiments::fingerprints(&ws.pipeline.artifacts())
+            } else {
+                Vec::new()
+            };
+            let report = maintenance::gc_keeping(&ws, &also)?;
             output::emit_line(&format!(
                 "removed {} cached runs and {} files ({:.1} MB), {} abandoned checkpoint folders",
                 report.runs_removed,

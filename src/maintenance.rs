@@ -51,6 +51,11 @@ pub fn clean(ws: &mut Workspace, targets: &[usize]) -> Result<Vec<String>, PipeE
 /// Drops cached runs (and their files) that the current lock does not reference, plus
 /// leftovers of interrupted runs.
 pub fn gc(ws: &Workspace) -> Result<crate::cache::GcReport, PipeError> {
+    gc_keeping(ws, &[])
+}
+
+/// [`gc`], keeping the cached runs of these fingerprints too (`gc --all-experiments`).
+pub fn gc_keeping(ws: &Workspace, also: &[String]) -> Result<crate::cache::GcReport, PipeError> {
     let artifacts = ws.pipeline.artifacts();
     let _guard = RunGuard::acquire(&artifacts)?;
     workspace::check_inside(&ws.pipeline, [], &ENGINE_FOLDERS)?;
@@ -60,6 +65,7 @@ pub fn gc(ws: &Workspace) -> Result<crate::cache::GcReport, PipeError> {
         .stages
         .values()
         .map(|e| e.fingerprint.clone())
+        .chain(also.iter().cloned())
         .collect();
     let mut report = RunCache::new(&artifacts).gc(&keep).map_err(|e| {
         PipeError::io(

@@ -402,6 +402,23 @@ fn a_sweep_runs_the_grid_once_per_stage_and_apply_restores_a_combination() {
     assert_eq!(current.len(), 1);
     assert_eq!(current[0]["name"], name);
 
+    // gc --all-experiments keeps every experiment's runs; a plain gc only the workspace's.
+    let other = rows
+        .iter()
+        .find(|r| r["metrics"]["a.score"] == 0.1 && r["metrics"]["b.score"] == 3.0)
+        .unwrap()["name"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    ws.ok(&["gc", "--all-experiments"]);
+    let applied = ws.ok(&["exp", "apply", &other]);
+    assert!(applied.contains("a: restored from cache"), "{applied}");
+    assert_eq!(ws.runs().len(), before, "nothing recomputed: {applied}");
+    ws.ok(&["gc"]);
+    let gone = ws.ok(&["exp", "apply", name]);
+    assert!(gone.contains("not in the run cache"), "{gone}");
+    assert_eq!(ws.runs().len(), before, "apply never recomputes: {gone}");
+
     let unknown = ws.pipe(&["exp", "apply", "no-such-exp"]);
     assert_eq!(unknown.status.code(), Some(2));
     assert!(

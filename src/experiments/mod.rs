@@ -95,6 +95,14 @@ pub fn load_all(artifacts: &Path) -> Vec<Experiment> {
     all
 }
 
+/// Every stage fingerprint of every recorded experiment (what `gc --all-experiments` keeps).
+pub fn fingerprints(artifacts: &Path) -> Vec<String> {
+    load_all(artifacts)
+        .into_iter()
+        .flat_map(|e| e.stages.into_values().map(|s| s.fingerprint))
+        .collect()
+}
+
 /// The experiment named (or with the id) `name`; exit 2 naming it otherwise.
 pub fn find<'a>(all: &'a [Experiment], name: &str) -> Result<&'a Experiment, PipeError> {
     all.iter()
