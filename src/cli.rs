@@ -246,10 +246,8 @@ fn dispatch(cli: Cli) -> Result<(), PipeError> {
             let runners = Runners {
                 local: LocalRunner,
                 slurm: if !dry_run && uses_slurm(&ws, &targets) {
-                    Some(SlurmRunner::new(
-                        &ws.pipeline.root,
-                        &ws.pipeline.artifacts(),
-                    )?)
+                    let slurm = SlurmRunner::new(&ws.pipeline.root, &ws.pipeline.artifacts())?;
+                    Some(Box::new(slurm) as Box<dyn crate::runner::Runner>)
                 } else {
                     None
                 },

@@ -116,12 +116,13 @@ pub fn check_inside(
 /// moved aside, clears its leftovers in .tmp. Every command that changes the workspace
 /// (run, clean, gc) starts with it, so none of them deletes a backup still needed.
 pub fn recover_crashed_run(artifacts: &Path, say: impl Fn(&str)) -> Result<(), PipeError> {
-    let notes = crate::journal::recover(artifacts).map_err(|e| {
-        PipeError::io(
-            "cannot recover from an interrupted run",
-            std::io::Error::other(e),
-        )
-    })?;
+    let notes = crate::journal::recover(artifacts, crate::command_stage::end_leftover_group)
+        .map_err(|e| {
+            PipeError::io(
+                "cannot recover from an interrupted run",
+                std::io::Error::other(e),
+            )
+        })?;
     for note in notes {
         say(&note);
     }
