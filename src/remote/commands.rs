@@ -50,6 +50,10 @@ fn recorded<'a>(
     (entries, never)
 }
 
+fn files_word(n: usize) -> String {
+    format!("{n} file{}", if n == 1 { "" } else { "s" })
+}
+
 fn megabytes(bytes: u64) -> String {
     format!("{:.1} MB", bytes as f64 / 1e6)
 }
@@ -108,7 +112,8 @@ pub fn push(ws: &Workspace, targets: &[usize], console: &Console) -> Result<(), 
     }
     let sent = sent_files.load(Ordering::Relaxed);
     progress.finish(&format!(
-        "{sent} files uploaded ({}), {} already in the remote",
+        "{} uploaded ({}), {} already in the remote",
+        files_word(sent),
         megabytes(sent_bytes.load(Ordering::Relaxed)),
         total - sent - failed.len()
     ));
@@ -133,7 +138,11 @@ pub fn push(ws: &Workspace, targets: &[usize], console: &Console) -> Result<(), 
             .map_err(|e| remote_error(&remote, &e))?;
         pushed += 1;
     }
-    console.line(&format!("pushed {pushed} runs to {}", remote.shown));
+    console.line(&format!(
+        "pushed {pushed} run{} to {}",
+        if pushed == 1 { "" } else { "s" },
+        remote.shown
+    ));
     if problems.is_empty() {
         Ok(())
     } else {
@@ -197,7 +206,7 @@ pub fn pull(ws: &mut Workspace, targets: &[usize], console: &Console) -> Result<
     }
     progress.finish(&format!(
         "{} downloaded ({})",
-        unique.len(),
+        files_word(unique.len()),
         megabytes(got_bytes.load(Ordering::Relaxed))
     ));
 

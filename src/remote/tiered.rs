@@ -85,10 +85,8 @@ impl<'a> TieredCache<'a> {
             None => why.to_string(),
         };
         let message = format!("remote cache {}: {why}", self.shown());
-        if self.required {
-            self.console
-                .line(&format!("error: {message} ([cache] required = true)"));
-        } else {
+        // A required remote's failure ends the run, whose error says it.
+        if !self.required {
             self.console.line(&format!(
                 "warning: {message}; going on without the remote for this run"
             ));
