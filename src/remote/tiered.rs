@@ -11,6 +11,7 @@ use crate::config::{CacheSettings, PushMode};
 use crate::lock::LockEntry;
 use crate::manifest::{FileRecord, MISSING};
 use crate::progress::Console;
+use fmnist_stages::Progress;
 
 use super::{is_unavailable, Remote};
 
@@ -95,8 +96,20 @@ impl<'a> TieredCache<'a> {
     }
 
     /// Downloads every file of `entry` the local cache lacks into it, verified, in parallel.
+    /// A live bar on a terminal (nothing printed otherwise: the stage's line says it).
     fn fetch(&self, remote: &Remote, entry: &LockEntry) -> std::io::Result<()> {
-        fetch_into(&self.local, remote, entry.outs.iter(), |_, _| {})
+        let progress = self.console.stage("remote");
+        let missing = entry
+            .outs
+            .iter()
+            .filter(|r| r.blake3 != MISSING && !self.local.object(&r.blake3).is_file())
+            .count();
+        if missing > 0 {
+            progress.start("downloading", missing as u64, "files");
+        }
+        fetch_into(&self.local, remote, entry.outs.iter(), |_, _| {
+            progress.advance(1)
+        })
     }
 
     /// Pushes `entry`'s outputs (from the local cache, which holds them by now) and then
@@ -110,7 +123,9 @@ impl<'a> TieredCache<'a> {
             .collect();
         files.sort();
         files.dedup_by(|a, b| a.0 == b.0);
-        let results = remote.block_on(remote.upload_all(files, |_, _| {}));
+        let progress = self.console.stage("remote");
+        progress.start("pushing", files.len() as u64, "files");
+        let results = remote.block_on(remote.upload_all(files, |_, _| progress.advance(1)));
         if let Some((_, Err(e))) = results.into_iter().find(|(_, r)| r.is_err()) {
             return Err(e);
         }
