@@ -79,7 +79,12 @@ fn start_server() -> Result<S3, String> {
         .arg("status")
         .output()
         .is_ok_and(|o| o.status.success());
-    let port = 19000 + std::process::id() % 1000;
+    // Our own port: 19000-19999 by pid, or any free one if that is taken.
+    let port = [19000 + std::process::id() % 1000, 0]
+        .into_iter()
+        .find_map(|p| TcpListener::bind(("127.0.0.1", p as u16)).ok())
+        .and_then(|l| l.local_addr().ok())
+        .map_or(0, |a| a.port());
     let up = Command::new(&script)
         .arg("up")
         .env("S3_LOCAL_PORT", port.to_string())
