@@ -8,6 +8,14 @@ use std::path::{Path, PathBuf};
 use crate::lock::LockEntry;
 use crate::manifest::{FileRecord, MISSING};
 
+/// A suffix no other writer uses: this process's id and a counter (stages store from
+/// several workers at once, possibly the same object).
+pub fn unique() -> String {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    format!("{}-{n}", std::process::id())
+}
+
 /// A run cache as the engine uses it: the seam where a remote cache plugs in. `lookup`
 /// answers only for runs whose every output can be had; `materialize` verifies what it
 /// copies, so a bad object is an error (the stage then runs), never a wrong output.
@@ -98,7 +106,7 @@ impl RunCache {
         if let Some(parent) = object.parent() {
             std::fs::create_dir_all(parent)?;
         }
-        let tmp = object.with_extension(format!("tmp{}", std::process::id()));
+        let tmp = object.with_extension(format!("tmp{}", unique()));
         std::fs::copy(source, &tmp)?;
         std::fs::rename(&tmp, &object)
     }
@@ -111,7 +119,7 @@ impl RunCache {
             std::fs::create_dir_all(parent)?;
         }
         let text = toml::to_string(entry).map_err(std::io::Error::other)?;
-        let tmp = run.with_extension(format!("toml.tmp{}", std::process::id()));
+        let tmp = run.with_extension(format!("toml.tmp{}", unique()));
         std::fs::write(&tmp, text)?;
         std::fs::rename(&tmp, &run)
     }
@@ -130,7 +138,7 @@ impl RunCache {
             if let Some(parent) = object.parent() {
                 std::fs::create_dir_all(parent)?;
             }
-            let tmp = object.with_extension(format!("tmp{}", std::process::id()));
+            let tmp = object.with_extension(format!("tmp{}", unique()));
             std::fs::copy(root.join(&r.path), &tmp)?;
             std::fs::rename(&tmp, &object)?;
         }

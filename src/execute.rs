@@ -1,6 +1,7 @@
 //! `run`: the plan carried out. Takes the workspace's guards, hands the selected stages to
 //! the scheduler, each to `stage_run` on a worker, and records every finished stage: a line
-//! on the console, the lock's journal, the run cache. `--dry-run` only renders the plan.
+//! on the console and in the lock's journal (each stage's worker has already kept its outputs
+//! in the run cache, and pushed them with a remote). `--dry-run` only renders the plan.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -252,11 +253,6 @@ impl Books<Job, Outcome> for Recorder<'_> {
                     "{name}: done in {}{metrics}",
                     progress::duration(took)
                 ));
-                if let Err(e) = env.cache.store(&env.ws.pipeline.root, &entry) {
-                    console.line(&format!(
-                        "warning: {name}: could not store outputs in the run cache: {e}"
-                    ));
-                }
                 (entry, true)
             }
             Outcome::Failed(message) => {

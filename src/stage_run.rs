@@ -131,10 +131,16 @@ pub fn process(
     match result {
         Ok((outs, ran)) => {
             let took = started.elapsed();
-            Outcome::Ran {
-                entry: new_entry(env, stage, assessment, outs, ran, took),
-                took,
+            let entry = new_entry(env, stage, assessment, outs, ran, took);
+            // Kept (and pushed, with a remote) here on the stage's worker: a slow upload
+            // holds up no other stage.
+            if let Err(e) = env.cache.store(&env.ws.pipeline.root, &entry) {
+                env.console.line(&format!(
+                    "warning: {}: could not store outputs in the run cache: {e}",
+                    stage.name
+                ));
             }
+            Outcome::Ran { entry, took }
         }
         Err(StageEnd::Failed(msg)) => Outcome::Failed(msg),
         Err(StageEnd::Refused(msg)) => Outcome::Refused(msg),

@@ -227,23 +227,24 @@ pub(super) fn fetch_into<'r>(
 ) -> std::io::Result<()> {
     let mut files: Vec<(String, std::path::PathBuf)> = records
         .filter(|r| r.blake3 != MISSING && !local.object(&r.blake3).is_file())
-        .map(|r| {
-            let object = local.object(&r.blake3);
-            let tmp = object.with_extension(format!("part{}", std::process::id()));
-            (r.blake3.clone(), tmp)
-        })
+        .map(|r| (r.blake3.clone(), std::path::PathBuf::new()))
         .collect();
     files.sort();
     files.dedup_by(|a, b| a.0 == b.0);
+    for (hash, tmp) in &mut files {
+        *tmp = local
+            .object(hash)
+            .with_extension(format!("part{}", crate::cache::unique()));
+    }
+    let temps: std::collections::HashMap<String, std::path::PathBuf> =
+        files.iter().cloned().collect();
     let results = remote.block_on(remote.download_all(files, done));
     let mut first = None;
     for (hash, result) in results {
-        let tmp = local
-            .object(&hash)
-            .with_extension(format!("part{}", std::process::id()));
-        let kept = result.and_then(|_| std::fs::rename(&tmp, local.object(&hash)));
+        let tmp = &temps[&hash];
+        let kept = result.and_then(|_| std::fs::rename(tmp, local.object(&hash)));
         if let Err(e) = kept {
-            let _ = std::fs::remove_file(&tmp);
+            let _ = std::fs::remove_file(tmp);
             // A remote that is down matters more than one bad object.
             if first
                 .as_ref()
