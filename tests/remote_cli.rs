@@ -2,7 +2,8 @@
 //! 127.0.0.1 (moto's server mode, started once per test binary by `scripts/s3-local.sh up` on
 //! its own port; each test under its own prefix of the bucket): workspace A runs and pushes,
 //! a fresh workspace B runs nothing but downloads and ends with the same bytes; `pull` puts a
-//! lock's outputs in place; a tampered object is detected and its stage recomputed; a dead,
+//! lock's outputs in place; a tampered object is detected, its stage recomputed and the
+//! remote repaired; a missing one is a miss too; credentials come from a profile; a dead,
 //! hung or mid-run-stopped server does not fail a local run (one warning) unless
 //! `cache.required = true`; a push cut off halfway leaves no run record; two workspaces
 //! pushing the same run at once both succeed; a file:// remote works; and the secret key
@@ -184,6 +185,8 @@ impl Workspace {
             // Only what the test gives: no profile or credentials of the machine.
             .env("HOME", self.dir.path())
             .env_remove("AWS_PROFILE")
+            .env_remove("AWS_SHARED_CREDENTIALS_FILE")
+            .env_remove("AWS_CONFIG_FILE")
             .env_remove("AWS_ENDPOINT_URL")
             .env_remove("AWS_SESSION_TOKEN");
         for (k, v) in &self.env {
@@ -427,15 +430,78 @@ fn a_tampered_object_is_detected_and_its_stage_recomputed() {
     let client = s3.client();
     block(client.put(&key, PutPayload::from(b"tampered\n".to_vec()))).expect("tamper");
 
+    // And delete c.txt's object.
+    let c_hash = blake3::hash(&a.read("out/c.txt")).to_hex().to_string();
+    let c_key = Key::from(format!(
+        "{prefix}/objects/{}/{}",
+        &c_hash[..2],
+        &c_hash[2..]
+    ));
+    block(client.delete(&c_key)).expect("delete");
+
     let b = Workspace::new(&pipeline, Some(s3));
     let out = b.ok(&["run"]);
     eprintln!("{out}");
     assert!(out.contains("a: restored from remote"), "{out}");
     assert!(out.contains("corrupt"), "the tampering is reported:\n{out}");
     assert!(out.contains("b: running"), "{out}");
+    assert!(
+        out.contains("not in the remote"),
+        "the missing object is reported:\n{out}"
+    );
+    assert!(out.contains("c: running"), "{out}");
     assert_eq!(b.read("out/b.txt"), b_txt, "never the tampered bytes");
     assert_eq!(b.read("out/c.txt"), a.read("out/c.txt"));
     assert!(b.ok(&["status"]).matches("up to date").count() == 3);
+    // B's runs pushed the good copies: the remote is whole again.
+    let remote = b.ok(&["status", "--remote"]);
+    assert_eq!(count(&remote, "remote: yes"), 3, "{remote}");
+    let d = Workspace::new(&pipeline, Some(s3));
+    let out = d.ok(&["run"]);
+    assert_eq!(count(&out, "restored from remote"), 3, "{out}");
+    assert_eq!(d.read("out/b.txt"), b_txt);
+}
+
+#[test]
+fn credentials_can_come_from_a_profile_in_the_shared_files() {
+    let Some(s3) = server("profile") else { return };
+    let prefix = unique_prefix("profile");
+    let mut ws = Workspace::new(
+        &chain(&format!("remote = \"{}\"", s3_remote(&prefix)), ""),
+        Some(s3),
+    );
+    let files = tempfile::tempdir().unwrap();
+    let credentials = files.path().join("credentials");
+    let config = files.path().join("config");
+    std::fs::write(
+        &credentials,
+        format!(
+            "[default]\naws_access_key_id = wrong\n\n[team]\naws_access_key_id = {}\n\
+             aws_secret_access_key = {}\n",
+            s3.var("AWS_ACCESS_KEY_ID"),
+            s3.secret()
+        ),
+    )
+    .unwrap();
+    std::fs::write(&config, "[profile team]\nregion = us-east-1\n").unwrap();
+    ws.env.retain(|(k, _)| {
+        !matches!(
+            k.as_str(),
+            "AWS_ACCESS_KEY_ID" | "AWS_SECRET_ACCESS_KEY" | "AWS_REGION"
+        )
+    });
+    ws.env.extend([
+        ("AWS_PROFILE".to_string(), "team".to_string()),
+        (
+            "AWS_SHARED_CREDENTIALS_FILE".to_string(),
+            credentials.display().to_string(),
+        ),
+        ("AWS_CONFIG_FILE".to_string(), config.display().to_string()),
+    ]);
+    let out = ws.ok(&["run"]);
+    assert!(!out.contains("warning"), "{out}");
+    assert_eq!(run_records(s3, &prefix).len(), 3, "{out}");
+    ws.assert_no_secret_in_files();
 }
 
 /// A port nothing listens on.

@@ -92,15 +92,19 @@ pub fn push(ws: &Workspace, targets: &[usize], console: &Console) -> Result<(), 
     progress.start("uploading", files.len() as u64, "files");
     let sent_bytes = AtomicU64::new(0);
     let sent_files = AtomicUsize::new(0);
-    let results = remote.block_on(remote.upload_all(files.into_iter().collect(), |_, r| {
-        if let Ok(n) = r {
-            if *n > 0 {
-                sent_bytes.fetch_add(*n, Ordering::Relaxed);
-                sent_files.fetch_add(1, Ordering::Relaxed);
+    let results = remote.block_on(remote.upload_all(
+        files.into_iter().collect(),
+        &Default::default(),
+        |_, r| {
+            if let Ok(n) = r {
+                if *n > 0 {
+                    sent_bytes.fetch_add(*n, Ordering::Relaxed);
+                    sent_files.fetch_add(1, Ordering::Relaxed);
+                }
             }
-        }
-        progress.advance(1);
-    }));
+            progress.advance(1);
+        },
+    ));
     let total = results.len();
     let failed: BTreeMap<String, std::io::Error> = results
         .into_iter()

@@ -11,7 +11,8 @@
 //!   record).
 //!
 //! Every download is checked against its blake3 before anything publishes it: a corrupt or
-//! missing object is a miss (the stage runs), never a wrong output. The engine is
+//! missing object is a miss (the stage runs), never a wrong output; the run's push then
+//! replaces the corrupt copy (uploads otherwise trust an object that is there). The engine is
 //! synchronous: a `Remote` owns a small tokio runtime and blocks on it. Credentials come from
 //! the AWS environment (or ~/.aws/credentials) and are scrubbed from every message.
 
@@ -259,11 +260,12 @@ impl Remote {
         checked
     }
 
-    /// Uploads `source` as object `hash` unless the remote has it. The bytes sent are
-    /// hashed on the way: a file that no longer matches `hash` is not uploaded
-    /// (`InvalidData`). Returns the bytes sent (0: already there).
-    pub async fn upload(&self, hash: &str, source: &Path) -> std::io::Result<u64> {
-        if self.has_object(hash).await? {
+    /// Uploads `source` as object `hash` unless the remote has it (`replace`: even so, over
+    /// a copy found corrupt). The bytes sent are hashed on the way: a file that no longer
+    /// matches `hash` is not uploaded (`InvalidData`). Returns the bytes sent (0: already
+    /// there).
+    pub async fn upload(&self, hash: &str, source: &Path, replace: bool) -> std::io::Result<u64> {
+        if !replace && self.has_object(hash).await? {
             return Ok(0);
         }
         let key = self.object_key(hash);
@@ -337,12 +339,13 @@ impl Remote {
         }
     }
 
-    /// Uploads many files (hash, source) at once, at most [`PARALLEL`] in flight; `done` is
-    /// called after each with its result. Stops starting new ones once the remote is
-    /// unavailable.
+    /// Uploads many files (hash, source) at once, at most [`PARALLEL`] in flight, those in
+    /// `replace` even over what the remote has; `done` is called after each with its result.
+    /// Stops starting new ones once the remote is unavailable.
     pub async fn upload_all(
         &self,
         files: Vec<(String, PathBuf)>,
+        replace: &std::collections::HashSet<String>,
         done: impl Fn(&str, &std::io::Result<u64>),
     ) -> Vec<(String, std::io::Result<u64>)> {
         let down = std::sync::atomic::AtomicBool::new(false);
@@ -354,7 +357,7 @@ impl Remote {
                         "skipped: the remote is unavailable".into(),
                     )))
                 } else {
-                    self.upload(&hash, &source).await
+                    self.upload(&hash, &source, replace.contains(&hash)).await
                 };
                 if result.as_ref().is_err_and(is_unavailable) {
                     down.store(true, std::sync::atomic::Ordering::Relaxed);
@@ -605,9 +608,12 @@ mod tests {
         let src = tmp.path().join("a.bin");
         std::fs::write(&src, b"hello").unwrap();
         let hash = blake3::hash(b"hello").to_hex().to_string();
-        assert_eq!(remote.block_on(remote.upload(&hash, &src)).unwrap(), 5);
         assert_eq!(
-            remote.block_on(remote.upload(&hash, &src)).unwrap(),
+            remote.block_on(remote.upload(&hash, &src, false)).unwrap(),
+            5
+        );
+        assert_eq!(
+            remote.block_on(remote.upload(&hash, &src, false)).unwrap(),
             0,
             "skipped"
         );
@@ -618,7 +624,9 @@ mod tests {
         // A file that changed since it was recorded is not uploaded under the old hash.
         std::fs::write(&src, b"changed").unwrap();
         let other = blake3::hash(b"other").to_hex().to_string();
-        let err = remote.block_on(remote.upload(&other, &src)).unwrap_err();
+        let err = remote
+            .block_on(remote.upload(&other, &src, false))
+            .unwrap_err();
         assert_eq!(err.kind(), std::io::ErrorKind::InvalidData, "{err}");
         assert!(!remote.block_on(remote.has_object(&other)).unwrap());
 

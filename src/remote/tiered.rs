@@ -3,6 +3,7 @@
 //! stored locally and (push = "auto") pushed. The first failure of the remote itself ends
 //! its use for the run with one warning, or (required = true) fails the run.
 
+use std::collections::HashSet;
 use std::path::Path;
 use std::sync::Mutex;
 
@@ -24,6 +25,8 @@ pub struct TieredCache<'a> {
     console: &'a Console,
     /// Why the remote is no longer used in this run (its first failure).
     down: Mutex<Option<String>>,
+    /// Objects whose remote copy was found corrupt: a push replaces them.
+    corrupt: Mutex<HashSet<String>>,
 }
 
 impl<'a> TieredCache<'a> {
@@ -36,6 +39,7 @@ impl<'a> TieredCache<'a> {
             required: settings.required,
             console,
             down: Mutex::new(None),
+            corrupt: Mutex::default(),
         };
         match Remote::open(settings) {
             Ok(remote) => cache.remote = Some(remote),
@@ -107,7 +111,15 @@ impl<'a> TieredCache<'a> {
         if missing > 0 {
             progress.start("downloading", missing as u64, "files");
         }
-        fetch_into(&self.local, remote, entry.outs.iter(), |_, _| {
+        fetch_into(&self.local, remote, entry.outs.iter(), |hash, result| {
+            if result
+                .as_ref()
+                .is_err_and(|e| e.kind() == std::io::ErrorKind::InvalidData)
+            {
+                if let Ok(mut corrupt) = self.corrupt.lock() {
+                    corrupt.insert(hash.to_string());
+                }
+            }
             progress.advance(1)
         })
     }
@@ -125,7 +137,9 @@ impl<'a> TieredCache<'a> {
         files.dedup_by(|a, b| a.0 == b.0);
         let progress = self.console.stage("remote");
         progress.start("pushing", files.len() as u64, "files");
-        let results = remote.block_on(remote.upload_all(files, |_, _| progress.advance(1)));
+        let replace = self.corrupt.lock().map(|c| c.clone()).unwrap_or_default();
+        let results =
+            remote.block_on(remote.upload_all(files, &replace, |_, _| progress.advance(1)));
         if let Some((_, Err(e))) = results.into_iter().find(|(_, r)| r.is_err()) {
             return Err(e);
         }
