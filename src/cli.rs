@@ -70,6 +70,32 @@ enum Cmd {
         /// Machine-readable output.
         #[arg(long)]
         json: bool,
+        /// Per stage, whether its recorded run is in the local run cache and in the remote
+        /// cache ([cache] remote); contacts the remote.
+        #[arg(long)]
+        remote: bool,
+        /// Override a value of the pipeline file, e.g. cache.remote=s3://BUCKET/PREFIX.
+        #[arg(long = "set", value_name = "TABLE.KEY=VALUE")]
+        sets: Vec<String>,
+    },
+    /// Upload the outputs of the runs the lock names to the remote cache ([cache] remote).
+    Push {
+        /// Only these stages (repeatable).
+        #[arg(long = "stage", short = 's', value_name = "NAME")]
+        stages: Vec<String>,
+        /// Override a value of the pipeline file, e.g. cache.remote=s3://BUCKET/PREFIX.
+        #[arg(long = "set", value_name = "TABLE.KEY=VALUE")]
+        sets: Vec<String>,
+    },
+    /// Download the outputs of the runs the lock names from the remote cache into the local
+    /// one, and put missing or changed outputs back in place.
+    Pull {
+        /// Only these stages (repeatable).
+        #[arg(long = "stage", short = 's', value_name = "NAME")]
+        stages: Vec<String>,
+        /// Override a value of the pipeline file, e.g. cache.remote=s3://BUCKET/PREFIX.
+        #[arg(long = "set", value_name = "TABLE.KEY=VALUE")]
+        sets: Vec<String>,
     },
     /// Print the stage graph.
     Dag {
@@ -216,6 +242,11 @@ pub fn main() -> ExitCode {
     }
 }
 
+/// The `--set` values, parsed.
+fn parse_sets(sets: &[String]) -> Result<Vec<Override>, PipeError> {
+    sets.iter().map(|s| s.parse()).collect()
+}
+
 /// Whether any stage a run of `targets` selects goes to Slurm.
 fn uses_slurm(ws: &Workspace, targets: &[usize]) -> bool {
     ws.dag
@@ -234,9 +265,7 @@ fn dispatch(cli: Cli) -> Result<(), PipeError> {
             jobs,
             executor,
         } => {
-            let overrides: Vec<Override> =
-                sets.iter().map(|s| s.parse()).collect::<Result<_, _>>()?;
-            let mut ws = Workspace::load(&cli.file, &overrides, Registry::builtins())?;
+            let mut ws = Workspace::load(&cli.file, &parse_sets(&sets)?, Registry::builtins())?;
             if let Some(executor) = executor {
                 ws.pipeline.executor = executor
                     .parse()
@@ -283,8 +312,50 @@ fn dispatch(cli: Cli) -> Result<(), PipeError> {
             result
         }
         Cmd::ExecStage { spec } => exec_stage::run(&spec),
-        Cmd::Status { json } => {
-            let ws = Workspace::load(&cli.file, &[], Registry::builtins())?;
+        Cmd::Status {
+            json,
+            remote: true,
+            sets,
+        } => {
+            let ws = Workspace::load(&cli.file, &parse_sets(&sets)?, Registry::builtins())?;
+            let states = crate::remote::remote_status(&ws)?;
+            if json {
+                let text = serde_json::to_string_pretty(&states)
+                    .map_err(|e| PipeError::io("cannot encode status", std::io::Error::other(e)))?;
+                return output::emit_line(&text);
+            }
+            let width = states.iter().map(|s| s.stage.len()).max().unwrap_or(0);
+            let (mut to_push, mut to_pull) = (0, 0);
+            for s in &states {
+                let line = match (s.fingerprint.is_some(), s.local, s.remote) {
+                    (false, _, _) => "never run".to_string(),
+                    (true, local, remote) => {
+                        to_push += usize::from(local && remote != "yes");
+                        to_pull += usize::from(!local && remote == "yes");
+                        format!(
+                            "local cache: {}  remote: {remote}",
+                            if local { "yes" } else { "no" }
+                        )
+                    }
+                };
+                output::emit_line(&format!("{:width$}  {line}", s.stage))?;
+            }
+            output::emit_line(&format!(
+                "{to_push} to push (fmnist-pipe push), {to_pull} to pull (fmnist-pipe pull)"
+            ))
+        }
+        Cmd::Push { stages, sets } => {
+            let ws = Workspace::load(&cli.file, &parse_sets(&sets)?, Registry::builtins())?;
+            let targets = ws.targets(&stages)?;
+            crate::remote::push(&ws, &targets, &Console::new())
+        }
+        Cmd::Pull { stages, sets } => {
+            let mut ws = Workspace::load(&cli.file, &parse_sets(&sets)?, Registry::builtins())?;
+            let targets = ws.targets(&stages)?;
+            crate::remote::pull(&mut ws, &targets, &Console::new())
+        }
+        Cmd::Status { json, sets, .. } => {
+            let ws = Workspace::load(&cli.file, &parse_sets(&sets)?, Registry::builtins())?;
             let cache = crate::cache::RunCache::new(&ws.pipeline.artifacts());
             let planned = plan::plan(&ws, None, &Default::default(), Some(&cache));
             let report = plan::status(&ws, &planned);

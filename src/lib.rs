@@ -15,6 +15,8 @@
 //!   work is done by a `runner` (`LocalRunner`: built-in kinds in-process, commands through
 //!   `command_stage`; `slurm`: one batch job per stage, running `exec_stage` for built-in
 //!   kinds), and outputs land through `publish`.
+//! - `cache` is the local run cache; with `[cache] remote` set, `remote` puts a shared one
+//!   (S3 or a shared disk) behind it for `run`, and holds `push`, `pull`, `status --remote`.
 //! - `maintenance` holds `clean` and `gc`; `cli` is the command line over all of it.
 
 pub mod cache;
@@ -41,6 +43,7 @@ pub mod progress;
 pub mod publish;
 pub mod reason;
 pub mod registry;
+pub mod remote;
 pub mod runner;
 pub mod schedule;
 pub mod slurm;
