@@ -176,6 +176,10 @@ impl SlurmRunner {
                 StageEnd::Failed(format!("sbatch printed no job id: {}", stdout.trim()))
             })?
             .to_string();
+        // Recorded at once: a run that follows a crash of this one cancels the job.
+        let record = job_dir.join(JOB_ID_FILE);
+        std::fs::write(&record, format!("{job}\nfmnist-{stage}\n"))
+            .map_err(io_fail("write", &record))?;
         progress.println(&format!("Slurm job {job} submitted"));
         let mut shown = String::new();
         let mut pause = Duration::from_millis(100);
@@ -230,17 +234,73 @@ impl SlurmRunner {
 
     /// scancel, then wait (bounded) for the job to leave the queue, so its writes are over.
     fn cancel_job(&self, job: &str) {
-        let _ = Command::new("scancel").arg(job).status();
-        let deadline = Instant::now() + CANCEL_WAIT;
-        while Instant::now() < deadline {
-            match look(job) {
-                Seen::State(state) if !state.finished() => {
-                    std::thread::sleep(Duration::from_millis(200))
-                }
-                _ => break,
+        cancel_and_wait(job);
+    }
+}
+
+/// A job folder's record of the job it submitted: "ID\nNAME\n".
+const JOB_ID_FILE: &str = "job";
+
+/// scancel, then wait (bounded) for the job to end, so its writes are over.
+fn cancel_and_wait(job: &str) {
+    let _ = Command::new("scancel").arg(job).status();
+    let deadline = Instant::now() + CANCEL_WAIT;
+    while Instant::now() < deadline {
+        match look(job) {
+            Seen::State(state) if !state.finished() => {
+                std::thread::sleep(Duration::from_millis(200))
             }
+            _ => break,
         }
     }
+}
+
+/// Holding the run lock, before any output is put back: cancels the jobs a crashed run left
+/// queued or running (each job folder under artifacts/.jobs names its job), so none of them
+/// writes into the workspace afterwards, and clears the folders. Returns a line per job.
+pub fn cancel_leftover_jobs(artifacts: &Path) -> Vec<String> {
+    let Ok(folders) = std::fs::read_dir(artifacts.join(".jobs")) else {
+        return Vec::new();
+    };
+    let mut notes = Vec::new();
+    for folder in folders.flatten() {
+        let path = folder.path();
+        let record = std::fs::read_to_string(path.join(JOB_ID_FILE)).unwrap_or_default();
+        let mut lines = record.lines();
+        if let (Some(job), Some(name)) = (lines.next(), lines.next()) {
+            if still_ours(job, name) {
+                cancel_and_wait(job);
+                notes.push(format!(
+                    "cancelled Slurm job {job} ({name}), which an interrupted run left behind"
+                ));
+            }
+        }
+        let _ = crate::files::remove_path(&path);
+    }
+    notes
+}
+
+/// Whether `job` is still queued or running under the name we gave it (ids are reused once
+/// a cluster's state is reset).
+fn still_ours(job: &str, name: &str) -> bool {
+    if job.is_empty() || !job.bytes().all(|b| b.is_ascii_digit()) {
+        return false;
+    }
+    let listed = Command::new("squeue")
+        .args(["-h", "-j", job, "-o", "%j|%T"])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).to_string())
+        .unwrap_or_default();
+    listed.lines().any(|line| {
+        let (listed_name, state) = line.trim().split_once('|').unwrap_or((line, ""));
+        listed_name == name
+            && !JobState {
+                state: state.to_string(),
+                exit_code: None,
+                reason: None,
+            }
+            .finished()
+    })
 }
 
 impl Runner for SlurmRunner {
