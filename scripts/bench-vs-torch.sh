@@ -5,6 +5,9 @@
 #
 #   scripts/bench-vs-torch.sh [baseline|resnet18|both] [IMAGES] [THREADS] [REPEATS]
 #
+# Prints the CPU model, its vector extensions and torch's CPU capability first, a line per
+# repeat, then per model the medians and spreads (min-max) over the repeats.
+#
 # Env: PYTHON (required: a python with torch; TORCH_PYTHON is taken too), TORCH_REF (default
 #      ../shared/peers/torch_reference.py, relative to the repository), DATA (required: the
 #      folder with the four Fashion-MNIST files, e.g. Debian's /usr/share/datasets/fashion-mnist),
@@ -56,6 +59,13 @@ PY
 
 printf '# %s  images=%s threads=%s  load average: %s  cpus: %s\n' \
   "$(date -u +%FT%TZ)" "$images" "$threads" "$(cut -d' ' -f1-3 /proc/loadavg)" "$(nproc)"
+# Which machine: the figures differ by vector extension (AVX2 only vs AVX-512).
+printf '# cpu: %s\n' "$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ *//')"
+printf '# vector extensions: %s\n' \
+  "$(grep -m1 '^flags' /proc/cpuinfo | tr ' ' '\n' | grep -E '^(avx|avx2|fma|avx512[a-z_]*|amx[a-z_]*)$' | sort -u | tr '\n' ' ')"
+printf '# torch: %s\n' "$("$python" -c 'import torch; print(torch.__version__, "cpu capability", torch.backends.cpu.get_cpu_capability())')"
+results=$(mktemp)
+trap 'rm -f "$results"' EXIT
 for model in $models; do
   for _ in $(seq "$repeats"); do
     o=$(ours "$model")
@@ -74,5 +84,24 @@ if c:
     line += f" | portable train {c['train_images_per_s']:.1f} infer {c['infer_images_per_s']:.1f}"
 print(line)
 PY
+    echo "{\"model\": \"$model\", \"ours\": $o, \"torch\": $t, \"torch_infer\": $ti}" >> "$results"
   done
 done
+# Medians and spreads over the repeats (the VM's speed drifts: compare like with like).
+"$python" - "$results" <<'PY'
+import json, statistics, sys
+runs = [json.loads(l) for l in open(sys.argv[1]) if l.strip()]
+for model in dict.fromkeys(r["model"] for r in runs):
+    rs = [r for r in runs if r["model"] == model]
+    def show(name, xs):
+        return f"{name} {statistics.median(xs):7.1f} ({min(xs):.1f}-{max(xs):.1f})"
+    ot = [r["ours"]["train_images_per_s"] for r in rs]
+    tt = [r["torch"]["train_images_per_s"] for r in rs]
+    oi = [r["ours"]["infer_images_per_s"] for r in rs]
+    ti = [r["torch_infer"]["infer_images_per_s"] for r in rs]
+    tr = [a / b for a, b in zip(ot, tt)]
+    ir = [a / b for a, b in zip(oi, ti)]
+    print(f"median of {len(rs)}: {model:9s} train {show('ours', ot)} {show('torch', tt)} "
+          f"ratio {statistics.median(tr):.2f}x ({min(tr):.2f}-{max(tr):.2f}) | infer {show('ours', oi)} "
+          f"{show('torch', ti)} ratio {statistics.median(ir):.2f}x ({min(ir):.2f}-{max(ir):.2f})")
+PY

@@ -8,6 +8,14 @@ use std::path::{Path, PathBuf};
 use crate::lock::LockEntry;
 use crate::manifest::{FileRecord, MISSING};
 
+/// A suffix no other writer uses: this process's id and a counter (stages store from
+/// several workers at once, possibly the same object).
+pub fn unique() -> String {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    format!("{}-{n}", std::process::id())
+}
+
 /// A run cache as the engine uses it: the seam where a remote cache plugs in. `lookup`
 /// answers only for runs whose every output can be had; `materialize` verifies what it
 /// copies, so a bad object is an error (the stage then runs), never a wrong output.
@@ -17,6 +25,11 @@ pub trait Cache: Sync {
     fn materialize(&self, hit: &Hit, record: &FileRecord, dest: &Path) -> std::io::Result<()>;
     /// Keeps the outputs (read from the workspace `root`) of a run that just finished.
     fn store(&self, root: &Path, entry: &LockEntry) -> std::io::Result<()>;
+    /// A failure that must end the run (a remote cache marked `required` that failed);
+    /// checked after every stage.
+    fn failure(&self) -> Option<String> {
+        None
+    }
 }
 
 /// A cached run found by its fingerprint.
@@ -24,7 +37,7 @@ pub struct Hit {
     /// The lock entry of the run that produced the outputs.
     pub entry: LockEntry,
     /// Where it was found, as the status line says it: "cache" (this workspace's run
-    /// cache).
+    /// cache) or "remote" (the `[cache] remote`).
     pub from: &'static str,
 }
 
@@ -66,13 +79,49 @@ impl RunCache {
         }
     }
 
-    fn object(&self, hash: &str) -> PathBuf {
+    /// Where the object `hash` is (or would be) kept.
+    pub fn object(&self, hash: &str) -> PathBuf {
         let (prefix, rest) = hash.split_at(2.min(hash.len()));
         self.dir.join("objects").join(prefix).join(rest)
     }
 
     fn run_file(&self, fingerprint: &str) -> PathBuf {
         self.dir.join("runs").join(format!("{fingerprint}.toml"))
+    }
+
+    /// Whether every output file of `entry` is kept here.
+    pub fn has_objects(&self, entry: &LockEntry) -> bool {
+        entry
+            .outs
+            .iter()
+            .all(|r| r.blake3 == MISSING || self.object(&r.blake3).is_file())
+    }
+
+    /// Keeps a copy of `source`, whose content the caller verified to be `hash`.
+    pub fn keep(&self, hash: &str, source: &Path) -> std::io::Result<()> {
+        let object = self.object(hash);
+        if object.is_file() {
+            return Ok(());
+        }
+        if let Some(parent) = object.parent() {
+            std::fs::create_dir_all(parent)?;
+        }
+        let tmp = object.with_extension(format!("tmp{}", unique()));
+        std::fs::copy(source, &tmp)?;
+        std::fs::rename(&tmp, &object)
+    }
+
+    /// Records the run `entry` describes without its files (they come with [`Self::keep`]):
+    /// [`Self::lookup`] answers for it once every one of them is here.
+    pub fn record(&self, entry: &LockEntry) -> std::io::Result<()> {
+        let run = self.run_file(&entry.fingerprint);
+        if let Some(parent) = run.parent() {
+            std::fs::create_dir_all(parent)?;
+        }
+        let text = toml::to_string(entry).map_err(std::io::Error::other)?;
+        let tmp = run.with_extension(format!("toml.tmp{}", unique()));
+        std::fs::write(&tmp, text)?;
+        std::fs::rename(&tmp, &run)
     }
 
     /// Keeps a copy of every output file and the entry describing them. Copies, not hard
@@ -89,29 +138,18 @@ impl RunCache {
             if let Some(parent) = object.parent() {
                 std::fs::create_dir_all(parent)?;
             }
-            let tmp = object.with_extension(format!("tmp{}", std::process::id()));
+            let tmp = object.with_extension(format!("tmp{}", unique()));
             std::fs::copy(root.join(&r.path), &tmp)?;
             std::fs::rename(&tmp, &object)?;
         }
-        let run = self.run_file(&entry.fingerprint);
-        if let Some(parent) = run.parent() {
-            std::fs::create_dir_all(parent)?;
-        }
-        let text = toml::to_string(entry).map_err(std::io::Error::other)?;
-        let tmp = run.with_extension("toml.tmp");
-        std::fs::write(&tmp, text)?;
-        std::fs::rename(&tmp, &run)
+        self.record(entry)
     }
 
     /// The entry of an earlier run with this fingerprint, if all its objects are still here.
     pub fn lookup(&self, fingerprint: &str) -> Option<LockEntry> {
         let text = std::fs::read_to_string(self.run_file(fingerprint)).ok()?;
         let entry: LockEntry = toml::from_str(&text).ok()?;
-        let complete = entry
-            .outs
-            .iter()
-            .all(|r| r.blake3 == MISSING || self.object(&r.blake3).is_file());
-        (entry.fingerprint == fingerprint && complete).then_some(entry)
+        (entry.fingerprint == fingerprint && self.has_objects(&entry)).then_some(entry)
     }
 
     /// Copies a cached file to `dest` (parents created) and checks the copy's blake3: an

@@ -80,6 +80,32 @@ enum Cmd {
         /// Machine-readable output.
         #[arg(long)]
         json: bool,
+        /// Per stage, whether its recorded run is in the local run cache and in the remote
+        /// cache ([cache] remote); contacts the remote.
+        #[arg(long)]
+        remote: bool,
+        /// Override a value of the pipeline file, e.g. cache.remote=s3://BUCKET/PREFIX.
+        #[arg(long = "set", value_name = "TABLE.KEY=VALUE")]
+        sets: Vec<String>,
+    },
+    /// Upload the outputs of the runs the lock names to the remote cache ([cache] remote).
+    Push {
+        /// Only these stages (repeatable).
+        #[arg(long = "stage", short = 's', value_name = "NAME")]
+        stages: Vec<String>,
+        /// Override a value of the pipeline file, e.g. cache.remote=s3://BUCKET/PREFIX.
+        #[arg(long = "set", value_name = "TABLE.KEY=VALUE")]
+        sets: Vec<String>,
+    },
+    /// Download the outputs of the runs the lock names from the remote cache into the local
+    /// one, and put missing or changed outputs back in place.
+    Pull {
+        /// Only these stages (repeatable).
+        #[arg(long = "stage", short = 's', value_name = "NAME")]
+        stages: Vec<String>,
+        /// Override a value of the pipeline file, e.g. cache.remote=s3://BUCKET/PREFIX.
+        #[arg(long = "set", value_name = "TABLE.KEY=VALUE")]
+        sets: Vec<String>,
     },
     /// Print the stage graph.
     Dag {
@@ -245,6 +271,11 @@ pub fn main() -> ExitCode {
     }
 }
 
+/// The `--set` values, parsed.
+fn parse_sets(sets: &[String]) -> Result<Vec<Override>, PipeError> {
+    sets.iter().map(|s| s.parse()).collect()
+}
+
 /// Whether any stage a run of `targets` selects goes to Slurm.
 fn uses_slurm(ws: &Workspace, targets: &[usize]) -> bool {
     ws.dag
@@ -290,8 +321,50 @@ fn dispatch(cli: Cli) -> Result<(), PipeError> {
             }
         }
         Cmd::ExecStage { spec } => exec_stage::run(&spec),
-        Cmd::Status { json } => {
-            let ws = Workspace::load(&cli.file, &[], Registry::builtins())?;
+        Cmd::Status {
+            json,
+            remote: true,
+            sets,
+        } => {
+            let ws = Workspace::load(&cli.file, &parse_sets(&sets)?, Registry::builtins())?;
+            let states = crate::remote::remote_status(&ws)?;
+            if json {
+                let text = serde_json::to_string_pretty(&states)
+                    .map_err(|e| PipeError::io("cannot encode status", std::io::Error::other(e)))?;
+                return output::emit_line(&text);
+            }
+            let width = states.iter().map(|s| s.stage.len()).max().unwrap_or(0);
+            let (mut to_push, mut to_pull) = (0, 0);
+            for s in &states {
+                let line = match (s.fingerprint.is_some(), s.local, s.remote) {
+                    (false, _, _) => "never run".to_string(),
+                    (true, local, remote) => {
+                        to_push += usize::from(local && remote != "yes");
+                        to_pull += usize::from(!local && remote == "yes");
+                        format!(
+                            "local cache: {}  remote: {remote}",
+                            if local { "yes" } else { "no" }
+                        )
+                    }
+                };
+                output::emit_line(&format!("{:width$}  {line}", s.stage))?;
+            }
+            output::emit_line(&format!(
+                "{to_push} to push (fmnist-pipe push), {to_pull} to pull (fmnist-pipe pull)"
+            ))
+        }
+        Cmd::Push { stages, sets } => {
+            let ws = Workspace::load(&cli.file, &parse_sets(&sets)?, Registry::builtins())?;
+            let targets = ws.targets(&stages)?;
+            crate::remote::push(&ws, &targets, &Console::new())
+        }
+        Cmd::Pull { stages, sets } => {
+            let mut ws = Workspace::load(&cli.file, &parse_sets(&sets)?, Registry::builtins())?;
+            let targets = ws.targets(&stages)?;
+            crate::remote::pull(&mut ws, &targets, &Console::new())
+        }
+        Cmd::Status { json, sets, .. } => {
+            let ws = Workspace::load(&cli.file, &parse_sets(&sets)?, Registry::builtins())?;
             let cache = crate::cache::RunCache::new(&ws.pipeline.artifacts());
             let planned = plan::plan(&ws, None, &Default::default(), Some(&cache));
             let report = plan::status(&ws, &planned);
@@ -474,8 +547,7 @@ fn run_once(
     name: Option<&str>,
     cancel: &Arc<AtomicBool>,
 ) -> Result<String, PipeError> {
-    let overrides: Vec<Override> = sets.iter().map(|s| s.parse()).collect::<Result<_, _>>()?;
-    let mut ws = Workspace::load(file, &overrides, Registry::builtins())?;
+    let mut ws = Workspace::load(file, &parse_sets(sets)?, Registry::builtins())?;
     if let Some(executor) = &args.executor {
         ws.pipeline.executor = executor
             .parse()
@@ -485,10 +557,8 @@ fn run_once(
     let runners = Runners {
         local: LocalRunner,
         slurm: if !args.dry_run && uses_slurm(&ws, &targets) {
-            Some(SlurmRunner::new(
-                &ws.pipeline.root,
-                &ws.pipeline.artifacts(),
-            )?)
+            let slurm = SlurmRunner::new(&ws.pipeline.root, &ws.pipeline.artifacts())?;
+            Some(Box::new(slurm) as Box<dyn crate::runner::Runner>)
         } else {
             None
         },

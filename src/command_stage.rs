@@ -18,7 +18,7 @@ use libc::pid_t;
 
 use crate::journal::Group;
 use crate::publish::Backup;
-use crate::runner::StageEnd;
+use crate::stage_end::StageEnd;
 
 /// How many lines of a failed command's log are shown.
 const LOG_TAIL_LINES: usize = 15;

@@ -1,6 +1,7 @@
 //! `run`: the plan carried out. Takes the workspace's guards, hands the selected stages to
 //! the scheduler, each to `stage_run` on a worker, and records every finished stage: a line
-//! on the console, the lock's journal, the run cache. `--dry-run` only renders the plan.
+//! on the console and in the lock's journal (each stage's worker has already kept its outputs
+//! in the run cache, and pushed them with a remote). `--dry-run` only renders the plan.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -11,6 +12,7 @@ use crate::lock::{self, LockEntry, LockFile};
 use crate::plan::{self, Decision};
 use crate::progress::{self, Console};
 use crate::reason;
+use crate::remote::TieredCache;
 use crate::runner::Runners;
 use crate::schedule::{schedule, Books, Flow};
 use crate::stage_run::{self, Env, Outcome, Published};
@@ -38,20 +40,32 @@ pub fn run(
         (true, true) => selected.clone(),
         (true, false) => opts.targets.iter().copied().collect(),
     };
-    let cache = RunCache::new(&artifacts);
     if opts.dry_run {
-        return dry_run(ws, &selected, &forced, &cache, console);
+        // The plan from the local run cache only: a dry run stays offline.
+        return dry_run(ws, &selected, &forced, &RunCache::new(&artifacts), console);
     }
     let _guard = RunGuard::acquire(&artifacts)?;
     workspace::recover_crashed_run(&artifacts, |note| console.line(note))?;
     workspace::check_inside(&ws.pipeline, selected.iter().copied(), &ENGINE_FOLDERS)?;
 
+    let local;
+    let tiered;
+    let cache: &dyn Cache = if ws.pipeline.cache.remote.is_some() {
+        tiered = TieredCache::new(&artifacts, &ws.pipeline.cache, console);
+        if ws.pipeline.cache.required {
+            tiered.check().map_err(remote_required)?;
+        }
+        &tiered
+    } else {
+        local = RunCache::new(&artifacts);
+        &local
+    };
     let lock = take_lock(ws);
     let journal = lock::Journal::open(&ws.lock_path)?;
     let env = Env {
         ws,
         runners,
-        cache: &cache,
+        cache,
         console,
         cancel,
         forced: &forced,
@@ -84,6 +98,9 @@ pub fn run(
     ws.lock = lock;
     if let Some(e) = lock_error {
         return Err(e);
+    }
+    if let Some(message) = cache.failure() {
+        return Err(remote_required(message));
     }
     if interrupted || cancel.load(Ordering::Relaxed) {
         return Err(PipeError::Interrupted);
@@ -124,6 +141,13 @@ fn dry_run(
         });
     }
     Ok(())
+}
+
+/// The run fails because its required remote cache did (exit 1).
+fn remote_required(message: String) -> PipeError {
+    PipeError::StageFailed(format!(
+        "{message}; [cache] required = true, so the run stops (finished stages were recorded)"
+    ))
 }
 
 /// [`stage_run::process`], a panic turned into a failed stage.
@@ -229,11 +253,6 @@ impl Books<Job, Outcome> for Recorder<'_> {
                     "{name}: done in {}{metrics}",
                     progress::duration(took)
                 ));
-                if let Err(e) = env.cache.store(&env.ws.pipeline.root, &entry) {
-                    console.line(&format!(
-                        "warning: {name}: could not store outputs in the run cache: {e}"
-                    ));
-                }
                 (entry, true)
             }
             Outcome::Failed(message) => {
@@ -267,7 +286,7 @@ impl Books<Job, Outcome> for Recorder<'_> {
             self.lock.stages.insert(name.clone(), entry);
             self.lock_dirty = true;
         }
-        if self.lock_error.is_some() {
+        if self.lock_error.is_some() || env.cache.failure().is_some() {
             Flow::Halt
         } else {
             Flow::Unblock

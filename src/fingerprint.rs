@@ -15,6 +15,7 @@
 //! | file mtimes and sizes | not hashed; only let an unchanged file skip rehashing | a touch is not a change |
 //! | `cmd` of a command stage | hashed (it is a param) | it is the computation |
 //! | device, kernels, runner, run time, metrics | recorded in the lock only | same inputs, same results within tolerance; where it ran is history |
+//! | `[cache]` table (remote, push, required, endpoint) and AWS credentials | neither hashed nor recorded | where results are shared does not change them; a workspace with another remote (or none) still restores the same fingerprints |
 //! | this recipe's layout (`RECIPE`) | hashed | bumped when this table changes, so old locks read stale |
 //!
 //! When to bump a kind's `VERSION`: whenever the same params and inputs would give different

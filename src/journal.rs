@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use crate::publish::remove_path;
+use crate::files::remove_path;
 
 const JOURNAL_DIR: &str = ".journal";
 
@@ -252,7 +252,12 @@ fn roll_back(root: &Path, record: &Record) -> Result<(), JournalError> {
 /// Run at the start of a run, holding the run lock: ends the process groups that crashed
 /// runs left running, rolls back every record, then empties artifacts/.tmp. Returns a line
 /// per thing done, for the console.
-pub fn recover(artifacts: &Path) -> Result<Vec<String>, JournalError> {
+/// `end_group` ends a leftover process group and says whether anything was left (the
+/// command runner's; passed in so the journal does not depend on how commands run).
+pub fn recover(
+    artifacts: &Path,
+    end_group: impl Fn(&Group) -> bool,
+) -> Result<Vec<String>, JournalError> {
     let dir = artifacts.join(JOURNAL_DIR);
     let root = workspace_root(artifacts);
     let mut records = Vec::new();
@@ -283,7 +288,7 @@ pub fn recover(artifacts: &Path) -> Result<Vec<String>, JournalError> {
     // First stop every leftover process, so none writes while outputs are put back.
     for (_, record) in &records {
         if let Some(group) = &record.group {
-            if crate::command_stage::end_leftover_group(group) {
+            if end_group(group) {
                 notes.push(format!(
                     "{}: ended the processes a crashed run left running (process group {})",
                     record.stage, group.pgid
@@ -339,7 +344,7 @@ mod tests {
         write(&dir.path().join("untouched.txt"), "previous, never moved");
         let entry = Entry::begin(&artifacts, "s-backup", "s", Kind::Backup, moves).unwrap();
         drop(entry); // a crash
-        let notes = recover(&artifacts).unwrap();
+        let notes = recover(&artifacts, |_| false).unwrap();
         assert_eq!(notes.len(), 1, "{notes:?}");
         let read = |p: &str| std::fs::read_to_string(dir.path().join(p)).unwrap();
         assert_eq!(read("out.txt"), "previous");
@@ -352,7 +357,7 @@ mod tests {
                 .count(),
             0
         );
-        assert!(recover(&artifacts).unwrap().is_empty());
+        assert!(recover(&artifacts, |_| false).unwrap().is_empty());
     }
 
     #[test]
@@ -371,7 +376,7 @@ mod tests {
             let name = format!("{stage}-old");
             drop(Entry::begin(&artifacts, &name, stage, Kind::Publish, moves).unwrap());
         }
-        recover(&artifacts).unwrap();
+        recover(&artifacts, |_| false).unwrap();
         let read = |p: &str| std::fs::read_to_string(artifacts.join(p)).unwrap();
         assert_eq!(read("a/f"), "new");
         assert_eq!(read("b/f"), "old");
@@ -383,7 +388,7 @@ mod tests {
         let artifacts = dir.path().join("artifacts");
         write(&artifacts.join(".tmp/s-backup/0"), "previous");
         write(&artifacts.join(".journal/s-backup.json"), "{ not json");
-        let err = recover(&artifacts).unwrap_err();
+        let err = recover(&artifacts, |_| false).unwrap_err();
         assert!(matches!(err, JournalError::Damaged { .. }), "{err}");
         assert!(artifacts.join(".tmp/s-backup/0").exists());
     }

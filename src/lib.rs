@@ -15,6 +15,8 @@
 //!   work is done by a `runner` (`LocalRunner`: built-in kinds in-process, commands through
 //!   `command_stage`; `slurm`: one batch job per stage, running `exec_stage` for built-in
 //!   kinds), and outputs land through `publish`.
+//! - `cache` is the local run cache; with `[cache] remote` set, `remote` puts a shared one
+//!   (S3 or a shared disk) behind it for `run`, and holds `push`, `pull`, `status --remote`.
 //! - `maintenance` holds `clean` and `gc`; `experiments` records each successful run's
 //!   state (stage -> fingerprint) and shows, diffs, sweeps and applies them; `cli` is the
 //!   command line over all of it.
@@ -29,6 +31,7 @@ pub mod error;
 pub mod exec_stage;
 pub mod execute;
 pub mod experiments;
+pub mod files;
 pub mod fingerprint;
 pub mod journal;
 pub mod lock;
@@ -43,8 +46,10 @@ pub mod progress;
 pub mod publish;
 pub mod reason;
 pub mod registry;
+pub mod remote;
 pub mod runner;
 pub mod schedule;
 pub mod slurm;
+pub mod stage_end;
 pub mod stage_run;
 pub mod workspace;

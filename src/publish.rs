@@ -20,14 +20,7 @@ pub fn temp_dir(artifacts: &Path, stage: &str, purpose: &str) -> PathBuf {
     artifacts.join(".tmp").join(temp_name(stage, purpose))
 }
 
-pub fn remove_path(path: &Path) -> std::io::Result<()> {
-    match std::fs::symlink_metadata(path) {
-        Ok(m) if m.is_dir() => std::fs::remove_dir_all(path),
-        Ok(_) => std::fs::remove_file(path),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-        Err(e) => Err(e),
-    }
-}
+pub use crate::files::remove_path;
 
 /// Replaces artifacts/<stage> with `staged` (a folder under artifacts/.tmp) in two
 /// journaled renames; the old outputs are only deleted once the new ones are in place.

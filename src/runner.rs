@@ -13,22 +13,7 @@ use crate::command_stage;
 use crate::config::{Executor, Resources};
 use crate::publish::Backup;
 use crate::registry::Kind;
-
-/// Why a stage did not produce outputs.
-pub enum StageEnd {
-    Failed(String),
-    /// Where it was to run refused it as asked (sbatch rejecting its resources): a
-    /// configuration error, exit 2.
-    Refused(String),
-    Interrupted,
-}
-
-/// `map_err` for an I/O step of a stage: "cannot VERB PATH: error".
-pub fn io_fail(what: &str, path: &Path) -> impl FnOnce(std::io::Error) -> StageEnd {
-    let what = what.to_string();
-    let path = path.to_path_buf();
-    move |e| StageEnd::Failed(format!("cannot {what} {}: {e}", path.display()))
-}
+pub use crate::stage_end::{io_fail, StageEnd};
 
 /// One stage's work, ready to run.
 pub enum Work<'a> {
@@ -69,13 +54,14 @@ pub trait Runner: Sync {
 /// The runner for each executor a pipeline can name; Slurm's only when some stage uses it.
 pub struct Runners {
     pub local: LocalRunner,
-    pub slurm: Option<crate::slurm::SlurmRunner>,
+    /// `slurm::SlurmRunner` when a selected stage runs on Slurm.
+    pub slurm: Option<Box<dyn Runner>>,
 }
 
 impl Runners {
     pub fn for_executor(&self, executor: Executor) -> &dyn Runner {
         match (executor, &self.slurm) {
-            (Executor::Slurm, Some(slurm)) => slurm,
+            (Executor::Slurm, Some(slurm)) => slurm.as_ref(),
             _ => &self.local,
         }
     }

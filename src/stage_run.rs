@@ -87,7 +87,8 @@ pub fn process(
                 refreshed,
             };
         }
-        Decision::Restore { hit, reasons } => match restore(env, stage, &hit) {
+        Decision::Restore { hit, reasons } => match restore_outputs(env.ws, env.cache, stage, &hit)
+        {
             Ok(outs) => {
                 let from = hit.from;
                 let entry = LockEntry {
@@ -130,10 +131,16 @@ pub fn process(
     match result {
         Ok((outs, ran)) => {
             let took = started.elapsed();
-            Outcome::Ran {
-                entry: new_entry(env, stage, assessment, outs, ran, took),
-                took,
+            let entry = new_entry(env, stage, assessment, outs, ran, took);
+            // Kept (and pushed, with a remote) here on the stage's worker: a slow upload
+            // holds up no other stage.
+            if let Err(e) = env.cache.store(&env.ws.pipeline.root, &entry) {
+                env.console.line(&format!(
+                    "warning: {}: could not store outputs in the run cache: {e}",
+                    stage.name
+                ));
             }
+            Outcome::Ran { entry, took }
         }
         Err(StageEnd::Failed(msg)) => Outcome::Failed(msg),
         Err(StageEnd::Refused(msg)) => Outcome::Refused(msg),
@@ -326,10 +333,16 @@ fn run_command(
     }
 }
 
-/// Puts a cached run's outputs in place; returns their records as now on disk.
-fn restore(env: &Env, stage: &Stage, hit: &Hit) -> std::io::Result<Vec<FileRecord>> {
-    let root = &env.ws.pipeline.root;
-    let artifacts = env.ws.pipeline.artifacts();
+/// Puts a cached run's outputs in place (from `cache`, which verifies every file); returns
+/// their records as now on disk. Nothing changes unless every file could be had.
+pub fn restore_outputs(
+    ws: &Workspace,
+    cache: &dyn Cache,
+    stage: &Stage,
+    hit: &Hit,
+) -> std::io::Result<Vec<FileRecord>> {
+    let root = &ws.pipeline.root;
+    let artifacts = ws.pipeline.artifacts();
     let cached = hit.entry.outs.iter().filter(|r| r.blake3 != MISSING);
     match &stage.body {
         Body::Builtin { .. } => {
@@ -343,7 +356,7 @@ fn restore(env: &Env, stage: &Stage, hit: &Hit) -> std::io::Result<Vec<FileRecor
                         .strip_prefix(&shown)
                         .unwrap_or(&r.path)
                         .trim_start_matches('/');
-                    env.cache.materialize(hit, r, &staged.join(inner))?;
+                    cache.materialize(hit, r, &staged.join(inner))?;
                 }
                 let staged_rel = relative(root, &staged);
                 manifest::scan_as(root, [(staged_rel.as_str(), shown.as_str())], &[])
@@ -362,7 +375,7 @@ fn restore(env: &Env, stage: &Stage, hit: &Hit) -> std::io::Result<Vec<FileRecor
             let backup = Backup::take(root, &artifacts, &stage.name, outs)?;
             let filled = (|| {
                 for r in cached {
-                    env.cache.materialize(hit, r, &root.join(&r.path))?;
+                    cache.materialize(hit, r, &root.join(&r.path))?;
                 }
                 manifest::scan(root, outs, &[])
             })();

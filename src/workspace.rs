@@ -112,16 +112,22 @@ pub fn check_inside(
     Ok(())
 }
 
-/// Holding the run lock: ends what a crashed run left running, puts back the outputs it had
+/// Holding the run lock: ends what a crashed run left running (process groups, Slurm
+/// jobs), puts back the outputs it had
 /// moved aside, clears its leftovers in .tmp. Every command that changes the workspace
 /// (run, clean, gc) starts with it, so none of them deletes a backup still needed.
 pub fn recover_crashed_run(artifacts: &Path, say: impl Fn(&str)) -> Result<(), PipeError> {
-    let notes = crate::journal::recover(artifacts).map_err(|e| {
-        PipeError::io(
-            "cannot recover from an interrupted run",
-            std::io::Error::other(e),
-        )
-    })?;
+    // First the cluster jobs, so that none writes while outputs are put back.
+    for note in crate::slurm::cancel_leftover_jobs(artifacts) {
+        say(&note);
+    }
+    let notes = crate::journal::recover(artifacts, crate::command_stage::end_leftover_group)
+        .map_err(|e| {
+            PipeError::io(
+                "cannot recover from an interrupted run",
+                std::io::Error::other(e),
+            )
+        })?;
     for note in notes {
         say(&note);
     }

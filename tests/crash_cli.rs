@@ -3,6 +3,7 @@
 //! at seeded random moments, then run again. Every round must end with the outputs of an
 //! uninterrupted run, a readable lock that says all is up to date, no process of the
 //! pipeline left, and nothing outside the workspace touched.
+//! (Over 500 lines: one scenario per test, each with its own pipeline text inline.)
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};

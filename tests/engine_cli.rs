@@ -1,5 +1,6 @@
 //! End-to-end tests of the engine through the real binary, with command stages that log each
 //! execution to runs.log in a throwaway workspace.
+//! (Over 500 lines: one scenario per test, each with its own pipeline text inline.)
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};

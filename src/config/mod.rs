@@ -2,6 +2,7 @@
 //! overrides, and validation with file:line messages. Everything a user can get wrong in the
 //! file is reported here, before anything runs.
 
+mod cache;
 mod overrides;
 mod paths;
 mod placement;
@@ -18,6 +19,8 @@ use toml::Spanned;
 use crate::error::{suggestion, PipeError};
 use crate::registry::Registry;
 
+use cache::cache_settings;
+pub use cache::{check_endpoint, check_remote, CacheSettings, PushMode};
 use overrides::apply_override;
 pub use overrides::Override;
 pub use paths::paths_overlap;
@@ -27,7 +30,8 @@ use settings::{pipeline_settings, PipelineSettings};
 use source::{entries, Entries, RawDoc, Source};
 use stage_table::stage_from_entries;
 
-const TOP_KEYS: &[&str] = &["pipeline", "stages"];
+const TOP_KEYS: &[&str] = &["cache", "pipeline", "stages"];
+pub(super) const CACHE_KEYS: &[&str] = &["endpoint", "push", "remote", "required"];
 pub(super) const PIPELINE_KEYS: &[&str] = &["device", "executor", "kernels", "seed"];
 pub(super) const COMMAND_KEYS: &[&str] = &["cmd", "deps", "outs", "needs", "executor", "resources"];
 /// Keys of a built-in stage's table that belong to the engine, not to the kind's params.
@@ -52,6 +56,8 @@ pub struct Pipeline {
     pub seed: u64,
     /// Where stages run unless they say otherwise (`--executor` overrides it for one run).
     pub executor: Executor,
+    /// The `[cache]` table: the remote run cache, if any (hashed and recorded nowhere).
+    pub cache: CacheSettings,
     /// In file order.
     pub stages: Vec<Stage>,
 }
@@ -258,6 +264,7 @@ pub fn load(
     };
 
     let mut pipeline_entries = doc.pipeline.map(entries).unwrap_or_default();
+    let mut cache_entries = doc.cache.map(entries).unwrap_or_default();
     let mut stage_tables: Vec<(String, Range<usize>, Entries)> = doc
         .stages
         .unwrap_or_default()
@@ -269,6 +276,8 @@ pub fn load(
     for o in overrides {
         let target = if o.table == "pipeline" {
             &mut pipeline_entries
+        } else if o.table == "cache" {
+            &mut cache_entries
         } else if let Some((_, _, e)) = stage_tables.iter_mut().find(|(n, _, _)| *n == o.table) {
             e
         } else {
@@ -277,7 +286,7 @@ pub fn load(
                 stage_tables
                     .iter()
                     .map(|(n, _, _)| n.as_str())
-                    .chain(["pipeline"]),
+                    .chain(["pipeline", "cache"]),
             );
             return Err(PipeError::Config(format!(
                 "--set `{}`: no stage named `{}`{hint}",
@@ -293,6 +302,7 @@ pub fn load(
         seed,
         executor,
     } = pipeline_settings(&src, &pipeline_entries)?;
+    let cache = cache_settings(&src, &cache_entries)?;
 
     let mut stages = Vec::with_capacity(stage_tables.len());
     for (name, span, e) in stage_tables {
@@ -308,6 +318,7 @@ pub fn load(
         kernels,
         seed,
         executor,
+        cache,
         stages,
     })
 }

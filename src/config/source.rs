@@ -52,6 +52,8 @@ pub(super) struct RawDoc {
     #[serde(default)]
     pub(super) pipeline: Option<SpannedTable>,
     #[serde(default)]
+    pub(super) cache: Option<SpannedTable>,
+    #[serde(default)]
     pub(super) stages: Option<BTreeMap<Spanned<String>, SpannedTable>>,
 }
 

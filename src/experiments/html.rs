@@ -28,14 +28,13 @@ fn escape(text: &str) -> String {
 type Curve = Vec<(f64, f64)>;
 
 /// The per-epoch history of a training run, from the run cache: (train loss, test accuracy).
-fn history(cache: &RunCache, artifacts: &Path, fingerprint: &str) -> Option<(Curve, Curve)> {
+fn history(cache: &RunCache, fingerprint: &str) -> Option<(Curve, Curve)> {
     let entry = cache.lookup(fingerprint)?;
     let record = entry
         .outs
         .iter()
         .find(|r| r.path.rsplit('/').next() == Some("history.json"))?;
-    let (prefix, rest) = record.blake3.split_at(2.min(record.blake3.len()));
-    let bytes = std::fs::read(artifacts.join(".cache/objects").join(prefix).join(rest)).ok()?;
+    let bytes = std::fs::read(cache.object(&record.blake3)).ok()?;
     let json: Value = serde_json::from_slice(&bytes).ok()?;
     let mut loss = Vec::new();
     let mut acc = Vec::new();
@@ -216,7 +215,7 @@ th,td{border:1px solid #ccc;padding:4px 8px;text-align:right}th{background:#f4f4
                 continue;
             };
             wanted += 1;
-            if let Some((loss, acc)) = history(&cache, artifacts, &s.fingerprint) {
+            if let Some((loss, acc)) = history(&cache, &s.fingerprint) {
                 losses.push((e.name.clone(), color(r), loss));
                 accs.push((e.name.clone(), color(r), acc));
             }

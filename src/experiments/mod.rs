@@ -208,8 +208,7 @@ pub(crate) fn command_metrics(e: &crate::lock::LockEntry, artifacts: &Path) -> O
         .outs
         .iter()
         .find(|r| r.blake3 != MISSING && r.path.rsplit('/').next() == Some("metrics.json"))?;
-    let (prefix, rest) = record.blake3.split_at(2.min(record.blake3.len()));
-    let object = artifacts.join(".cache/objects").join(prefix).join(rest);
+    let object = crate::cache::RunCache::new(artifacts).object(&record.blake3);
     let root = artifacts.parent().unwrap_or(artifacts);
     let bytes = std::fs::read(object).ok().or_else(|| {
         let bytes = std::fs::read(root.join(&record.path)).ok()?;
