@@ -8,9 +8,7 @@ use std::path::Path;
 use serde_json::Value;
 
 use super::{find, flat_params, load_all, Experiment};
-use crate::cache::RunCache;
 use crate::error::PipeError;
-use crate::plan::{self, Decision};
 use crate::registry::Registry;
 use crate::workspace::Workspace;
 
@@ -214,12 +212,7 @@ pub fn run(
         ));
     }
     let ws = Workspace::load(file, &[], Registry::builtins())?;
-    let cache = RunCache::new(&artifacts);
-    let missing: Vec<String> = plan::plan(&ws, None, &BTreeSet::new(), Some(&cache))
-        .into_iter()
-        .filter(|p| matches!(p.decision, Decision::Run(_)))
-        .map(|p| ws.pipeline.stages[p.index].name.clone())
-        .collect();
+    let missing = super::not_restorable(&ws);
     drop(ws);
     if !missing.is_empty() {
         say(&format!(

@@ -95,6 +95,26 @@ pub fn load_all(artifacts: &Path) -> Vec<Experiment> {
     all
 }
 
+/// The stages of the workspace's pipeline that neither are up to date nor can be restored
+/// from the run cache (local, and the remote one when `[cache] remote` is set): what a
+/// restoring run would have to compute.
+pub fn not_restorable(ws: &crate::workspace::Workspace) -> Vec<String> {
+    let artifacts = ws.pipeline.artifacts();
+    let console = crate::progress::Console::new();
+    let planned = if ws.pipeline.cache.remote.is_some() {
+        let tiered = crate::remote::TieredCache::new(&artifacts, &ws.pipeline.cache, &console);
+        crate::plan::plan(ws, None, &Default::default(), Some(&tiered))
+    } else {
+        let local = crate::cache::RunCache::new(&artifacts);
+        crate::plan::plan(ws, None, &Default::default(), Some(&local))
+    };
+    planned
+        .into_iter()
+        .filter(|p| matches!(p.decision, crate::plan::Decision::Run(_)))
+        .map(|p| ws.pipeline.stages[p.index].name.clone())
+        .collect()
+}
+
 /// Every stage fingerprint of every recorded experiment (what `gc --all-experiments` keeps).
 pub fn fingerprints(artifacts: &Path) -> Vec<String> {
     load_all(artifacts)

@@ -7,13 +7,10 @@
 //! combination whose stage fails does not stop the others (the sweep then exits 1); Ctrl-C
 //! stops the sweep where it is.
 
-use std::collections::BTreeSet;
 use std::path::Path;
 
-use crate::cache::RunCache;
 use crate::config::Override;
 use crate::error::PipeError;
-use crate::plan::{self, Decision};
 use crate::registry::Registry;
 use crate::workspace::Workspace;
 
@@ -130,12 +127,7 @@ pub fn run(
     }
     // Back to the workspace's own params.
     let ws = Workspace::load(file, &[], Registry::builtins())?;
-    let cache = RunCache::new(&ws.pipeline.artifacts());
-    let missing: Vec<String> = plan::plan(&ws, None, &BTreeSet::new(), Some(&cache))
-        .into_iter()
-        .filter(|p| matches!(p.decision, Decision::Run(_)))
-        .map(|p| ws.pipeline.stages[p.index].name.clone())
-        .collect();
+    let missing = super::not_restorable(&ws);
     drop(ws);
     if missing.is_empty() {
         say("sweep: putting the workspace back on its own params (pipeline.toml)");
