@@ -24,6 +24,7 @@
 pub mod cache;
 pub mod check;
 pub mod cli;
+pub mod clock;
 pub mod command_stage;
 pub mod config;
 pub mod dag;

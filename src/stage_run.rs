@@ -176,7 +176,7 @@ fn new_entry(
         placed: ran.placed,
         seed: builtin.then_some(pipeline.seed),
         seconds: (took.as_secs_f64() * 1000.0).round() / 1000.0,
-        finished: Some(crate::experiments::now_utc()),
+        finished: Some(crate::clock::now_utc()),
         params: lock::json_to_table(&stage.hashed_params),
         upstream: assessment.upstream,
         metrics: lock::json_to_table(metrics),
