@@ -10,6 +10,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant, SystemTime};
 
+mod common;
+use common::text;
+
 const BIN: &str = env!("CARGO_BIN_EXE_fmnist-pipe");
 
 /// Every process a test's engine starts inherits this variable; one found after the
@@ -249,14 +252,6 @@ fn collect(root: &Path, path: &Path, files: &mut BTreeMap<String, Vec<u8>>) {
         }
         Err(_) => {}
     }
-}
-
-fn text(out: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
 }
 
 /// Live processes (not zombies) whose environment carries `token`, as "PID CMDLINE".

@@ -7,6 +7,9 @@ use std::process::{Command, Output};
 
 use tempfile::TempDir;
 
+mod common;
+use common::text;
+
 const BIN: &str = env!("CARGO_BIN_EXE_fmnist-pipe");
 
 /// a -> (b, c) -> d. b reads a.txt as a dep, c and d use `needs`.
@@ -80,14 +83,6 @@ impl Workspace {
     fn read(&self, rel: &str) -> String {
         std::fs::read_to_string(self.path(rel)).unwrap_or_else(|e| panic!("read {rel}: {e}"))
     }
-}
-
-fn text(out: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
 }
 
 fn sorted(mut v: Vec<String>) -> Vec<String> {

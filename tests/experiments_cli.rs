@@ -6,11 +6,14 @@
 //! Over 500 lines: each test walks one user loop end to end (edit and rerun, git, sweep
 //! and apply, the study), and the shared workspace helpers sit beside them.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Command, Output};
 
 use serde_json::Value;
 use tempfile::TempDir;
+
+mod common;
+use common::{fixture_dir, text};
 
 const BIN: &str = env!("CARGO_BIN_EXE_fmnist-pipe");
 
@@ -109,14 +112,6 @@ impl Ws {
         assert!(text.contains(from), "{from} not in pipeline.toml");
         std::fs::write(self.path("pipeline.toml"), text.replace(from, to)).unwrap();
     }
-}
-
-fn text(o: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
 }
 
 fn number(v: &Value, what: &str) -> f64 {
@@ -465,10 +460,6 @@ fn a_failed_combination_does_not_stop_the_sweep() {
     assert_eq!(number(&rows[0]["metrics"]["a.score"], "a.score"), 0.3);
     assert_eq!(rows[1]["current"], true, "back on its own params: {rows:?}");
     up_to_date(&ws, 3);
-}
-
-fn fixture_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/fashion-mnist")
 }
 
 /// download, a small baseline training and its evaluation (tests/study_cli.rs's pipeline,

@@ -23,6 +23,9 @@ use object_store::aws::{AmazonS3, AmazonS3Builder};
 use object_store::path::Path as Key;
 use object_store::{ObjectStore, ObjectStoreExt, PutPayload};
 
+mod common;
+use common::{fixture_dir, text};
+
 const BUCKET: &str = "fmnist-cache";
 
 fn repo() -> &'static Path {
@@ -261,20 +264,8 @@ fn walk(root: &Path, dir: &Path, out: &mut Vec<(String, Vec<u8>)>) {
     }
 }
 
-fn text(o: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
-}
-
 fn count(haystack: &str, needle: &str) -> usize {
     haystack.matches(needle).count()
-}
-
-fn fixture_dir() -> PathBuf {
-    repo().join("tests/fixtures/fashion-mnist")
 }
 
 /// The study, small: download, one short training, evaluation.

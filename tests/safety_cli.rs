@@ -6,6 +6,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
+mod common;
+use common::text;
+
 const BIN: &str = env!("CARGO_BIN_EXE_fmnist-pipe");
 
 /// A workspace folder inside a parent that also holds a folder "outside" the workspace.
@@ -51,14 +54,6 @@ impl Sandbox {
             .as_deref()
             == Some("precious")
     }
-}
-
-fn text(out: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
 }
 
 fn assert_refused(out: &Output, needle: &str) {

@@ -9,9 +9,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-fn fixture_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/fashion-mnist")
-}
+mod common;
+use common::{fixture_dir, text};
 
 /// One test at a time on the cluster: the tests look jobs up by name and count what is
 /// queued, and the one node has two CPUs.
@@ -100,14 +99,6 @@ impl Workspace {
     fn lock(&self) -> toml::Table {
         toml::from_str(&self.read("pipeline.lock")).expect("lock parses")
     }
-}
-
-fn text(o: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
 }
 
 /// The squeue states of this workspace's jobs by name, e.g. {"fmnist-a": "RUNNING"}.

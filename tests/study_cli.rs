@@ -1,13 +1,12 @@
 //! The study end to end through the real binary: the built-in stages (download, stats, train,
 //! evaluate, visualize, report) on the committed fixture subset, in a temp workspace.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Output};
 use std::time::SystemTime;
 
-fn fixture_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/fashion-mnist")
-}
+mod common;
+use common::{fixture_dir, text};
 
 /// A small version of the default pipeline: same stages, a few hundred images.
 fn pipeline(samples: &str) -> String {
@@ -71,14 +70,6 @@ fn fmnist(dir: &Path, args: &[&str]) -> Output {
         .env_remove("RUST_LOG")
         .output()
         .expect("the fmnist-pipe binary runs")
-}
-
-fn text(o: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
 }
 
 fn modified(p: &Path) -> SystemTime {
