@@ -16,10 +16,13 @@ use common::{fixture_dir, text};
 /// queued, and the one node has two CPUs.
 static CLUSTER: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
-fn cluster() -> std::sync::MutexGuard<'static, ()> {
-    CLUSTER
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
+/// The cluster to this test alone, or None (the test skips) when there is no Slurm.
+fn on_cluster(test: &str) -> Option<std::sync::MutexGuard<'static, ()>> {
+    slurm_ready(test).then(|| {
+        CLUSTER
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    })
 }
 
 /// True when a Slurm controller answers; otherwise says why the test skips (or panics in
@@ -197,10 +200,11 @@ fn stage_files(ws: &Workspace, stage: &str) -> Vec<(String, Vec<u8>)> {
 
 #[test]
 fn the_study_through_slurm_gives_the_local_bytes_and_records_the_jobs() {
-    if !slurm_ready("the_study_through_slurm_gives_the_local_bytes_and_records_the_jobs") {
+    let Some(_cluster) =
+        on_cluster("the_study_through_slurm_gives_the_local_bytes_and_records_the_jobs")
+    else {
         return;
-    }
-    let _cluster = cluster();
+    };
     let local = Workspace::new(&study("local"));
     let out = local.pipe(&["run"]);
     assert_eq!(out.status.code(), Some(0), "{}", text(&out));
@@ -238,10 +242,9 @@ fn the_study_through_slurm_gives_the_local_bytes_and_records_the_jobs() {
 
 #[test]
 fn independent_stages_are_in_the_queue_at_once() {
-    if !slurm_ready("independent_stages_are_in_the_queue_at_once") {
+    let Some(_cluster) = on_cluster("independent_stages_are_in_the_queue_at_once") else {
         return;
-    }
-    let _cluster = cluster();
+    };
     let (a, b) = (unique("qa"), unique("qb"));
     let ws = Workspace::new(&format!(
         r#"
@@ -273,10 +276,11 @@ resources = {{ cpus = 1, mem = "100M" }}
 
 #[test]
 fn a_cancelled_job_fails_its_stage_keeps_outputs_and_the_rerun_resumes() {
-    if !slurm_ready("a_cancelled_job_fails_its_stage_keeps_outputs_and_the_rerun_resumes") {
+    let Some(_cluster) =
+        on_cluster("a_cancelled_job_fails_its_stage_keeps_outputs_and_the_rerun_resumes")
+    else {
         return;
-    }
-    let _cluster = cluster();
+    };
     let ws = Workspace::new(&study("slurm"));
     let out = ws.pipe(&["run", "--stage", "download"]);
     assert_eq!(out.status.code(), Some(0), "{}", text(&out));
@@ -373,10 +377,10 @@ fn a_cancelled_job_fails_its_stage_keeps_outputs_and_the_rerun_resumes() {
 
 #[test]
 fn a_stage_marked_local_runs_here_inside_a_slurm_pipeline() {
-    if !slurm_ready("a_stage_marked_local_runs_here_inside_a_slurm_pipeline") {
+    let Some(_cluster) = on_cluster("a_stage_marked_local_runs_here_inside_a_slurm_pipeline")
+    else {
         return;
-    }
-    let _cluster = cluster();
+    };
     let (here, there) = (unique("here"), unique("there"));
     let ws = Workspace::new(&format!(
         r#"
@@ -417,10 +421,10 @@ needs = ["{here}"]
 
 #[test]
 fn a_run_after_a_killed_submit_host_cancels_its_jobs_first() {
-    if !slurm_ready("a_run_after_a_killed_submit_host_cancels_its_jobs_first") {
+    let Some(_cluster) = on_cluster("a_run_after_a_killed_submit_host_cancels_its_jobs_first")
+    else {
         return;
-    }
-    let _cluster = cluster();
+    };
     let stage = unique("orphan");
     let pipeline = |cmd: &str| {
         format!(
@@ -460,10 +464,9 @@ fn a_run_after_a_killed_submit_host_cancels_its_jobs_first() {
 
 #[test]
 fn a_refused_submission_is_a_config_error() {
-    if !slurm_ready("a_refused_submission_is_a_config_error") {
+    let Some(_cluster) = on_cluster("a_refused_submission_is_a_config_error") else {
         return;
-    }
-    let _cluster = cluster();
+    };
     let ws = Workspace::new(
         r#"
 [pipeline]
