@@ -18,6 +18,10 @@
 //! | `[cache]` table (remote, push, required, endpoint) and AWS credentials | neither hashed nor recorded | where results are shared does not change them; a workspace with another remote (or none) still restores the same fingerprints |
 //! | this recipe's layout (`RECIPE`) | hashed | bumped when this table changes, so old locks read stale |
 //!
+//! A stage's *lineage* ([`lineage`]) is the same recipe with the kind's progress params
+//! (train's `epochs`) left out: runs that differ only in how far they go share it, and with
+//! it a continuation folder where a longer run finds the end state of a shorter one.
+//!
 //! When to bump a kind's `VERSION`: whenever the same params and inputs would give different
 //! output bytes (a numeric change, a new or renamed output file, a format change) or a
 //! param's meaning changes. Not for speed-ups that keep the bytes.
@@ -60,6 +64,41 @@ pub fn of_stage(
         upstream,
         deps_digest,
     })
+}
+
+/// The stage's lineage: its fingerprint with the kind's progress params left out, or None
+/// when its kind has none (command stages, most kinds). Runs with equal lineages differ only
+/// in how far they go, so the first part of the longer one is the whole of the shorter one.
+pub fn lineage(
+    pipeline: &Pipeline,
+    stage: &Stage,
+    upstream: &BTreeMap<String, String>,
+    deps_digest: &str,
+) -> Option<String> {
+    let crate::config::Body::Builtin {
+        progress_params, ..
+    } = &stage.body
+    else {
+        return None;
+    };
+    if progress_params.is_empty() {
+        return None;
+    }
+    let mut params = stage.hashed_params.clone();
+    if let Some(map) = params.as_object_mut() {
+        for key in *progress_params {
+            map.remove(*key);
+        }
+    }
+    let kind = format!("{} lineage", stage.kind_name());
+    Some(fingerprint(&Recipe {
+        kind: &kind,
+        version: stage.version(),
+        params: &params,
+        seed: Some(pipeline.seed),
+        upstream,
+        deps_digest,
+    }))
 }
 
 pub fn fingerprint(recipe: &Recipe) -> String {

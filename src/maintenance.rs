@@ -8,7 +8,7 @@ use crate::error::PipeError;
 use crate::lock;
 use crate::plan;
 use crate::publish::remove_path;
-use crate::stage_run::scratch_name;
+use crate::stage_run::{continue_name, scratch_name, CONTINUE_DIR};
 use crate::workspace::{self, RunGuard, Workspace, ENGINE_FOLDERS};
 
 /// Deletes the outputs and lock entries of the given stages (all when empty). The run
@@ -51,11 +51,16 @@ pub fn clean(ws: &mut Workspace, targets: &[usize]) -> Result<Vec<String>, PipeE
 /// Drops cached runs (and their files) that the current lock does not reference, plus
 /// leftovers of interrupted runs.
 pub fn gc(ws: &Workspace) -> Result<crate::cache::GcReport, PipeError> {
-    gc_keeping(ws, &[])
+    gc_keeping(ws, &[], false)
 }
 
-/// [`gc`], keeping the cached runs of these fingerprints too (`gc --all-experiments`).
-pub fn gc_keeping(ws: &Workspace, also: &[String]) -> Result<crate::cache::GcReport, PipeError> {
+/// [`gc`], keeping the cached runs of these fingerprints too, and with `all_continuations`
+/// every end state a longer run could continue from (`gc --all-experiments`).
+pub fn gc_keeping(
+    ws: &Workspace,
+    also: &[String],
+    all_continuations: bool,
+) -> Result<crate::cache::GcReport, PipeError> {
     let artifacts = ws.pipeline.artifacts();
     let _guard = RunGuard::acquire(&artifacts)?;
     workspace::check_inside(&ws.pipeline, [], &ENGINE_FOLDERS)?;
@@ -77,22 +82,39 @@ pub fn gc_keeping(ws: &Workspace, also: &[String]) -> Result<crate::cache::GcRep
     remove_path(&tmp).map_err(|e| PipeError::io_at(&tmp, "remove", e))?;
     // Checkpoints of trainings abandoned for other params or inputs: only the ones a run of
     // the pipeline as it stands could resume are kept.
-    let resumable: BTreeSet<String> = plan::plan(ws, None, &BTreeSet::new(), None)
-        .into_iter()
+    // Likewise the end states longer runs could continue from: those of the pipeline's
+    // current lineages are kept, or all of them when asked.
+    let planned = plan::plan(ws, None, &BTreeSet::new(), None);
+    let resumable: BTreeSet<String> = planned
+        .iter()
         .filter_map(|p| {
             let name = &ws.pipeline.stages[p.index].name;
-            Some(scratch_name(name, &p.fingerprint?))
+            Some(scratch_name(name, p.fingerprint.as_deref()?))
         })
         .collect();
-    let scratch = artifacts.join(".scratch");
-    if let Ok(dirs) = std::fs::read_dir(&scratch) {
-        for dir in dirs.flatten() {
-            if !resumable.contains(&*dir.file_name().to_string_lossy()) {
-                let path = dir.path();
+    report.scratch_removed += remove_unlisted(&artifacts.join(".scratch"), &resumable)?;
+    if !all_continuations {
+        let continuable: BTreeSet<String> = planned
+            .iter()
+            .filter_map(|p| Some(continue_name(p.lineage.as_deref()?)))
+            .collect();
+        let continue_dir = artifacts.join(".cache").join(CONTINUE_DIR);
+        report.scratch_removed += remove_unlisted(&continue_dir, &continuable)?;
+    }
+    Ok(report)
+}
+
+/// Deletes the entries of `dir` whose names `keep` lacks; returns how many.
+fn remove_unlisted(dir: &std::path::Path, keep: &BTreeSet<String>) -> Result<usize, PipeError> {
+    let mut removed = 0;
+    if let Ok(entries) = std::fs::read_dir(dir) {
+        for entry in entries.flatten() {
+            if !keep.contains(&*entry.file_name().to_string_lossy()) {
+                let path = entry.path();
                 remove_path(&path).map_err(|e| PipeError::io_at(&path, "remove", e))?;
-                report.scratch_removed += 1;
+                removed += 1;
             }
         }
     }
-    Ok(report)
+    Ok(removed)
 }

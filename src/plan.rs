@@ -24,6 +24,8 @@ pub struct Assessment {
     /// The fingerprint the stage has now (with recorded upstream hashes where they are not
     /// known yet).
     pub fingerprint: String,
+    /// Its lineage (see [`fingerprint::lineage`]), for kinds with progress params.
+    pub lineage: Option<String>,
     pub deps: Vec<FileRecord>,
     /// Upstream stage -> output hash, as they enter the fingerprint.
     pub upstream: BTreeMap<String, String>,
@@ -81,9 +83,12 @@ pub fn assess(
         }
     }
     let upstream_pending = !reasons.is_empty();
-    let fingerprint = fingerprint::of_stage(pipeline, stage, &upstream, &manifest::digest(&deps));
+    let deps_digest = manifest::digest(&deps);
+    let fingerprint = fingerprint::of_stage(pipeline, stage, &upstream, &deps_digest);
+    let lineage = fingerprint::lineage(pipeline, stage, &upstream, &deps_digest);
     let mut assessment = Assessment {
         fingerprint,
+        lineage,
         deps,
         upstream,
         reasons,
@@ -209,6 +214,8 @@ pub struct Planned {
     pub decision: Decision,
     /// The fingerprint the stage has now (None when its files could not be read).
     pub fingerprint: Option<String>,
+    /// Its lineage, for kinds with progress params (see [`fingerprint::lineage`]).
+    pub lineage: Option<String>,
 }
 
 /// Decides every stage in `selected` (all when None), in run order, before anything runs:
@@ -227,12 +234,12 @@ pub fn plan(
         }
         let stage = &ws.pipeline.stages[i];
         let entry = ws.lock.stages.get(&stage.name);
-        let (decision, fingerprint) = match assess(&ws.pipeline, stage, entry, &hashes) {
+        let (decision, fingerprint, lineage) = match assess(&ws.pipeline, stage, entry, &hashes) {
             Ok(mut assessment) => {
                 let decision = decide(&mut assessment, forced.contains(&i), cache);
-                (decision, Some(assessment.fingerprint))
+                (decision, Some(assessment.fingerprint), assessment.lineage)
             }
-            Err(reason) => (Decision::Run(vec![reason]), None),
+            Err(reason) => (Decision::Run(vec![reason]), None, None),
         };
         let known = match &decision {
             Decision::UpToDate { .. } => entry.map(|e| e.outs_hash.clone()),
@@ -244,6 +251,7 @@ pub fn plan(
             index: i,
             decision,
             fingerprint,
+            lineage,
         });
     }
     planned

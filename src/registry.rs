@@ -21,6 +21,9 @@ pub struct Kind {
     /// restored like the others but left out of the content hash downstream stages see
     /// (timings: a retrain to identical model bytes must not make its consumers stale).
     pub unhashed_outputs: &'static [&'static str],
+    /// Top-level params that only say how far a run goes (train's `epochs`): runs differing
+    /// in these alone share a continuation folder (see [`crate::fingerprint::lineage`]).
+    pub progress_params: &'static [&'static str],
     validate: Box<ValidateFn>,
     run: Box<RunFn>,
 }
@@ -38,6 +41,7 @@ pub struct Validated {
 pub fn kind<K: StageKind>() -> Kind {
     Kind {
         unhashed_outputs: K::UNHASHED_OUTPUTS,
+        progress_params: K::PROGRESS_PARAMS,
         ..builtin(K::NAME, K::VERSION, K::run, K::UNHASHED_PARAMS, K::validate)
     }
 }
@@ -64,6 +68,7 @@ where
         version,
         unhashed,
         unhashed_outputs: &[],
+        progress_params: &[],
         validate: Box::new(move |table| {
             let params = parse::<P>(table)?;
             check(&params).map_err(|e| e.to_string())?;

@@ -124,7 +124,11 @@ pub fn process(
     let started = Instant::now();
     let result = match &stage.body {
         Body::Builtin { kind, table, .. } => {
-            run_builtin(env, stage, kind, table, &assessment.fingerprint, upstream)
+            let keys = RunKeys {
+                fingerprint: &assessment.fingerprint,
+                lineage: assessment.lineage.as_deref(),
+            };
+            run_builtin(env, stage, kind, table, keys, upstream)
         }
         Body::Command { cmd, outs, .. } => run_command(env, stage, cmd, outs),
     };
@@ -185,9 +189,25 @@ fn new_entry(
     }
 }
 
+/// The folder under artifacts/.cache holding the continuation folders.
+pub const CONTINUE_DIR: &str = "continue";
+
 /// A stage's folder under artifacts/.scratch (checkpoints), one per fingerprint.
 pub fn scratch_name(stage: &str, fingerprint: &str) -> String {
     format!("{stage}-{}", &fingerprint[..16.min(fingerprint.len())])
+}
+
+/// The folder under artifacts/.cache/continue shared by the runs of one lineage (see
+/// `fingerprint::lineage`): end states that longer runs continue from.
+pub fn continue_name(lineage: &str) -> String {
+    lineage[..32.min(lineage.len())].to_string()
+}
+
+/// The keys a built-in stage's folders are named by.
+#[derive(Clone, Copy)]
+struct RunKeys<'a> {
+    fingerprint: &'a str,
+    lineage: Option<&'a str>,
 }
 
 /// Workspace-relative form of a path under the root, `/`-separated.
@@ -203,7 +223,7 @@ fn run_builtin(
     stage: &Stage,
     kind: &str,
     table: &toml::Table,
-    fingerprint: &str,
+    keys: RunKeys,
     upstream: &BTreeMap<String, Published>,
 ) -> Result<(Vec<FileRecord>, Ran), StageEnd> {
     let pipeline = &env.ws.pipeline;
@@ -217,8 +237,19 @@ fn run_builtin(
     std::fs::create_dir_all(&out_dir).map_err(io_fail("create", &out_dir))?;
     let scratch_dir = artifacts
         .join(".scratch")
-        .join(scratch_name(&stage.name, fingerprint));
+        .join(scratch_name(&stage.name, keys.fingerprint));
     std::fs::create_dir_all(&scratch_dir).map_err(io_fail("create", &scratch_dir))?;
+    let continue_dir = match keys.lineage {
+        Some(lineage) => {
+            let dir = artifacts
+                .join(".cache")
+                .join(CONTINUE_DIR)
+                .join(continue_name(lineage));
+            std::fs::create_dir_all(&dir).map_err(io_fail("create", &dir))?;
+            Some(dir)
+        }
+        None => None,
+    };
     let inputs: Vec<Input> = stage
         .needs
         .iter()
@@ -247,6 +278,7 @@ fn run_builtin(
         inputs: &inputs,
         out_dir: &out_dir,
         scratch_dir: &scratch_dir,
+        continue_dir: continue_dir.as_deref(),
         device: &pipeline.device,
         kernels: pipeline.kernels,
         seed: pipeline.seed,

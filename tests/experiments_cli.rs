@@ -590,3 +590,60 @@ fn a_learning_rate_sweep_on_the_study_lists_accuracies_and_applies() {
     assert!(!again.contains("running"), "{again}");
     up_to_date(&ws, 3);
 }
+
+#[test]
+fn a_longer_training_continues_from_a_shorter_one_to_the_same_bytes() {
+    let continued = Ws::new(&study());
+    let first = continued.ok(&["run"]);
+    assert!(first.contains("epoch 1/1"), "{first}");
+    continued.edit("epochs = 1", "epochs = 2");
+    let log = continued.ok(&["run"]);
+    assert!(
+        log.contains("continuing from the end of an earlier 1-epoch run"),
+        "{log}"
+    );
+    assert!(
+        log.contains("epoch 2/2") && !log.contains("epoch 1/2"),
+        "{log}"
+    );
+
+    let from_scratch = Ws::new(&study().replace("epochs = 1", "epochs = 2"));
+    let log = from_scratch.ok(&["run"]);
+    assert!(
+        log.contains("epoch 1/2") && log.contains("epoch 2/2"),
+        "{log}"
+    );
+    assert!(!log.contains("continuing"), "{log}");
+    for file in [
+        "artifacts/train-baseline/model.safetensors",
+        "artifacts/train-baseline/history.json",
+        "artifacts/train-baseline/config.json",
+        "artifacts/evaluate/metrics.json",
+    ] {
+        let (a, b) = (continued.path(file), from_scratch.path(file));
+        let (a, b) = (std::fs::read(a).unwrap(), std::fs::read(b).unwrap());
+        assert!(
+            a == b,
+            "{file} differs between the continued and the scratch run"
+        );
+    }
+
+    // A sweep's longer combination continues from its shorter one, and the lineage's end
+    // states survive gc while the pipeline can use them.
+    let log = from_scratch.ok(&["run", "--sweep", "--set", "train-baseline.epochs=3,4"]);
+    assert!(
+        log.contains("earlier 2-epoch run") && log.contains("earlier 3-epoch run"),
+        "{log}"
+    );
+    for n in 1..=3 {
+        assert!(!log.contains(&format!("epoch {n}/4")), "{log}");
+    }
+    from_scratch.ok(&["gc"]);
+    from_scratch.edit("epochs = 2", "epochs = 5");
+    let log = from_scratch.ok(&["run"]);
+    assert!(log.contains("earlier 4-epoch run"), "{log}");
+    assert!(
+        log.contains("epoch 5/5") && !log.contains("epoch 4/5"),
+        "{log}"
+    );
+}

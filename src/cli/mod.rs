@@ -206,7 +206,7 @@ fn dispatch(cli: Cli) -> Result<(), PipeError> {
             } else {
                 Vec::new()
             };
-            let report = maintenance::gc_keeping(&ws, &also)?;
+            let report = maintenance::gc_keeping(&ws, &also, all_experiments)?;
             output::emit_line(&format!(
                 "removed {} cached runs and {} files ({:.1} MB), {} abandoned checkpoint folders",
                 report.runs_removed,

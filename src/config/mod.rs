@@ -94,6 +94,8 @@ pub enum Body {
         /// Output files (relative to the stage's folder) kept out of the content hash
         /// downstream stages see.
         unhashed_outputs: &'static [&'static str],
+        /// Params that only say how far a run goes (see [`crate::fingerprint::lineage`]).
+        progress_params: &'static [&'static str],
         /// The stage's table minus `kind` and `needs`, overrides applied.
         table: toml::Table,
     },

@@ -143,6 +143,7 @@ pub(super) fn stage_from_entries(
                 kind,
                 version: implementation.version,
                 unhashed_outputs: implementation.unhashed_outputs,
+                progress_params: implementation.progress_params,
                 table,
             };
             (body, validated.hashed, validated.full)

@@ -42,6 +42,12 @@ pub struct StageContext<'a> {
     /// by the stage's fingerprint, so it only ever holds state of a run with the same inputs
     /// and params; the orchestrator deletes it once the stage succeeds.
     pub scratch_dir: &'a Path,
+    /// For kinds with `PROGRESS_PARAMS`: a folder shared by every run of the stage whose
+    /// params differ from this one's in those alone (same inputs, seed and version). A run
+    /// leaves its final state there, and a longer run starts from the furthest shorter one
+    /// instead of from scratch. Several runs may use it at once: write each state under a
+    /// temporary name and rename it into place. None for kinds without progress params.
+    pub continue_dir: Option<&'a Path>,
     /// The pipeline's device request: "auto" | "cpu" | "cuda" | "cuda:N" | "metal".
     pub device: &'a str,
     /// The ops to run on the CPU: the fast kernels, or the portable path a GPU runs. Stages

@@ -25,6 +25,10 @@ pub trait StageKind: 'static {
     /// facts such as timings, so that a rerun to identical results does not make the
     /// consumers stale.
     const UNHASHED_OUTPUTS: &'static [&'static str] = &[];
+    /// Top-level params that only say how far a run goes (train's `epochs`), such that the
+    /// first part of a longer run is the whole of a shorter one. Runs whose params differ in
+    /// these alone share a continuation folder ([`StageContext::continue_dir`]).
+    const PROGRESS_PARAMS: &'static [&'static str] = &[];
 
     /// The stage's `[stages.NAME]` table (minus `kind` and `needs`), deserialized: unknown or
     /// wrong-typed keys are config errors; what it serializes back to (defaults filled in)

@@ -56,6 +56,7 @@ impl Run {
             inputs: &[],
             out_dir: self.out.path(),
             scratch_dir: self.scratch.path(),
+            continue_dir: None,
             device: "cpu",
             kernels: fmnist_stages::ops::Kernels::Fast,
             seed: 42,

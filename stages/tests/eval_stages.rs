@@ -65,6 +65,7 @@ fn run_stage<T>(
         inputs,
         out_dir: out,
         scratch_dir: scratch.path(),
+        continue_dir: None,
         device: "cpu",
         kernels: fmnist_stages::ops::Kernels::Fast,
         seed: 7,

@@ -118,6 +118,7 @@ optimizer = { name = "adam", lr = 1e-3 }
         inputs: &inputs,
         out_dir: out,
         scratch_dir: scratch.path(),
+        continue_dir: None,
         device: "cpu",
         kernels,
         seed: 3,

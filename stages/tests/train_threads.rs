@@ -28,6 +28,7 @@ fn model_bytes(p: &Params, threads: usize) -> anyhow::Result<Vec<u8>> {
         inputs: &inputs,
         out_dir: out.path(),
         scratch_dir: scratch.path(),
+        continue_dir: None,
         device: "cpu",
         kernels: fmnist_stages::ops::Kernels::Fast,
         seed: 42,

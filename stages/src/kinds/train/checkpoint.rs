@@ -170,45 +170,215 @@ fn remove_unrecorded_checkpoints(dir: &Path, kept: &[Checkpoint]) {
     }
 }
 
-/// Restores the newest good checkpoint of a run with these params and seed from the scratch
-/// folder. A checkpoint whose files are missing, truncated, changed (size or blake3 differ
-/// from `checkpoint.json`) or do not load is discarded with a warning to the user, and the one
-/// before it is tried. Returns the state to train from and the checkpoint it holds (None:
-/// from the start). Only a failure to build the initial state is an error.
+/// Where training picks up: the state to train from, the epochs behind it, and the scratch
+/// checkpoint it came from (None when it came from elsewhere or from the start), which the
+/// next scratch checkpoint keeps as its fallback.
+pub(super) struct Resumed {
+    pub(super) learner: Learner,
+    pub(super) history: Vec<EpochRecord>,
+    pub(super) timings: Vec<EpochTiming>,
+    pub(super) scratch_checkpoint: Option<Checkpoint>,
+}
+
+/// The state to train from: the newest good checkpoint of this very run in the scratch
+/// folder (an interrupted run), or, when further along, the end state of the furthest
+/// shorter run of the same lineage in the continuation folder (same params but fewer
+/// epochs): the first epochs of this run are that whole run, as every epoch's draws and
+/// learning rate depend on its index alone. A checkpoint whose files are missing, truncated,
+/// changed (size or blake3 differ from `checkpoint.json`) or do not load is discarded with a
+/// warning to the user, and the one before it is tried. Only a failure to build the initial
+/// state is an error.
 pub(super) fn resume(
     params: &Params,
     seed: u64,
     device: &Device,
     ctx: &StageContext,
-) -> anyhow::Result<(Learner, Option<Checkpoint>)> {
+) -> anyhow::Result<Resumed> {
     let warn = |msg: &str| {
         tracing::warn!("{msg}");
         ctx.progress.println(&format!("warning: {msg}"));
     };
     let fresh = || Learner::init(params.model, seed, device, DType::F32, &params.optimizer);
-    let mut state = fresh()?;
-    let Some(mut meta) = read_checkpoint_meta(params, seed, ctx.scratch_dir, &warn) else {
-        return Ok((state, None));
+    let from_start = "training starts from the first epoch";
+    let interrupted = load_newest(
+        ctx.scratch_dir,
+        params,
+        seed,
+        device,
+        &fresh,
+        &warn,
+        from_start,
+    )?;
+    let done = interrupted.as_ref().map_or(0, |(_, c)| c.epochs_done);
+    if let Some(continue_dir) = ctx.continue_dir {
+        for epochs in end_states(continue_dir)
+            .into_iter()
+            .filter(|&n| n > done && n <= params.epochs)
+        {
+            let shorter = Params {
+                epochs,
+                ..params.clone()
+            };
+            let dir = continue_dir.join(end_state_name(epochs));
+            let Some((learner, checkpoint)) = load_newest(
+                &dir,
+                &shorter,
+                seed,
+                device,
+                &fresh,
+                &warn,
+                "not continuing from that run",
+            )?
+            else {
+                continue;
+            };
+            if checkpoint.epochs_done != epochs {
+                continue;
+            }
+            let mut history = checkpoint.history;
+            // The shorter run evaluated its last epoch; this one evaluates only its own last
+            // unless it evaluates every epoch.
+            if !params.eval_every_epoch && epochs < params.epochs {
+                if let Some(last) = history.last_mut() {
+                    last.test_loss = None;
+                    last.test_accuracy = None;
+                }
+            }
+            ctx.progress.println(&format!(
+                "continuing from the end of an earlier {epochs}-epoch run with the same params ({}): {} of {} epochs to train",
+                dir.display(),
+                params.epochs - epochs,
+                params.epochs
+            ));
+            return Ok(Resumed {
+                learner,
+                history,
+                timings: checkpoint.timings,
+                scratch_checkpoint: None,
+            });
+        }
+    }
+    Ok(match interrupted {
+        Some((learner, checkpoint)) => {
+            ctx.progress.println(&format!(
+                "resuming after epoch {}/{} from {}",
+                checkpoint.epochs_done,
+                params.epochs,
+                ctx.scratch_dir.display()
+            ));
+            Resumed {
+                learner,
+                history: checkpoint.history.clone(),
+                timings: checkpoint.timings.clone(),
+                scratch_checkpoint: Some(checkpoint),
+            }
+        }
+        None => Resumed {
+            learner: fresh()?,
+            history: Vec::new(),
+            timings: Vec::new(),
+            scratch_checkpoint: None,
+        },
+    })
+}
+
+/// The newest good checkpoint in `dir` of a run with exactly these params and seed, loaded
+/// into a fresh state, trying older ones (with a warning) when it is damaged; the warning
+/// that none is usable ends with `instead` (what happens then).
+fn load_newest(
+    dir: &Path,
+    params: &Params,
+    seed: u64,
+    device: &Device,
+    fresh: &dyn Fn() -> candle_core::Result<Learner>,
+    warn: &dyn Fn(&str),
+    instead: &str,
+) -> anyhow::Result<Option<(Learner, Checkpoint)>> {
+    let give_up = |msg: &str| warn(&format!("{msg}; {instead}"));
+    let Some(mut meta) = read_checkpoint_meta(params, seed, dir, &give_up) else {
+        return Ok(None);
     };
     meta.checkpoints.sort_by_key(|c| c.epochs_done);
     for (i, checkpoint) in meta.checkpoints.iter().enumerate().rev() {
-        match restore(checkpoint, params, ctx.scratch_dir, device, &mut state) {
-            Ok(()) => return Ok((state, Some(checkpoint.clone()))),
+        let mut state = fresh()?;
+        match restore(checkpoint, params, dir, device, &mut state) {
+            Ok(()) => return Ok(Some((state, checkpoint.clone()))),
             Err(problem) => {
-                let next = match i.checked_sub(1).map(|j| &meta.checkpoints[j]) {
-                    Some(c) => format!("falling back to the one after epoch {}", c.epochs_done),
-                    None => "training starts from the first epoch".to_string(),
-                };
-                warn(&format!(
-                    "discarding the checkpoint after epoch {}: {problem}; {next}",
+                let discarding = format!(
+                    "discarding the checkpoint after epoch {}: {problem}",
                     checkpoint.epochs_done
-                ));
-                // The failed load may have overwritten part of the state.
-                state = fresh()?;
+                );
+                match i.checked_sub(1).map(|j| &meta.checkpoints[j]) {
+                    Some(c) => warn(&format!(
+                        "{discarding}; falling back to the one after epoch {}",
+                        c.epochs_done
+                    )),
+                    None => give_up(&discarding),
+                }
             }
         }
     }
-    Ok((state, None))
+    Ok(None)
+}
+
+/// The folder in the continuation folder holding the end state of an `epochs`-epoch run.
+fn end_state_name(epochs: usize) -> String {
+    format!("epochs-{epochs}")
+}
+
+/// The epoch counts of the end states in `dir`, furthest first.
+fn end_states(dir: &Path) -> Vec<usize> {
+    let mut found: Vec<usize> = std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| {
+            e.file_name()
+                .to_str()?
+                .strip_prefix("epochs-")?
+                .parse()
+                .ok()
+        })
+        .collect();
+    found.sort_unstable_by(|a, b| b.cmp(a));
+    found
+}
+
+/// Leaves the end state of a finished run in the continuation folder for longer runs of
+/// the same lineage: written whole under a temporary name, then renamed into place, so a
+/// concurrent reader sees all of it or none. An end state already there (the same run,
+/// deterministic) is kept.
+pub(super) fn save_end_state(
+    params: &Params,
+    seed: u64,
+    continue_dir: &Path,
+    state: &Learner,
+    history: &[EpochRecord],
+    timings: &[EpochTiming],
+) -> anyhow::Result<()> {
+    let target = continue_dir.join(end_state_name(history.len()));
+    if target.join(CHECKPOINT_META).is_file() {
+        return Ok(());
+    }
+    let tmp = continue_dir.join(format!(
+        ".{}.{}.tmp",
+        end_state_name(history.len()),
+        std::process::id()
+    ));
+    let _ = std::fs::remove_dir_all(&tmp);
+    let written =
+        save_checkpoint(params, seed, &tmp, state, history, timings, &mut None).and_then(|()| {
+            std::fs::rename(&tmp, &target)
+                .with_context(|| format!("moving {} into place", target.display()))
+        });
+    if written.is_err() {
+        let _ = std::fs::remove_dir_all(&tmp);
+    }
+    if written.is_err() && target.join(CHECKPOINT_META).is_file() {
+        // Another run of the same lineage got there first.
+        return Ok(());
+    }
+    written
 }
 
 /// `checkpoint.json` in `dir` when it belongs to this run; anything else (none, unreadable,
@@ -221,10 +391,7 @@ fn read_checkpoint_meta(
 ) -> Option<CheckpointMeta> {
     let path = dir.join(CHECKPOINT_META);
     let ignored = |why: String| {
-        warn(&format!(
-            "ignoring {}: {why}; training starts from the first epoch",
-            path.display()
-        ));
+        warn(&format!("ignoring {}: {why}", path.display()));
         None
     };
     let text = match std::fs::read(&path) {

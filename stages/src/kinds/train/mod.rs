@@ -35,7 +35,11 @@ pub const VERSION: u32 = 4;
 /// The `train` kind.
 pub struct Train;
 
-stage_kind!(Train, UNHASHED_OUTPUTS = outputs::UNHASHED_OUTPUTS);
+stage_kind!(
+    Train,
+    UNHASHED_OUTPUTS = outputs::UNHASHED_OUTPUTS,
+    PROGRESS_PARAMS = &["epochs"],
+);
 
 /// The `[stages.NAME]` table of a train stage.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -110,19 +114,12 @@ fn train(params: Params, ctx: &StageContext) -> anyhow::Result<Metrics> {
     let train_set = data.load_nonempty(Split::Train, params.train_limit)?;
     let test_set = data.load(Split::Test)?;
 
-    let (mut learner, mut last_checkpoint) = checkpoint::resume(&params, seed, &device, ctx)?;
-    let (mut history, mut timings) = last_checkpoint
-        .as_ref()
-        .map(|c| (c.history.clone(), c.timings.clone()))
-        .unwrap_or_default();
-    if !history.is_empty() {
-        ctx.progress.println(&format!(
-            "resuming after epoch {}/{} from {}",
-            history.len(),
-            params.epochs,
-            ctx.scratch_dir.display()
-        ));
-    }
+    let checkpoint::Resumed {
+        mut learner,
+        mut history,
+        mut timings,
+        scratch_checkpoint: mut last_checkpoint,
+    } = checkpoint::resume(&params, seed, &device, ctx)?;
 
     let setup = EpochSetup {
         params: &params,
@@ -160,6 +157,16 @@ fn train(params: Params, ctx: &StageContext) -> anyhow::Result<Metrics> {
             &timings,
             &mut last_checkpoint,
         )?;
+    }
+
+    if let Some(dir) = ctx.continue_dir {
+        if let Err(e) = checkpoint::save_end_state(&params, seed, dir, &learner, &history, &timings)
+        {
+            // Only a longer run later loses: it trains from the start.
+            let msg = format!("could not keep the end state for longer runs: {e:#}");
+            tracing::warn!("{msg}");
+            ctx.progress.println(&format!("warning: {msg}"));
+        }
     }
 
     let mut resolved = params.clone();
