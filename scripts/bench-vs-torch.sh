@@ -11,7 +11,9 @@
 # Env: PYTHON (required: a python with torch; TORCH_PYTHON is taken too), TORCH_REF (default
 #      ../shared/peers/torch_reference.py, relative to the repository), DATA (required: the
 #      folder with the four Fashion-MNIST files, e.g. Debian's /usr/share/datasets/fashion-mnist),
-#      WITH_CANDLE=1 also runs the portable path (candle's ops only, as a GPU runs them).
+#      WITH_CANDLE=1 also runs the portable path (candle's ops only, as a GPU runs them),
+#      FMNIST_CPU=avx2 runs our side on the AVX2 kernels of an AVX-512 CPU (the level each
+#      run took is printed; PyTorch's own choice is its "cpu capability").
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -33,8 +35,9 @@ for tool in "$python" "$torch_ref" "$data"; do
 done
 
 cargo build --release -q
+bin=${CARGO_TARGET_DIR:-target}/release/fmnist-pipe
 ours() { # model [fast|portable]
-  target/release/fmnist-pipe bench --model "$1" --images "$images" --threads "$threads" \
+  "$bin" bench --model "$1" --images "$images" --threads "$threads" \
     --data "$data" --kernels "${2:-fast}" --json
 }
 
@@ -64,6 +67,20 @@ printf '# cpu: %s\n' "$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed
 printf '# vector extensions: %s\n' \
   "$(grep -m1 '^flags' /proc/cpuinfo | tr ' ' '\n' | grep -E '^(avx|avx2|fma|avx512[a-z_]*|amx[a-z_]*)$' | sort -u | tr '\n' ' ')"
 printf '# torch: %s\n' "$("$python" -c 'import torch; print(torch.__version__, "cpu capability", torch.backends.cpu.get_cpu_capability())')"
+# The machine's ceiling for these models: PyTorch's sgemm at this thread count (2048^3,
+# median of 10), against which the FLOPs per image (README, Speed) are read.
+printf '# sgemm (torch, %s threads, 2048x2048x2048, median of 10): %s GFLOP/s\n' "$threads" \
+  "$("$python" - "$threads" <<'PY'
+import statistics, sys, time, torch
+torch.set_num_threads(int(sys.argv[1]))
+a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
+a @ b
+times = []
+for _ in range(10):
+    t0 = time.perf_counter(); a @ b; times.append(time.perf_counter() - t0)
+print(f"{2 * 2048**3 / statistics.median(times) / 1e9:.0f}")
+PY
+)"
 results=$(mktemp)
 trap 'rm -f "$results"' EXIT
 for model in $models; do
@@ -79,7 +96,7 @@ model, o, t, ti, c = sys.argv[1], *map(json.loads, sys.argv[2:])
 tr, ir = o["train_images_per_s"] / t["train_images_per_s"], o["infer_images_per_s"] / ti["infer_images_per_s"]
 line = (f"{model:9s} train ours {o['train_images_per_s']:7.1f}  torch {t['train_images_per_s']:7.1f}  ratio {tr:5.2f}x | "
         f"infer ours {o['infer_images_per_s']:7.1f}  torch {ti['infer_images_per_s']:7.1f}  ratio {ir:5.2f}x | "
-        f"peak RSS {o['peak_rss_mib']:.0f} MiB")
+        f"peak RSS {o['peak_rss_mib']:.0f} MiB | ours at {o.get('cpu_level', '?')}")
 if c:
     line += f" | portable train {c['train_images_per_s']:.1f} infer {c['infer_images_per_s']:.1f}"
 print(line)

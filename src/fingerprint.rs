@@ -14,7 +14,7 @@
 //! | `deps` files of a command stage | hashed by content (path + blake3) | they are its inputs |
 //! | file mtimes and sizes | not hashed; only let an unchanged file skip rehashing | a touch is not a change |
 //! | `cmd` of a command stage | hashed (it is a param) | it is the computation |
-//! | device, kernels, runner, run time, metrics | recorded in the lock only | same inputs, same results within tolerance; where it ran is history |
+//! | device, kernels, CPU vector level (AVX-512 / AVX2, `FMNIST_CPU`), runner, run time, metrics | recorded in the lock only (the level in train's metrics) | same inputs, same results within tolerance; where it ran is history |
 //! | `[cache]` table (remote, push, required, endpoint) and AWS credentials | neither hashed nor recorded | where results are shared does not change them; a workspace with another remote (or none) still restores the same fingerprints |
 //! | this recipe's layout (`RECIPE`) | hashed | bumped when this table changes, so old locks read stale |
 //!

@@ -566,6 +566,21 @@ fn a_learning_rate_sweep_on_the_study_lists_accuracies_and_applies() {
         assert!(html.contains(r["name"].as_str().unwrap()), "{html}");
     }
     assert!(!html.contains("NaN") && !html.contains("<script") && !html.contains("src="));
+    // As a browser shows it: every curve parsed (a malformed `points` list is a console
+    // error in Chromium), nothing else complained.
+    if fmnist_stages::test_support::chromium("exp show --html in Chromium").is_some() {
+        let view = fmnist_stages::test_support::open_in_chromium(&page).expect("chromium runs");
+        assert!(
+            view.console.is_empty(),
+            "console: {:?}\n{}",
+            view.console,
+            view.stderr_tail
+        );
+        assert_eq!(view.dom.matches("<polyline").count(), 2 * 3, "{}", view.dom);
+        for r in &rows {
+            assert!(view.dom.contains(r["name"].as_str().unwrap()));
+        }
+    }
 
     let other = rows
         .iter()

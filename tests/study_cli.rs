@@ -260,7 +260,7 @@ fn portable_kernels_setting_trains_and_is_recorded_not_hashed() {
 }
 
 #[test]
-fn bad_kernels_values_are_config_errors() {
+fn bad_kernels_and_cpu_level_values_are_config_errors() {
     let ws = tempfile::tempdir().unwrap();
     let dir = ws.path();
     let pipeline = resnet_only_pipeline("cpu").replace("seed = 7", "seed = 7\nkernels = \"gpu\"");
@@ -274,14 +274,20 @@ fn bad_kernels_values_are_config_errors() {
     );
 
     std::fs::write(dir.join("pipeline.toml"), resnet_only_pipeline("cpu")).unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_fmnist-pipe"))
-        .args(["run", "--dry-run"])
-        .current_dir(dir)
-        .env("FMNIST_KERNELS", "turbo")
-        .output()
-        .expect("the fmnist-pipe binary runs");
-    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
-    assert!(text(&out).contains("FMNIST_KERNELS"), "{}", text(&out));
+    for (var, value, expected) in [
+        ("FMNIST_KERNELS", "turbo", "fast or portable"),
+        ("FMNIST_CPU", "avx9", "auto, avx2 or avx512"),
+    ] {
+        let out = Command::new(env!("CARGO_BIN_EXE_fmnist-pipe"))
+            .args(["run", "--dry-run"])
+            .current_dir(dir)
+            .env(var, value)
+            .output()
+            .expect("the fmnist-pipe binary runs");
+        assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+        let said = text(&out);
+        assert!(said.contains(var) && said.contains(expected), "{said}");
+    }
 }
 
 /// A build without CUDA asked for CUDA says which build to make (exit 1), for a stage and for

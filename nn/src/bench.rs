@@ -36,6 +36,8 @@ pub struct BenchReport {
     /// "fast" (this crate's CPU kernels) or "portable" (candle's tensor ops only, the path a
     /// GPU runs).
     pub kernels: Kernels,
+    /// The x86 vector level the CPU kernels ran at ("avx512", "avx2", "generic").
+    pub cpu_level: ops::CpuLevel,
     pub train_seconds: f64,
     pub train_images_per_s: f64,
     pub final_batch_loss: f32,
@@ -49,8 +51,8 @@ impl std::fmt::Display for BenchReport {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         writeln!(
             f,
-            "{} on {} images, {}, {} threads, {} kernels",
-            self.model, self.images, self.device, self.threads, self.kernels
+            "{} on {} images, {}, {} threads, {} kernels, CPU level {}",
+            self.model, self.images, self.device, self.threads, self.kernels, self.cpu_level
         )?;
         writeln!(
             f,
@@ -150,6 +152,7 @@ fn measure(options: &BenchOptions, device: &Device) -> anyhow::Result<BenchRepor
         threads: options.threads,
         device: device::describe(device),
         kernels: options.kernels,
+        cpu_level: ops::cpu_level(),
         train_seconds,
         train_images_per_s: images as f64 / train_seconds.max(1e-9),
         final_batch_loss: last_loss,

@@ -48,7 +48,9 @@ pub fn main() -> ExitCode {
             .with_writer(std::io::stderr)
             .init();
     }
-    match dispatch(cli) {
+    let checked = fmnist_stages::ops::cpu_level_from_env()
+        .map_err(|e| PipeError::Config(format!("{}: {e}", fmnist_stages::ops::CPU_LEVEL_ENV)));
+    match checked.and_then(|_| dispatch(cli)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             output::warn_line(&format!("error: {e}"));

@@ -10,6 +10,7 @@ use std::sync::atomic::AtomicBool;
 use std::sync::OnceLock;
 
 use fmnist_stages::models::{self, ModelKind};
+use fmnist_stages::test_support::{chromium, open_in_chromium};
 use fmnist_stages::{evaluate, report, train, visualize, Input, NoProgress, StageContext};
 
 fn fixture_dir() -> PathBuf {
@@ -502,75 +503,9 @@ fn report_inlines_every_image_and_escapes_text() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// What headless Chromium made of a page: the DOM after the load event, and every line the
-/// page wrote to the console (Chromium logs them all, errors and uncaught exceptions
-/// included, as `INFO:CONSOLE` lines on stderr).
-struct BrowserView {
-    dom: String,
-    console: Vec<String>,
-    stderr_tail: String,
-}
-
-impl BrowserView {
-    /// The value of `<body name="...">` in the dumped DOM.
-    fn body_attribute(&self, name: &str) -> Option<&str> {
-        let at = self.dom.find(&format!("{name}=\""))? + name.len() + 2;
-        let len = self.dom[at..].find('"')?;
-        Some(&self.dom[at..at + len])
-    }
-}
-
-const CHROMIUM: &str = "/usr/bin/chromium";
-
-/// Opens `page` in headless Chromium with a fresh profile and no network features.
-fn open_in_chromium(page: &Path) -> anyhow::Result<BrowserView> {
-    let profile = tempfile::tempdir()?;
-    let output = std::process::Command::new("timeout")
-        .arg("60")
-        .arg(CHROMIUM)
-        .args([
-            "--headless",
-            "--no-sandbox",
-            "--disable-gpu",
-            "--disable-quic",
-            "--no-first-run",
-            "--disable-background-networking",
-            "--disable-component-update",
-            "--disable-sync",
-            "--enable-logging=stderr",
-            "--v=0",
-        ])
-        .arg(format!("--user-data-dir={}", profile.path().display()))
-        .arg("--dump-dom")
-        .arg(format!("file://{}", page.display()))
-        .output()?;
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    anyhow::ensure!(
-        output.status.success(),
-        "chromium exited with {:?}: {stderr}",
-        output.status
-    );
-    let mut tail: Vec<&str> = stderr.lines().rev().take(10).collect();
-    tail.reverse();
-    Ok(BrowserView {
-        dom: String::from_utf8_lossy(&output.stdout).into_owned(),
-        console: stderr
-            .lines()
-            .filter(|l| l.contains(":CONSOLE"))
-            .map(str::to_string)
-            .collect(),
-        stderr_tail: tail.join("\n"),
-    })
-}
-
-fn chromium_missing() -> bool {
-    fmnist_stages::test_support::require(Path::new(CHROMIUM), "Chromium", "the browser check")
-        .is_none()
-}
-
 #[test]
 fn report_renders_in_headless_chromium() -> anyhow::Result<()> {
-    if chromium_missing() {
+    if chromium("the report's browser check").is_none() {
         return Ok(());
     }
     let (dir, metrics, _) = reported();
@@ -593,7 +528,7 @@ fn report_renders_in_headless_chromium() -> anyhow::Result<()> {
 /// script that throws is caught on all three counts.
 #[test]
 fn the_browser_check_catches_a_broken_image_and_a_script_error() -> anyhow::Result<()> {
-    if chromium_missing() {
+    if chromium("the browser check's own check").is_none() {
         return Ok(());
     }
     let (dir, metrics, _) = reported();

@@ -143,6 +143,26 @@ unsafe fn raw_sgemm(
     rhs: MatRef<'_>,
     parallelism: Parallelism,
 ) {
+    #[cfg(target_arch = "x86_64")]
+    if super::cpu_level::cpu_level() == super::cpu_level::CpuLevel::Avx2
+        && super::cpu_level::detected() > super::cpu_level::CpuLevel::Avx2
+    {
+        if let Some(simd) = gemm_common::simd::V3::try_new() {
+            avx2_sgemm(
+                simd,
+                m,
+                n,
+                k,
+                dst,
+                dst_stride,
+                accumulate,
+                lhs,
+                rhs,
+                parallelism,
+            );
+            return;
+        }
+    }
     gemm::gemm(
         m,
         n,
@@ -161,6 +181,65 @@ unsafe fn raw_sgemm(
         1.0,
         false,
         false,
+        false,
+        parallelism,
+    )
+}
+
+/// [`raw_sgemm`] through the gemm crate's AVX2 (FMA) microkernels, which its own dispatch
+/// passes over on an AVX-512 CPU: the path an AVX2-only machine takes, for a capped level.
+///
+/// # Safety
+/// As [`raw_sgemm`].
+#[cfg(target_arch = "x86_64")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn avx2_sgemm(
+    simd: gemm_common::simd::V3,
+    m: usize,
+    n: usize,
+    k: usize,
+    dst: *mut f32,
+    dst_stride: usize,
+    accumulate: bool,
+    lhs: MatRef<'_>,
+    rhs: MatRef<'_>,
+    parallelism: Parallelism,
+) {
+    use gemm_f32::microkernel::fma::f32 as ukr;
+    // f32 lanes of one AVX2 register.
+    const LANES: usize = 8;
+    gemm_common::gemm::gemm_basic_generic::<
+        _,
+        f32,
+        LANES,
+        { ukr::MR_DIV_N * LANES },
+        { ukr::NR },
+        { ukr::MR_DIV_N },
+        { ukr::H_M },
+        { ukr::H_N },
+    >(
+        simd,
+        m,
+        n,
+        k,
+        dst,
+        1,
+        dst_stride as isize,
+        accumulate,
+        lhs.data.as_ptr(),
+        lhs.col_stride as isize,
+        lhs.row_stride as isize,
+        rhs.data.as_ptr(),
+        rhs.col_stride as isize,
+        rhs.row_stride as isize,
+        1.0,
+        1.0,
+        false,
+        false,
+        false,
+        |a, b, c| a * b + c,
+        &ukr::UKR,
+        &ukr::H_UKR,
         false,
         parallelism,
     )

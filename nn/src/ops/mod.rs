@@ -8,6 +8,7 @@ mod conv;
 mod conv_backward;
 mod conv_geometry;
 mod conv_op;
+mod cpu_level;
 mod gemm;
 mod huge_pages;
 mod im2col;
@@ -20,6 +21,10 @@ mod winograd;
 pub use conv::conv_forward;
 pub use conv_backward::conv_backward;
 pub use conv_geometry::{ConvGeometry, MaxPool};
+pub use cpu_level::{
+    cpu_level, cpu_level_from_env, detected as detected_cpu_level, set_cpu_level, CpuLevel,
+    UnknownCpuLevel, CPU_LEVEL_ENV,
+};
 pub use huge_pages::HugePageAlloc;
 pub(crate) use kernels::note_fast_dispatch;
 pub use kernels::{

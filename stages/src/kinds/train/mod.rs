@@ -206,6 +206,7 @@ fn train(params: Params, ctx: &StageContext) -> anyhow::Result<Metrics> {
         "train_images_per_s": timings.images_per_s(),
         "device": device::describe(&device),
         "kernels": kernels,
+        "cpu_level": crate::ops::cpu_level(),
     }))
 }
 
