@@ -12,8 +12,9 @@
 #      ../shared/peers/torch_reference.py, relative to the repository), DATA (required: the
 #      folder with the four Fashion-MNIST files, e.g. Debian's /usr/share/datasets/fashion-mnist),
 #      WITH_CANDLE=1 also runs the portable path (candle's ops only, as a GPU runs them),
-#      FMNIST_CPU=avx2 runs our side on the AVX2 kernels of an AVX-512 CPU (the level each
-#      run took is printed; PyTorch's own choice is its "cpu capability").
+#      FMNIST_CPU=avx2 stands in for an AVX2-only machine on an AVX-512 CPU: our side runs
+#      its AVX2 kernels, and PyTorch is capped likewise (ATEN_CPU_CAPABILITY, and oneDNN's and
+#      MKL's own ISA limits); the level each side ran at is printed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -29,6 +30,9 @@ fi
 torch_ref=${TORCH_REF:-../shared/peers/torch_reference.py}
 data=${DATA:?set DATA to the folder holding the four Fashion-MNIST files (e.g. /usr/share/datasets/fashion-mnist)}
 [ "$models" = both ] && models="baseline resnet18"
+if [ "${FMNIST_CPU:-auto}" = avx2 ]; then
+  export ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 DNNL_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2
+fi
 
 for tool in "$python" "$torch_ref" "$data"; do
   [ -e "$tool" ] || { echo "error: $tool not found (set PYTHON / TORCH_REF / DATA)" >&2; exit 2; }
