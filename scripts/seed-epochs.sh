@@ -10,8 +10,7 @@ set -euo pipefail
 repo=$(cd "$(dirname "$0")/.." && pwd)
 ws=${1:?usage: scripts/seed-epochs.sh WORKSPACE_FOLDER}
 (cd "$repo" && cargo build --release -q)
-bin=$repo/${CARGO_TARGET_DIR:-target}/release/fmnist-pipe
-[ "${CARGO_TARGET_DIR:-}" != "${CARGO_TARGET_DIR#/}" ] && bin=$CARGO_TARGET_DIR/release/fmnist-pipe
+bin=$(cd "$repo" && realpath "${CARGO_TARGET_DIR:-target}/release/fmnist-pipe")
 mkdir -p "$ws"
 [ -e "$ws/pipeline.toml" ] || cp "$repo/pipeline.toml" "$ws/"
 cd "$ws"

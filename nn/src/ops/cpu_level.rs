@@ -77,7 +77,6 @@ pub fn cpu_level_from_env() -> Result<Option<CpuLevel>, UnknownCpuLevel> {
         "" | "auto" => Ok(None),
         "avx2" => Ok(Some(CpuLevel::Avx2)),
         "avx512" | "avx-512" => Ok(Some(CpuLevel::Avx512)),
-        "generic" => Ok(Some(CpuLevel::Generic)),
         _ => Err(UnknownCpuLevel(value)),
     }
 }
