@@ -247,6 +247,17 @@ fn conv_matches_candle_on_model_shapes() -> Result<()> {
             padding: 1,
             bias: true,
         },
+        // layer3's 2x2 maps: the dense form.
+        Case {
+            batch: 6,
+            cin: 16,
+            cout: 24,
+            size: 2,
+            kernel: 3,
+            stride: 1,
+            padding: 1,
+            bias: true,
+        },
     ];
     for (i, case) in cases.iter().enumerate() {
         check_conv(case, 100 + i as u64, true)?;

@@ -8,6 +8,7 @@
 //! parallel. Weight gradients are summed per fixed group of chunks and the groups added in
 //! order, so the result does not depend on how rayon schedules the work (bit-reproducible).
 
+use super::conv_dense;
 use super::conv_geometry::{ConvGeometry, MaxPool};
 use super::gemm::{sgemm, MatRef};
 use super::im2col::{active_weight, im2col, inner_threads, Walk};
@@ -17,7 +18,8 @@ use super::zeroed;
 use candle_core::Result;
 use rayon::prelude::*;
 
-/// Forward, then ReLU if `relu`: Winograd for the 3x3 stride-1 layers it suits, else
+/// Forward, then ReLU if `relu`: the dense form on tiny maps, Winograd for the 3x3 stride-1
+/// layers it suits, else
 /// [`im2col_forward`].
 pub fn conv_forward(
     g: &ConvGeometry,
@@ -26,6 +28,9 @@ pub fn conv_forward(
     bias: Option<&[f32]>,
     relu: bool,
 ) -> Vec<f32> {
+    if conv_dense::suits(g) {
+        return conv_dense::forward(g, x, w, bias, relu);
+    }
     if winograd::suits(g) {
         return winograd::forward(g, x, w, winograd::Epilogue::Map { bias, relu }).0;
     }

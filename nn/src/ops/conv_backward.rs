@@ -3,6 +3,7 @@
 //! the input gradient as a GEMM followed by col2im, the bias gradient as a sum; Winograd for
 //! the pooled layers it suits.
 
+use super::conv_dense;
 use super::conv_geometry::{ConvGeometry, WEIGHT_GRAD_GROUPS};
 use super::gemm::{sgemm, MatRef};
 use super::im2col::{active_weight, col2im_add, expand_weight_grad, im2col, inner_threads, Walk};
@@ -109,9 +110,9 @@ impl OutputGrad<'_> {
     }
 }
 
-/// [`conv_backward`] from either form of the output gradient: the weight gradient through
-/// Winograd where a 2x2 pool follows a 3x3 stride-1 layer with wide maps, everything else
-/// through [`im2col_backward`].
+/// [`conv_backward`] from either form of the output gradient: the dense form on tiny maps, the
+/// weight gradient through Winograd where a 2x2 pool follows a 3x3 stride-1 layer with wide
+/// maps, everything else through [`im2col_backward`].
 pub fn conv_backward_from(
     g: &ConvGeometry,
     x: &[f32],
@@ -119,6 +120,9 @@ pub fn conv_backward_from(
     grad_y: OutputGrad,
     want: (bool, bool, bool),
 ) -> ConvGrads {
+    if let (true, OutputGrad::Dense(grad)) = (conv_dense::suits(g), grad_y) {
+        return conv_dense::backward(g, x, w, grad, want);
+    }
     let (want_x, want_w, want_b) = want;
     if let (
         true,

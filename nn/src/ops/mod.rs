@@ -6,6 +6,7 @@
 
 mod conv;
 mod conv_backward;
+mod conv_dense;
 mod conv_geometry;
 mod conv_op;
 mod cpu_level;
