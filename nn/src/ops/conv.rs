@@ -13,13 +13,13 @@ use super::conv_geometry::{ConvGeometry, MaxPool};
 use super::gemm::{sgemm, MatRef};
 use super::im2col::{active_weight, im2col, inner_threads, Walk};
 use super::pool::pool_planes;
-use super::winograd;
 use super::zeroed;
+use super::{winograd, winograd4};
 use candle_core::Result;
 use rayon::prelude::*;
 
-/// Forward, then ReLU if `relu`: the dense form on tiny maps, Winograd for the 3x3 stride-1
-/// layers it suits, else
+/// Forward, then ReLU if `relu`: the dense form on tiny maps, Winograd F(4x4, 3x3) on small
+/// ones and F(2x2, 3x3) on wide ones for the 3x3 stride-1 layers they suit, else
 /// [`im2col_forward`].
 pub fn conv_forward(
     g: &ConvGeometry,
@@ -30,6 +30,9 @@ pub fn conv_forward(
 ) -> Vec<f32> {
     if conv_dense::suits(g) {
         return conv_dense::forward(g, x, w, bias, relu);
+    }
+    if winograd4::suits(g) {
+        return winograd4::forward(g, x, w, bias, relu);
     }
     if winograd::suits(g) {
         return winograd::forward(g, x, w, winograd::Epilogue::Map { bias, relu }).0;

@@ -8,7 +8,7 @@ use super::conv_geometry::{ConvGeometry, WEIGHT_GRAD_GROUPS};
 use super::gemm::{sgemm, MatRef};
 use super::im2col::{active_weight, col2im_add, expand_weight_grad, im2col, inner_threads, Walk};
 use super::pool::PoolGeometry;
-use super::{winograd, zeroed};
+use super::{winograd, winograd4, zeroed};
 use rayon::prelude::*;
 
 /// Gradients of the convolution; each is computed only when asked for.
@@ -124,6 +124,15 @@ pub fn conv_backward_from(
         return conv_dense::backward(g, x, w, grad, want);
     }
     let (want_x, want_w, want_b) = want;
+    if let (true, true, OutputGrad::Dense(grad)) = (want_x, winograd4::suits(g), grad_y) {
+        if let Some(grad_x) = winograd4::input_grad(g, w, grad) {
+            let rest = im2col_backward(g, x, w, grad_y, (false, want_w, want_b));
+            return ConvGrads {
+                x: Some(grad_x),
+                ..rest
+            };
+        }
+    }
     if let (
         true,
         OutputGrad::Pooled {

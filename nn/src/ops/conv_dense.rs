@@ -11,6 +11,7 @@ use super::conv_geometry::{valid_range, ConvGeometry};
 use super::gemm::{sgemm_column_parallel, MatRef};
 use super::zeroed;
 use rayon::prelude::*;
+use std::mem::MaybeUninit;
 
 /// Least share of real taps in the unrolled weight for the dense form to pay: below it, the
 /// zeros cost more multiply-adds than im2col's padding taps and gathers save.
@@ -42,46 +43,69 @@ fn tap_span(out_len: usize, in_len: usize, g: &ConvGeometry) -> usize {
         .sum()
 }
 
-/// Per output pixel, the `(tap, input pixel)` pairs that link it to the image.
-fn links(g: &ConvGeometry) -> Vec<Vec<(usize, usize)>> {
-    (0..g.out_pixels())
-        .map(|p| {
-            let (oy, ox) = (p / g.out_width, p % g.out_width);
-            let mut pairs = Vec::with_capacity(g.kernel * g.kernel);
-            for ki in 0..g.kernel {
-                for kj in 0..g.kernel {
-                    let iy = (oy * g.stride + ki).checked_sub(g.padding);
-                    let ix = (ox * g.stride + kj).checked_sub(g.padding);
-                    if let (Some(iy), Some(ix)) = (iy, ix) {
-                        if iy < g.height && ix < g.width {
-                            pairs.push((ki * g.kernel + kj, iy * g.width + ix));
-                        }
+/// Per (output pixel, input pixel) pair, the tap that links them (`None`: none does).
+fn tap_table(g: &ConvGeometry) -> Vec<Option<usize>> {
+    let in_pixels = g.height * g.width;
+    let mut table = vec![None; g.out_pixels() * in_pixels];
+    for (p, row) in table.chunks_exact_mut(in_pixels).enumerate() {
+        let (oy, ox) = (p / g.out_width, p % g.out_width);
+        for ki in 0..g.kernel {
+            for kj in 0..g.kernel {
+                let iy = (oy * g.stride + ki).checked_sub(g.padding);
+                let ix = (ox * g.stride + kj).checked_sub(g.padding);
+                if let (Some(iy), Some(ix)) = (iy, ix) {
+                    if iy < g.height && ix < g.width {
+                        row[iy * g.width + ix] = Some(ki * g.kernel + kj);
                     }
                 }
             }
-            pairs
-        })
-        .collect()
+        }
+    }
+    table
+}
+
+/// A vector of `count` chunks of `chunk` values, each written once, in parallel, by
+/// `fill(index, chunk)`, which must write every slot of its chunk. These buffers are megabytes
+/// (the unrolled weight, a layer4 weight gradient): zeroing them first and then writing them
+/// would cost a second pass over memory.
+fn write_once(
+    count: usize,
+    chunk: usize,
+    fill: impl Fn(usize, &mut [MaybeUninit<f32>]) + Sync,
+) -> Vec<f32> {
+    let len = count * chunk;
+    let mut out: Vec<f32> = Vec::with_capacity(len);
+    if len == 0 {
+        return out;
+    }
+    out.spare_capacity_mut()[..len]
+        .par_chunks_mut(chunk)
+        .enumerate()
+        .for_each(|(index, slots)| fill(index, slots));
+    // SAFETY: the first `len` slots are `count` whole chunks, and each `fill` below writes
+    // every slot of its chunk (its loops run over the chunk's full extent).
+    unsafe { out.set_len(len) };
+    out
 }
 
 /// The unrolled weight, row-major `[Cout * HoWo, Cin * HW]`, one output channel per task.
 fn unroll(g: &ConvGeometry, w: &[f32]) -> Vec<f32> {
-    let links = links(g);
-    let (cols, in_pixels, taps) = (g.in_image_len(), g.height * g.width, g.kernel * g.kernel);
-    let mut u = zeroed(g.out_image_len() * cols);
-    u.par_chunks_mut(g.out_pixels() * cols)
-        .zip(w.par_chunks(g.in_channels * taps))
-        .for_each(|(u_co, w_co)| {
-            for (ci, w_tap) in w_co.chunks_exact(taps).enumerate() {
-                for (p, pairs) in links.iter().enumerate() {
-                    let row = &mut u_co[p * cols + ci * in_pixels..][..in_pixels];
-                    for &(tap, q) in pairs {
-                        row[q] = w_tap[tap];
-                    }
+    let table = tap_table(g);
+    let (cin, in_pixels, taps) = (g.in_channels, g.height * g.width, g.kernel * g.kernel);
+    let per_co = g.out_pixels() * cin * in_pixels;
+    write_once(g.out_channels, per_co, |co, u_co| {
+        let w_co = &w[co * cin * taps..(co + 1) * cin * taps];
+        for (links, u_p) in table
+            .chunks_exact(in_pixels)
+            .zip(u_co.chunks_exact_mut(cin * in_pixels))
+        {
+            for (w_tap, u_ci) in w_co.chunks_exact(taps).zip(u_p.chunks_exact_mut(in_pixels)) {
+                for (slot, tap) in u_ci.iter_mut().zip(links) {
+                    slot.write(tap.map_or(0.0, |t| w_tap[t]));
                 }
             }
-        });
-    u
+        }
+    })
 }
 
 /// Column ranges per GEMM: one single-threaded part per thread (bit-identical to one part).
@@ -189,22 +213,28 @@ pub fn backward(
 /// The weight gradient `[Cout, Cin, K, K]` from the unrolled weight's: each tap's entries
 /// summed over output pixels, in pixel order.
 fn fold(g: &ConvGeometry, gu: &[f32]) -> Vec<f32> {
-    let links = links(g);
+    let table = tap_table(g);
     let (cols, in_pixels, taps) = (g.in_image_len(), g.height * g.width, g.kernel * g.kernel);
-    let mut gw = zeroed(g.out_channels * g.in_channels * taps);
-    gw.par_chunks_mut(g.in_channels * taps)
-        .zip(gu.par_chunks(g.out_pixels() * cols))
-        .for_each(|(gw_co, gu_co)| {
-            for (ci, gw_tap) in gw_co.chunks_exact_mut(taps).enumerate() {
-                for (p, pairs) in links.iter().enumerate() {
-                    let row = &gu_co[p * cols + ci * in_pixels..][..in_pixels];
-                    for &(tap, q) in pairs {
-                        gw_tap[tap] += row[q];
-                    }
+    // Per tap, the (output pixel, input pixel) pairs it links, in pixel order.
+    let mut pairs = vec![Vec::new(); taps];
+    for (i, tap) in table.iter().enumerate() {
+        if let Some(t) = tap {
+            pairs[*t].push((i / in_pixels, i % in_pixels));
+        }
+    }
+    let per_co = g.in_channels * taps;
+    write_once(g.out_channels, per_co, |co, gw_co| {
+        let gu_co = &gu[co * g.out_pixels() * cols..(co + 1) * g.out_pixels() * cols];
+        for (ci, gw_ci) in gw_co.chunks_exact_mut(taps).enumerate() {
+            for (slot, links) in gw_ci.iter_mut().zip(&pairs) {
+                let mut sum = 0.0;
+                for &(p, q) in links {
+                    sum += gu_co[p * cols + ci * in_pixels + q];
                 }
+                slot.write(sum);
             }
-        });
-    gw
+        }
+    })
 }
 
 #[cfg(test)]

@@ -18,6 +18,7 @@ mod linear;
 mod norm;
 mod pool;
 mod winograd;
+mod winograd4;
 
 pub use conv::conv_forward;
 pub use conv_backward::conv_backward;

@@ -1,0 +1,434 @@
+//! Winograd F(4x4, 3x3) for the 3x3 stride-1 convolutions on small maps (ResNet's 7x7 and
+//! 4x4 layers; Lavin & Gray, 2015): each 4x4 block of output pixels comes from a 6x6 input
+//! tile with 36 multiplies per channel pair instead of 144, 3-4x fewer than im2col on these
+//! maps. The tiles of many images go through the 36 GEMMs together, so they stay wide where an
+//! image has a single tile. Tiles are the vector lanes of both transforms: the transformed
+//! input is `v[point][ci][tile]`, the GEMM output `m[point][co][tile]`.
+//!
+//! The input gradient is the same convolution of the output gradient with the filters flipped
+//! and their channels swapped ([`input_grad`]).
+
+use super::conv_geometry::ConvGeometry;
+use super::cpu_level::{cpu_level, CpuLevel};
+use super::gemm::{sgemm, MatRef};
+use super::zeroed;
+use rayon::prelude::*;
+
+/// Transform points per tile (6x6).
+const POINTS: usize = 36;
+/// Output pixels per tile side, input pixels per tile window side.
+const TILE: usize = 4;
+const WINDOW: usize = 6;
+/// Tiles per vector in the transforms.
+const LANES: usize = 16;
+/// Tiles per pass (input transform, GEMMs, output transform): a constant, so the work and so
+/// the bits never depend on the thread count.
+const CHUNK_TILES: usize = 256;
+
+type Lanes = [f32; LANES];
+
+/// Runs `$generic` (an `#[inline(always)]` function) compiled for the best vector extension
+/// the level allows: the transforms are lane-wise additions and multiplies, so every level
+/// gives the same bits (no contraction into FMAs).
+macro_rules! dispatch {
+    ($name:ident => $generic:ident($($arg:ident: $ty:ty),* $(,)?)) => {
+        #[allow(clippy::too_many_arguments)]
+        fn $name($($arg: $ty),*) {
+            #[cfg(target_arch = "x86_64")]
+            {
+                #[target_feature(enable = "avx512f")]
+                #[allow(clippy::too_many_arguments)]
+                fn avx512($($arg: $ty),*) {
+                    $generic($($arg),*)
+                }
+                #[target_feature(enable = "avx,avx2")]
+                #[allow(clippy::too_many_arguments)]
+                fn avx2($($arg: $ty),*) {
+                    $generic($($arg),*)
+                }
+                match cpu_level() {
+                    // SAFETY: the CPU has the extension (cpu_level never exceeds detection).
+                    CpuLevel::Avx512 => return unsafe { avx512($($arg),*) },
+                    CpuLevel::Avx2 => return unsafe { avx2($($arg),*) },
+                    CpuLevel::Generic => {}
+                }
+            }
+            $generic($($arg),*)
+        }
+    };
+}
+
+/// Whether the layer is a 3x3 stride-1 convolution on a map small enough (4x4 to 8x8 output)
+/// for these tiles, with channels enough for the GEMMs to dominate the transforms.
+pub fn suits(g: &ConvGeometry) -> bool {
+    g.kernel == 3
+        && g.stride == 1
+        && g.padding <= 2
+        && g.in_channels >= 8
+        && g.out_channels >= 8
+        && (TILE..=2 * TILE).contains(&g.out_height)
+        && (TILE..=2 * TILE).contains(&g.out_width)
+}
+
+/// G of F(4x4, 3x3): the filter transform's 6x3 matrix.
+const G: [[f32; 3]; 6] = [
+    [1.0 / 4.0, 0.0, 0.0],
+    [-1.0 / 6.0, -1.0 / 6.0, -1.0 / 6.0],
+    [-1.0 / 6.0, 1.0 / 6.0, -1.0 / 6.0],
+    [1.0 / 24.0, 1.0 / 12.0, 1.0 / 6.0],
+    [1.0 / 24.0, -1.0 / 12.0, 1.0 / 6.0],
+    [0.0, 0.0, 1.0],
+];
+
+/// The filters in the transform domain, `u[co][point][ci]` = (G f G^T)[point] for the filter
+/// `f = w[co][ci]` (or, with `flipped`, `w[ci][co]` rotated by 180 degrees: the input
+/// gradient's filters, where `co`/`ci` are the forward's input/output channels). One task per
+/// output channel, 16 input channels per vector.
+fn transform_weight(cout: usize, cin: usize, w: &[f32], flipped: bool) -> Vec<f32> {
+    let mut u = zeroed(cout * POINTS * cin);
+    u.par_chunks_mut(POINTS * cin)
+        .enumerate()
+        .for_each(|(co, u_co)| filters(co, cout, cin, w, flipped, u_co));
+    u
+}
+
+dispatch!(filters => filters_generic(
+    co: usize,
+    cout: usize,
+    cin: usize,
+    w: &[f32],
+    flipped: bool,
+    u_co: &mut [f32],
+));
+
+/// [`transform_weight`] for output channel `co`, into `u_co[point][ci]`.
+#[inline(always)]
+fn filters_generic(co: usize, cout: usize, cin: usize, w: &[f32], flipped: bool, u_co: &mut [f32]) {
+    for ci0 in (0..cin).step_by(LANES) {
+        let lanes = LANES.min(cin - ci0);
+        let mut f = [[[0f32; LANES]; 3]; 3];
+        for (a, row) in f.iter_mut().enumerate() {
+            for (b, tap) in row.iter_mut().enumerate() {
+                for (lane, v) in tap.iter_mut().enumerate().take(lanes) {
+                    let ci = ci0 + lane;
+                    *v = if flipped {
+                        w[(ci * cout + co) * 9 + (2 - a) * 3 + (2 - b)]
+                    } else {
+                        w[(co * cin + ci) * 9 + a * 3 + b]
+                    };
+                }
+            }
+        }
+        let mut gf = [[[0f32; LANES]; 3]; WINDOW];
+        for (i, row) in gf.iter_mut().enumerate() {
+            for (c, out) in row.iter_mut().enumerate() {
+                for l in 0..LANES {
+                    out[l] = G[i][0] * f[0][c][l] + G[i][1] * f[1][c][l] + G[i][2] * f[2][c][l];
+                }
+            }
+        }
+        for (i, gf_row) in gf.iter().enumerate() {
+            for (j, g_row) in G.iter().enumerate() {
+                let mut out = [0f32; LANES];
+                for (l, o) in out.iter_mut().enumerate() {
+                    *o =
+                        gf_row[0][l] * g_row[0] + gf_row[1][l] * g_row[1] + gf_row[2][l] * g_row[2];
+                }
+                let at = (i * WINDOW + j) * cin + ci0;
+                u_co[at..at + lanes].copy_from_slice(&out[..lanes]);
+            }
+        }
+    }
+}
+
+/// Where the tiles are: tiles per image and per row, and each tile's window origin.
+struct Tiling {
+    per_row: usize,
+    per_image: usize,
+}
+
+impl Tiling {
+    fn new(g: &ConvGeometry) -> Self {
+        let per_row = g.out_width.div_ceil(TILE);
+        Self {
+            per_row,
+            per_image: g.out_height.div_ceil(TILE) * per_row,
+        }
+    }
+
+    /// Tile `t`'s image and the position of its top-left output pixel.
+    fn locate(&self, t: usize) -> (usize, usize, usize) {
+        let (n, k) = (t / self.per_image, t % self.per_image);
+        (n, TILE * (k / self.per_row), TILE * (k % self.per_row))
+    }
+}
+
+/// `B^T` applied to six lane vectors (rows or columns of a window).
+#[inline(always)]
+fn input_1d(d: &[Lanes; 6]) -> [Lanes; 6] {
+    let mut b = [[0f32; LANES]; 6];
+    for l in 0..LANES {
+        let (d0, d1, d2, d3, d4, d5) = (d[0][l], d[1][l], d[2][l], d[3][l], d[4][l], d[5][l]);
+        b[0][l] = 4.0 * d0 - 5.0 * d2 + d4;
+        b[1][l] = -4.0 * d1 - 4.0 * d2 + d3 + d4;
+        b[2][l] = 4.0 * d1 - 4.0 * d2 - d3 + d4;
+        b[3][l] = -2.0 * d1 - d2 + 2.0 * d3 + d4;
+        b[4][l] = 2.0 * d1 - d2 - 2.0 * d3 + d4;
+        b[5][l] = 4.0 * d1 - 5.0 * d3 + d5;
+    }
+    b
+}
+
+/// `A^T` applied to six lane vectors.
+#[inline(always)]
+fn output_1d(m: &[Lanes; 6]) -> [Lanes; 4] {
+    let mut o = [[0f32; LANES]; 4];
+    for l in 0..LANES {
+        let (m0, m1, m2, m3, m4, m5) = (m[0][l], m[1][l], m[2][l], m[3][l], m[4][l], m[5][l]);
+        o[0][l] = m0 + m1 + m2 + m3 + m4;
+        o[1][l] = m1 - m2 + 2.0 * m3 - 2.0 * m4;
+        o[2][l] = m1 + m2 + 4.0 * m3 + 4.0 * m4;
+        o[3][l] = m1 - m2 + 8.0 * m3 - 8.0 * m4 + m5;
+    }
+    o
+}
+
+/// For 16 tiles starting at `first_tile` (of `tiles`), the window pixels that lie on the
+/// image: `(lane-major position in the window block, offset in the input)`; padding and lanes
+/// past the last tile stay zero.
+fn window_pixels(
+    g: &ConvGeometry,
+    tiling: &Tiling,
+    first_tile: usize,
+    tiles: usize,
+) -> Vec<(u32, u32)> {
+    let mut pixels = Vec::with_capacity(POINTS * LANES);
+    for lane in 0..LANES.min(tiles.saturating_sub(first_tile)) {
+        let (n, oy, ox) = tiling.locate(first_tile + lane);
+        for r in 0..WINDOW {
+            for c in 0..WINDOW {
+                let iy = (oy + r).checked_sub(g.padding).filter(|&y| y < g.height);
+                let ix = (ox + c).checked_sub(g.padding).filter(|&x| x < g.width);
+                if let (Some(iy), Some(ix)) = (iy, ix) {
+                    let at = n * g.in_image_len() + iy * g.width + ix;
+                    pixels.push((((r * WINDOW + c) * LANES + lane) as u32, at as u32));
+                }
+            }
+        }
+    }
+    pixels
+}
+
+dispatch!(input_channel => input_channel_generic(
+    plane_offset: usize,
+    x: &[f32],
+    groups: &[Vec<(u32, u32)>],
+    v_ci: &mut [f32],
+));
+
+/// B^T d B of every tile for one input channel (its plane `plane_offset` into each image),
+/// into `v_ci[point][tile]`.
+#[inline(always)]
+fn input_channel_generic(
+    plane_offset: usize,
+    x: &[f32],
+    groups: &[Vec<(u32, u32)>],
+    v_ci: &mut [f32],
+) {
+    let row = v_ci.len() / POINTS;
+    let plane = &x[plane_offset..];
+    for (group, pixels) in groups.iter().enumerate() {
+        let mut flat = [0f32; POINTS * LANES];
+        for &(pos, at) in pixels {
+            flat[pos as usize] = plane[at as usize];
+        }
+        let mut d = [[[0f32; LANES]; WINDOW]; WINDOW];
+        for (p, lanes) in flat.chunks_exact(LANES).enumerate() {
+            d[p / WINDOW][p % WINDOW].copy_from_slice(lanes);
+        }
+        // B^T down the columns, then B along the rows.
+        let mut cols = [[[0f32; LANES]; WINDOW]; WINDOW];
+        for c in 0..WINDOW {
+            let column = [d[0][c], d[1][c], d[2][c], d[3][c], d[4][c], d[5][c]];
+            for (i, lanes) in input_1d(&column).into_iter().enumerate() {
+                cols[i][c] = lanes;
+            }
+        }
+        for (i, row_lanes) in cols.iter().enumerate() {
+            for (j, lanes) in input_1d(row_lanes).into_iter().enumerate() {
+                let at = (i * WINDOW + j) * row + group * LANES;
+                v_ci[at..at + LANES].copy_from_slice(&lanes);
+            }
+        }
+    }
+}
+
+dispatch!(output_channel => output_channel_generic(
+    m: &[f32],
+    co: usize,
+    cout: usize,
+    tiles_padded: usize,
+    bias: f32,
+    relu: bool,
+    out_co: &mut [f32],
+));
+
+/// A^T m A of every tile for output channel `co`, plus bias, ReLU if asked: into
+/// `out_co[tile][pixel]` (16 pixels per tile, row-major).
+#[inline(always)]
+fn output_channel_generic(
+    m: &[f32],
+    co: usize,
+    cout: usize,
+    tiles_padded: usize,
+    bias: f32,
+    relu: bool,
+    out_co: &mut [f32],
+) {
+    let floor = if relu { 0.0 } else { f32::NEG_INFINITY };
+    for t in (0..tiles_padded).step_by(LANES) {
+        let load = |p: usize| -> Lanes {
+            let at = (p * cout + co) * tiles_padded + t;
+            let mut lanes = [0f32; LANES];
+            lanes.copy_from_slice(&m[at..at + LANES]);
+            lanes
+        };
+        let mut rows = [[[0f32; LANES]; TILE]; WINDOW];
+        for (i, row) in rows.iter_mut().enumerate() {
+            let r = [
+                load(i * WINDOW),
+                load(i * WINDOW + 1),
+                load(i * WINDOW + 2),
+                load(i * WINDOW + 3),
+                load(i * WINDOW + 4),
+                load(i * WINDOW + 5),
+            ];
+            *row = output_1d(&r);
+        }
+        for c in 0..TILE {
+            let column = [
+                rows[0][c], rows[1][c], rows[2][c], rows[3][c], rows[4][c], rows[5][c],
+            ];
+            for (r, lanes) in output_1d(&column).into_iter().enumerate() {
+                for (lane, v) in lanes.into_iter().enumerate() {
+                    out_co[(t + lane) * TILE * TILE + r * TILE + c] = (v + bias).max(floor);
+                }
+            }
+        }
+    }
+}
+
+/// The convolution `g` of `x` with the transformed filters `u`, plus bias, ReLU if asked.
+fn convolve(g: &ConvGeometry, x: &[f32], u: &[f32], bias: Option<&[f32]>, relu: bool) -> Vec<f32> {
+    let tiling = Tiling::new(g);
+    let (cin, cout) = (g.in_channels, g.out_channels);
+    let images_per_chunk = CHUNK_TILES.div_ceil(tiling.per_image).min(g.batch.max(1));
+    let mut y = zeroed(g.batch * g.out_image_len());
+    let (mut v, mut m, mut pixels) = (Vec::new(), Vec::new(), Vec::new());
+    for (chunk, y_chunk) in y
+        .chunks_mut(images_per_chunk * g.out_image_len())
+        .enumerate()
+    {
+        let images = y_chunk.len() / g.out_image_len();
+        let first_image = chunk * images_per_chunk;
+        let tiles = images * tiling.per_image;
+        let tiles_padded = tiles.next_multiple_of(LANES);
+        let x_chunk = &x[first_image * g.in_image_len()..][..images * g.in_image_len()];
+        let groups: Vec<_> = (0..tiles_padded)
+            .step_by(LANES)
+            .map(|t| window_pixels(g, &tiling, t, tiles))
+            .collect();
+        v.resize(cin * POINTS * tiles_padded, 0.0);
+        v.par_chunks_mut(POINTS * tiles_padded)
+            .enumerate()
+            .for_each(|(ci, v_ci)| input_channel(ci * g.height * g.width, x_chunk, &groups, v_ci));
+        m.resize(POINTS * cout * tiles_padded, 0.0);
+        m.par_chunks_mut(cout * tiles_padded)
+            .enumerate()
+            .for_each(|(point, m_point)| {
+                // v as [point][ci][tile]: rows POINTS * tiles_padded apart.
+                let v_point = MatRef {
+                    data: &v[point * tiles_padded..],
+                    row_stride: POINTS * tiles_padded,
+                    col_stride: 1,
+                };
+                sgemm(
+                    cout,
+                    tiles_padded,
+                    cin,
+                    m_point,
+                    tiles_padded,
+                    false,
+                    // u as [co][point][ci]: rows POINTS * cin apart.
+                    MatRef {
+                        data: &u[point * cin..],
+                        row_stride: POINTS * cin,
+                        col_stride: 1,
+                    },
+                    v_point,
+                    1,
+                );
+            });
+        let tile_len = TILE * TILE;
+        pixels.resize(cout * tiles_padded * tile_len, 0.0);
+        pixels
+            .par_chunks_mut(tiles_padded * tile_len)
+            .enumerate()
+            .for_each(|(co, out_co)| {
+                let b = bias.map_or(0.0, |b| b[co]);
+                output_channel(&m, co, cout, tiles_padded, b, relu, out_co);
+            });
+        // Each image's tiles into its NCHW planes, clipped at the map's edges.
+        y_chunk
+            .par_chunks_mut(g.out_image_len())
+            .enumerate()
+            .for_each(|(n, y_image)| {
+                for (co, plane) in y_image.chunks_exact_mut(g.out_pixels()).enumerate() {
+                    for k in 0..tiling.per_image {
+                        let (_, oy, ox) = tiling.locate(k);
+                        let t = n * tiling.per_image + k;
+                        let tile = &pixels[(co * tiles_padded + t) * tile_len..][..tile_len];
+                        for r in 0..TILE.min(g.out_height - oy) {
+                            let cols = TILE.min(g.out_width - ox);
+                            let at = (oy + r) * g.out_width + ox;
+                            plane[at..at + cols].copy_from_slice(&tile[r * TILE..r * TILE + cols]);
+                        }
+                    }
+                }
+            });
+    }
+    y
+}
+
+/// Forward (`suits(g)`): bias (optional), then ReLU if `relu`; NCHW out.
+pub fn forward(
+    g: &ConvGeometry,
+    x: &[f32],
+    w: &[f32],
+    bias: Option<&[f32]>,
+    relu: bool,
+) -> Vec<f32> {
+    let u = transform_weight(g.out_channels, g.in_channels, w, false);
+    convolve(g, x, &u, bias, relu)
+}
+
+/// The input gradient for the output gradient `grad_y` (`suits(g)`): the convolution of
+/// `grad_y` with the filters rotated by 180 degrees and their channels swapped, padded by
+/// `2 - padding` (which maps the output grid back onto the input's).
+pub fn input_grad(g: &ConvGeometry, w: &[f32], grad_y: &[f32]) -> Option<Vec<f32>> {
+    let back = ConvGeometry::new(
+        (g.batch, g.out_channels, g.out_height, g.out_width),
+        (g.in_channels, g.out_channels, 3, 3),
+        1,
+        2usize.checked_sub(g.padding)?,
+    )
+    .ok()?;
+    if (back.out_height, back.out_width) != (g.height, g.width) || !suits(&back) {
+        return None;
+    }
+    let u = transform_weight(g.in_channels, g.out_channels, w, true);
+    Some(convolve(&back, grad_y, &u, None, false))
+}
+
+#[cfg(test)]
+mod tests;
