@@ -5,8 +5,9 @@
 //! passes forward (each allocating a tensor) and more backward: ResNet-18 spent most of its
 //! non-convolution time there.
 //!
-//! Per-channel sums run one channel per task, in a fixed order, so the results do not depend
-//! on the thread count (bit-reproducible training).
+//! Per-channel sums run one channel per task (or, on small maps, one fixed group of images per
+//! task), in a fixed order, so the results do not depend on the thread count (bit-reproducible
+//! training).
 
 use super::{cpu_slice, relu_grad, tensor_from_vec, with_cpu_slices, zeroed, ELEMENTWISE_CHUNK};
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
@@ -66,9 +67,65 @@ fn lane_sum<const N: usize>(runs: [&[f32]; N], f: impl Fn([f32; N]) -> f32) -> f
     lanes.iter().map(|&v| v as f64).sum::<f64>() + tail as f64
 }
 
+/// Below this many pixels per plane, per-channel sums walk the batch image by image (every
+/// channel's accumulator at once) instead of channel by channel: ResNet's 4x4 to 1x1 maps
+/// made runs of 16 to 1 elements, each paying a loop's set-up and a cache line of its own.
+const SHORT_RUN: usize = 32;
+/// Fixed image groups for those sums, added in order (bit-reproducible whatever the threads).
+const IMAGE_GROUPS: usize = 8;
+
+/// Per-channel sums of the `K` values `f(c, [data..][i])` over every image and pixel of
+/// channel `c` (f32 within a plane, f64 across planes), image by image: for short runs.
+fn short_run_sums<const N: usize, const K: usize>(
+    p: &Planes,
+    data: [&[f32]; N],
+    f: impl Fn(usize, [f32; N]) -> [f32; K] + Sync,
+) -> Vec<[f64; K]> {
+    let groups = p.images.clamp(1, IMAGE_GROUPS);
+    let per_group = p.images.div_ceil(groups).max(1);
+    let partials: Vec<Vec<[f64; K]>> = (0..groups)
+        .into_par_iter()
+        .map(|group| {
+            let mut acc = vec![[0f64; K]; p.channels];
+            for n in group * per_group..((group + 1) * per_group).min(p.images) {
+                for (c, total) in acc.iter_mut().enumerate() {
+                    let runs = data.map(|d| p.run(d, n, c));
+                    let mut sum = [0f32; K];
+                    for i in 0..p.pixels {
+                        let v = f(c, runs.map(|r| r[i]));
+                        for (s, v) in sum.iter_mut().zip(v) {
+                            *s += v;
+                        }
+                    }
+                    for (t, s) in total.iter_mut().zip(sum) {
+                        *t += s as f64;
+                    }
+                }
+            }
+            acc
+        })
+        .collect();
+    let mut total = vec![[0f64; K]; p.channels];
+    for part in &partials {
+        for (t, v) in total.iter_mut().zip(part) {
+            for (a, b) in t.iter_mut().zip(v) {
+                *a += b;
+            }
+        }
+    }
+    total
+}
+
 /// Per-channel mean and biased variance (two passes, f64 accumulation).
 pub fn channel_mean_var(p: &Planes, x: &[f32]) -> (Vec<f32>, Vec<f32>) {
     let count = p.per_channel().max(1) as f64;
+    if p.pixels < SHORT_RUN {
+        let sums = short_run_sums(p, [x], |_, [v]| [v]);
+        let mean: Vec<f32> = sums.iter().map(|[s]| (s / count) as f32).collect();
+        let squares = short_run_sums(p, [x], |c, [v]| [(v - mean[c]) * (v - mean[c])]);
+        let var = squares.iter().map(|[s]| (s / count) as f32).collect();
+        return (mean, var);
+    }
     (0..p.channels)
         .into_par_iter()
         .map(|c| {
@@ -152,20 +209,30 @@ pub fn batch_norm_train_backward(
     let inv_std: Vec<f32> = var.iter().map(|v| 1.0 / (v + eps).sqrt()).collect();
     // The gradient reaching the affine output: ReLU passes it where the output is positive.
     let dz = |dy: f32, out: f32| if relu && out <= 0.0 { 0.0 } else { dy };
-    let (sum_dz, sum_dz_xhat): (Vec<f32>, Vec<f32>) = (0..p.channels)
-        .into_par_iter()
-        .map(|c| {
-            let (m, s) = (mean[c], inv_std[c]);
-            let mut sum = 0f64;
-            let mut sum_xhat = 0f64;
-            for n in 0..p.images {
-                let runs = [p.run(x, n, c), p.run(y, n, c), p.run(grad_y, n, c)];
-                sum += lane_sum(runs, |[_, yv, gv]| dz(gv, yv));
-                sum_xhat += lane_sum(runs, |[xv, yv, gv]| dz(gv, yv) * (xv - m) * s);
-            }
-            (sum as f32, sum_xhat as f32)
+    let (sum_dz, sum_dz_xhat): (Vec<f32>, Vec<f32>) = if p.pixels < SHORT_RUN {
+        short_run_sums(p, [x, y, grad_y], |c, [xv, yv, gv]| {
+            let d = dz(gv, yv);
+            [d, d * (xv - mean[c]) * inv_std[c]]
         })
-        .unzip();
+        .into_iter()
+        .map(|[a, b]| (a as f32, b as f32))
+        .unzip()
+    } else {
+        (0..p.channels)
+            .into_par_iter()
+            .map(|c| {
+                let (m, s) = (mean[c], inv_std[c]);
+                let mut sum = 0f64;
+                let mut sum_xhat = 0f64;
+                for n in 0..p.images {
+                    let runs = [p.run(x, n, c), p.run(y, n, c), p.run(grad_y, n, c)];
+                    sum += lane_sum(runs, |[_, yv, gv]| dz(gv, yv));
+                    sum_xhat += lane_sum(runs, |[xv, yv, gv]| dz(gv, yv) * (xv - m) * s);
+                }
+                (sum as f32, sum_xhat as f32)
+            })
+            .unzip()
+    };
     let count = p.per_channel().max(1) as f32;
     let mut grad_x = zeroed(x.len());
     let image_len = p.image_len().max(1);
