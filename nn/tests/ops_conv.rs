@@ -697,9 +697,15 @@ fn portable_switch_covers_every_fused_op() -> Result<()> {
 #[test]
 fn batch_norm_train_matches_candle_on_small_and_large_maps() -> Result<()> {
     let mut rng = ChaCha8Rng::seed_from_u64(41);
-    for (i, dims) in [[64, 6, 1, 1], [9, 5, 2, 2], [7, 3, 4, 4], [5, 4, 7, 7], [3, 2, 12, 12]]
-        .iter()
-        .enumerate()
+    for (i, dims) in [
+        [64, 6, 1, 1],
+        [9, 5, 2, 2],
+        [7, 3, 4, 4],
+        [5, 4, 7, 7],
+        [3, 2, 12, 12],
+    ]
+    .iter()
+    .enumerate()
     {
         for relu in [false, true] {
             let x = Var::from_tensor(&random(&mut rng, dims)?.affine(3.0, 0.5)?)?;

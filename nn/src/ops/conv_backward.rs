@@ -121,7 +121,7 @@ pub fn conv_backward_from(
     want: (bool, bool, bool),
 ) -> ConvGrads {
     if let (true, OutputGrad::Dense(grad)) = (conv_dense::suits(g), grad_y) {
-        return conv_dense::backward(g, x, w, grad, want);
+        return conv_dense::backward(g, x, w, grad, want, None);
     }
     let (want_x, want_w, want_b) = want;
     if let (true, true, OutputGrad::Dense(grad)) = (want_x, winograd4::suits(g), grad_y) {

@@ -121,6 +121,17 @@ pub fn forward(
     bias: Option<&[f32]>,
     relu: bool,
 ) -> Vec<f32> {
+    forward_unrolled(g, x, w, bias, relu).0
+}
+
+/// [`forward`], also returning the unrolled weight for the backward pass to reuse.
+pub fn forward_unrolled(
+    g: &ConvGeometry,
+    x: &[f32],
+    w: &[f32],
+    bias: Option<&[f32]>,
+    relu: bool,
+) -> (Vec<f32>, Vec<f32>) {
     let (rows, cols) = (g.out_image_len(), g.in_image_len());
     let u = unroll(g, w);
     let mut y = zeroed(g.batch * rows);
@@ -146,20 +157,22 @@ pub fn forward(
         y.par_chunks_mut(rows)
             .for_each(|image| image.iter_mut().for_each(|v| *v = v.max(0.0)));
     }
-    y
+    (y, u)
 }
 
 /// The gradients for the output gradient `grad_y` (NCHW); each only when `want` asks for it.
+/// `unrolled`: the forward pass's unrolled weight, if it kept it.
 pub fn backward(
     g: &ConvGeometry,
     x: &[f32],
     w: &[f32],
     grad_y: &[f32],
     (want_x, want_w, want_b): (bool, bool, bool),
+    unrolled: Option<Vec<f32>>,
 ) -> ConvGrads {
     let (rows, cols) = (g.out_image_len(), g.in_image_len());
     let grad_x = want_x.then(|| {
-        let u = unroll(g, w);
+        let u = unrolled.unwrap_or_else(|| unroll(g, w));
         let mut gx = zeroed(g.batch * cols);
         sgemm_column_parallel(
             g.batch,

@@ -3,6 +3,7 @@
 
 use super::conv::{conv_forward, conv_forward_pooled};
 use super::conv_backward::{conv_backward_from, OutputGrad};
+use super::conv_dense;
 use super::conv_geometry::{ConvGeometry, MaxPool};
 use super::{cpu_slice, relu_grad, tensor_from_vec, with_cpu_slices};
 use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
@@ -22,9 +23,13 @@ pub struct Conv2dOp {
     pub has_bias: bool,
     pub relu: bool,
     pub pool: Option<MaxPool>,
-    /// Whether a backward pass may follow (so the pool's argmax indices are worth keeping).
+    /// Whether a backward pass may follow (so the pool's argmax indices and the dense form's
+    /// unrolled weight are worth keeping).
     pub keep_indices: bool,
     pub pool_indices: Mutex<Option<Vec<u32>>>,
+    /// The dense form's unrolled weight (tiny maps, see `conv_dense`), kept between the
+    /// forward and the backward pass when one may follow.
+    pub unrolled: Mutex<Option<Vec<f32>>>,
     /// Multiplies the output elementwise (a dropout mask, scale included), forward and backward.
     pub output_mask: Option<Vec<f32>>,
     /// Whether the output is [B, C * H * W] instead of [B, C, H, W].
@@ -48,6 +53,7 @@ impl Conv2dOp {
             pool,
             keep_indices,
             pool_indices: Mutex::new(None),
+            unrolled: Mutex::new(None),
             output_mask: None,
             flatten: false,
         }
@@ -92,6 +98,12 @@ impl Conv2dOp {
         self.pool_indices
             .lock()
             .map_err(|_| candle_core::Error::Msg("conv2d: poisoned pool index lock".into()))
+    }
+
+    fn unrolled(&self) -> Result<std::sync::MutexGuard<'_, Option<Vec<f32>>>> {
+        self.unrolled
+            .lock()
+            .map_err(|_| candle_core::Error::Msg("conv2d: poisoned unrolled weight lock".into()))
     }
 
     /// The gradient at the op's output taken back through the output mask and the ReLU (both
@@ -141,7 +153,13 @@ impl CustomOp3 for Conv2dOp {
                 self.output_shape((g.batch, g.out_channels, pool.out_height, pool.out_width));
             return Ok((CpuStorage::F32(y), shape));
         }
-        let mut y = conv_forward(&g, x, w, bias, self.relu);
+        let mut y = if self.keep_indices && conv_dense::suits(&g) {
+            let (y, unrolled) = conv_dense::forward_unrolled(&g, x, w, bias, self.relu);
+            *self.unrolled()? = Some(unrolled);
+            y
+        } else {
+            conv_forward(&g, x, w, bias, self.relu)
+        };
         self.apply_mask(&mut y)?;
         let shape = self.output_shape((g.batch, g.out_channels, g.out_height, g.out_width));
         Ok((CpuStorage::F32(y), shape))
@@ -162,6 +180,9 @@ impl CustomOp3 for Conv2dOp {
             let (x, w) = (s[0], s[1]);
             let grad = self.activation_grad(s[2], s[3])?;
             let Some(pool) = self.pool else {
+                if let Some(unrolled) = self.unrolled()?.take() {
+                    return Ok(conv_dense::backward(&g, x, w, &grad, want, Some(unrolled)));
+                }
                 return Ok(conv_backward_from(&g, x, w, OutputGrad::Dense(&grad), want));
             };
             let pool = pool.geometry(&g, g.batch)?;
