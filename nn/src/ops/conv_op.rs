@@ -5,6 +5,7 @@ use super::conv::{conv_forward, conv_forward_pooled};
 use super::conv_backward::{conv_backward_from, OutputGrad};
 use super::conv_dense;
 use super::conv_geometry::{ConvGeometry, MaxPool};
+use super::grad_sink;
 use super::{cpu_slice, relu_grad, tensor_from_vec, with_cpu_slices};
 use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
@@ -210,6 +211,6 @@ impl CustomOp3 for Conv2dOp {
             .bias
             .map(|v| tensor_from_vec(v, b.shape(), device))
             .transpose()?;
-        Ok((gx, gw, gb))
+        grad_sink::route3([x, w, b], (gx, gw, gb))
     }
 }

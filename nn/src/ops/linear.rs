@@ -146,13 +146,14 @@ impl CustomOp3 for LinearOp {
             Ok((gx, gw, gb))
         })?;
         let device = x.device();
-        Ok((
+        let grads = (
             want_x
                 .then(|| tensor_from_vec(gx, x.shape(), device))
                 .transpose()?,
             Some(tensor_from_vec(gw, w.shape(), device)?),
             Some(tensor_from_vec(gb, b.shape(), device)?),
-        ))
+        );
+        super::grad_sink::route3([x, w, b], grads)
     }
 }
 

@@ -11,6 +11,7 @@ mod conv_geometry;
 mod conv_op;
 mod cpu_level;
 mod gemm;
+pub mod grad_sink;
 mod huge_pages;
 mod im2col;
 mod kernels;

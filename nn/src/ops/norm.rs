@@ -317,7 +317,7 @@ impl CustomOp3 for BatchNormTrainOp {
             .transpose()?;
         let gg = tensor_from_vec(grads.gamma, gamma.shape(), device)?;
         let gb = tensor_from_vec(grads.beta, beta.shape(), device)?;
-        Ok((gx, Some(gg), Some(gb)))
+        super::grad_sink::route3([x, gamma, beta], (gx, Some(gg), Some(gb)))
     }
 }
 
