@@ -70,7 +70,7 @@ impl BatchNorm {
         conv_bias: Option<&Tensor>,
     ) -> Result<(Tensor, Tensor)> {
         let scale = (&self.weight / (self.running_var.as_tensor() + EPS)?.sqrt()?)?;
-        let weight = conv_weight.broadcast_mul(&scale.reshape((scale.dim(0)?, 1, 1, 1))?)?;
+        let weight = ops::scale_output_channels(conv_weight, &scale)?;
         let mean = match conv_bias {
             Some(b) => (self.running_mean.as_tensor() - b)?,
             None => self.running_mean.as_tensor().clone(),
