@@ -111,3 +111,19 @@ pub fn chromium(test: &str) -> Option<PathBuf> {
         test,
     )
 }
+
+/// `len` values in [-1, 1) from a fixed linear congruential sequence per `seed`: inputs for
+/// kernel tests that compare two paths (no RNG crate, the same values on every platform).
+pub fn pseudo_random(len: usize, seed: u64) -> Vec<f32> {
+    let mut s = seed
+        .wrapping_mul(6364136223846793005)
+        .wrapping_add(1442695040888963407);
+    (0..len)
+        .map(|_| {
+            s = s
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+        })
+        .collect()
+}

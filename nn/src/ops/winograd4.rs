@@ -9,8 +9,8 @@
 //! and their channels swapped ([`input_grad`]).
 
 use super::conv_geometry::ConvGeometry;
-use super::cpu_level::{cpu_level, CpuLevel};
 use super::gemm::{sgemm, MatRef};
+use super::simd::dispatch;
 use super::zeroed;
 use rayon::prelude::*;
 
@@ -26,37 +26,6 @@ const LANES: usize = 16;
 const CHUNK_TILES: usize = 256;
 
 type Lanes = [f32; LANES];
-
-/// Runs `$generic` (an `#[inline(always)]` function) compiled for the best vector extension
-/// the level allows: the transforms are lane-wise additions and multiplies, so every level
-/// gives the same bits (no contraction into FMAs).
-macro_rules! dispatch {
-    ($name:ident => $generic:ident($($arg:ident: $ty:ty),* $(,)?)) => {
-        #[allow(clippy::too_many_arguments)]
-        fn $name($($arg: $ty),*) {
-            #[cfg(target_arch = "x86_64")]
-            {
-                #[target_feature(enable = "avx512f")]
-                #[allow(clippy::too_many_arguments)]
-                fn avx512($($arg: $ty),*) {
-                    $generic($($arg),*)
-                }
-                #[target_feature(enable = "avx,avx2")]
-                #[allow(clippy::too_many_arguments)]
-                fn avx2($($arg: $ty),*) {
-                    $generic($($arg),*)
-                }
-                match cpu_level() {
-                    // SAFETY: the CPU has the extension (cpu_level never exceeds detection).
-                    CpuLevel::Avx512 => return unsafe { avx512($($arg),*) },
-                    CpuLevel::Avx2 => return unsafe { avx2($($arg),*) },
-                    CpuLevel::Generic => {}
-                }
-            }
-            $generic($($arg),*)
-        }
-    };
-}
 
 /// Whether the layer is a 3x3 stride-1 convolution on a map small enough (4x4 to 8x8 output)
 /// for these tiles, with channels enough for the GEMMs to dominate the transforms.
@@ -92,14 +61,16 @@ fn transform_weight(cout: usize, cin: usize, w: &[f32], flipped: bool) -> Vec<f3
     u
 }
 
-dispatch!(filters => filters_generic(
+dispatch! {
+    fn filters => filters_generic(
     co: usize,
     cout: usize,
     cin: usize,
     w: &[f32],
     flipped: bool,
     u_co: &mut [f32],
-));
+    )
+}
 
 /// [`transform_weight`] for output channel `co`, into `u_co[point][ci]`.
 #[inline(always)]
@@ -219,12 +190,14 @@ fn window_pixels(
     pixels
 }
 
-dispatch!(input_channel => input_channel_generic(
+dispatch! {
+    fn input_channel => input_channel_generic(
     plane_offset: usize,
     x: &[f32],
     groups: &[Vec<(u32, u32)>],
     v_ci: &mut [f32],
-));
+    )
+}
 
 /// B^T d B of every tile for one input channel (its plane `plane_offset` into each image),
 /// into `v_ci[point][tile]`.
@@ -263,7 +236,8 @@ fn input_channel_generic(
     }
 }
 
-dispatch!(output_channel => output_channel_generic(
+dispatch! {
+    fn output_channel => output_channel_generic(
     m: &[f32],
     co: usize,
     cout: usize,
@@ -271,7 +245,8 @@ dispatch!(output_channel => output_channel_generic(
     bias: f32,
     relu: bool,
     out_co: &mut [f32],
-));
+    )
+}
 
 /// A^T m A of every tile for output channel `co`, plus bias, ReLU if asked: into
 /// `out_co[tile][pixel]` (16 pixels per tile, row-major).

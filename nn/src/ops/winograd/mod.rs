@@ -9,6 +9,7 @@
 
 use super::conv_geometry::ConvGeometry;
 use super::gemm::{sgemm, MatRef};
+use super::simd::dispatch;
 use super::zeroed;
 use rayon::prelude::*;
 
@@ -348,35 +349,7 @@ fn transform_output(
     }
 }
 
-/// Defines `$name`, which runs `$generic` (an `#[inline(always)]` function of the same
-/// parameters) compiled for AVX2 where the CPU has it: the transforms are additions over
-/// 8-lane groups, which then take one instruction instead of two (same results: IEEE
-/// arithmetic per lane, no contraction into FMAs). A named `#[target_feature]` function, not a
-/// closure handed to one: closures with real work in them stayed out of line, without AVX2.
-macro_rules! with_avx2 {
-    ($(#[$meta:meta])* fn $name:ident => $generic:ident($($arg:ident: $ty:ty),* $(,)?)) => {
-        $(#[$meta])*
-        #[allow(clippy::too_many_arguments)]
-        fn $name($($arg: $ty),*) {
-            #[cfg(target_arch = "x86_64")]
-            {
-                #[target_feature(enable = "avx,avx2")]
-                #[allow(clippy::too_many_arguments)]
-                fn avx2($($arg: $ty),*) {
-                    $generic($($arg),*)
-                }
-                if std::arch::is_x86_feature_detected!("avx2") {
-                    // SAFETY: the CPU supports AVX2 (just checked), all `avx2` is built for.
-                    unsafe { avx2($($arg),*) };
-                    return;
-                }
-            }
-            $generic($($arg),*)
-        }
-    };
-}
-
-with_avx2! {
+dispatch! {
     /// One image: input transform, the 16 GEMMs, output transform.
     fn image => image_generic(
         g: &ConvGeometry,
@@ -487,7 +460,6 @@ fn tile_corners(g: &ConvGeometry) -> Vec<u32> {
         .collect()
 }
 
-// After the macros above, which they use.
 #[cfg(test)]
 mod tests;
 mod weight_grad;

@@ -6,19 +6,7 @@ use super::super::conv_geometry::ConvGeometry;
 use super::super::pool::{pool_forward, PoolGeometry};
 use super::*;
 
-fn pseudo_random(len: usize, seed: u64) -> Vec<f32> {
-    let mut s = seed
-        .wrapping_mul(6364136223846793005)
-        .wrapping_add(1442695040888963407);
-    (0..len)
-        .map(|_| {
-            s = s
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
-        })
-        .collect()
-}
+use crate::test_support::pseudo_random;
 
 use crate::check::max_abs_diff as max_diff;
 

@@ -91,7 +91,7 @@ struct PooledGrad<'a> {
     corners: &'a [u32],
 }
 
-with_avx2! {
+dispatch! {
     /// One image's share of the weight gradient, added to `m` (`[point][co][ci]`; overwritten
     /// when not `accumulate`).
     fn weight_image => weight_image_generic(

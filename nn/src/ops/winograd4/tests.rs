@@ -5,17 +5,7 @@ use super::super::conv_backward::{im2col_backward, OutputGrad};
 use super::*;
 use crate::check::max_abs_diff;
 
-fn pseudo_random(len: usize, seed: u64) -> Vec<f32> {
-    let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15);
-    (0..len)
-        .map(|_| {
-            s = s
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
-        })
-        .collect()
-}
+use crate::test_support::pseudo_random;
 
 /// Largest |a - b| against the largest |b|: F(4x4, 3x3) rounds more than im2col (its
 /// transforms scale by up to 8 and 1/24), within f32 noise for these sizes.
