@@ -19,7 +19,16 @@ thread_local! {
 /// Runs `backward` (a `loss.backward()`) with the sink armed; returns its result and the
 /// gradients the ops delivered to the sink, to be put into its gradient store.
 pub fn collect<R>(backward: impl FnOnce() -> Result<R>) -> Result<(R, Vec<(TensorId, Tensor)>)> {
+    /// Disarms the sink however `backward` ends, a panic included: an armed sink left behind
+    /// would swallow the gradients of later backward passes on this thread.
+    struct Disarm;
+    impl Drop for Disarm {
+        fn drop(&mut self) {
+            SINK.with(|s| s.borrow_mut().take());
+        }
+    }
     SINK.with(|s| *s.borrow_mut() = Some(HashMap::new()));
+    let _disarm = Disarm;
     let result = backward();
     let sunk = SINK.with(|s| s.borrow_mut().take()).unwrap_or_default();
     Ok((result?, sunk.into_iter().collect()))
@@ -118,6 +127,13 @@ mod tests {
         // Disarmed after the step: the ops hand gradients to candle again.
         let again = loss()?.backward()?;
         assert!(again.get(&w).is_some());
+        // And after a step that panicked halfway.
+        let panicked = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            collect(|| -> Result<()> { panic!("a backward pass that fails") })
+        }));
+        assert!(panicked.is_err());
+        let after_panic = loss()?.backward()?;
+        assert!(after_panic.get(&w).is_some(), "the sink stayed armed");
         Ok(())
     }
 }
