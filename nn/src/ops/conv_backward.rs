@@ -4,19 +4,13 @@
 //! the pooled layers it suits.
 
 use super::conv_dense;
+pub use super::conv_geometry::ConvGrads;
 use super::conv_geometry::{ConvGeometry, WEIGHT_GRAD_GROUPS};
 use super::gemm::{sgemm, MatRef};
 use super::im2col::{active_weight, col2im_add, expand_weight_grad, im2col, inner_threads, Walk};
 use super::pool::PoolGeometry;
 use super::{winograd, winograd4, zeroed};
 use rayon::prelude::*;
-
-/// Gradients of the convolution; each is computed only when asked for.
-pub struct ConvGrads {
-    pub x: Option<Vec<f32>>,
-    pub w: Option<Vec<f32>>,
-    pub bias: Option<Vec<f32>>,
-}
 
 pub fn conv_backward(
     g: &ConvGeometry,

@@ -6,8 +6,7 @@
 //! im2col, no col2im and no output scatter; and the taps that only read padding (56% of the
 //! multiply-adds of a 3x3 layer on a 2x2 map) are never computed.
 
-use super::conv_backward::ConvGrads;
-use super::conv_geometry::{valid_range, ConvGeometry};
+use super::conv_geometry::{valid_range, ConvGeometry, ConvGrads};
 use super::gemm::{sgemm_column_parallel, MatRef};
 use super::zeroed;
 use rayon::prelude::*;

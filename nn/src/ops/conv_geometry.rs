@@ -1,5 +1,6 @@
-//! The shapes of one 2-D convolution and what follows it (a max pool), shared by the im2col
-//! path (conv, conv_backward) and the Winograd path, which do not import each other's code.
+//! The shapes of one 2-D convolution, what follows it (a max pool) and the gradients it
+//! gives, shared by the im2col path (conv, conv_backward), the two Winograd paths and the
+//! dense form, which do not import each other's code.
 
 use super::pool::PoolGeometry;
 use candle_core::Result;
@@ -103,6 +104,13 @@ impl ConvGeometry {
         2.0 * (self.batch * self.out_image_len() * self.in_channels * self.kernel * self.kernel)
             as f64
     }
+}
+
+/// Gradients of the convolution; each is computed only when asked for.
+pub struct ConvGrads {
+    pub x: Option<Vec<f32>>,
+    pub w: Option<Vec<f32>>,
+    pub bias: Option<Vec<f32>>,
 }
 
 /// Output columns `ox` in `lo..hi` read input column `ox*s + kj - p` inside `0..width`.
