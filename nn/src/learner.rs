@@ -115,10 +115,7 @@ impl Learner {
     ) -> candle_core::Result<StepOutput> {
         let logits = self.model.forward_train(images, dropout)?;
         let loss = candle_nn::loss::cross_entropy(&logits, labels)?;
-        let (mut grads, delivered) = crate::ops::grad_sink::collect(|| loss.backward())?;
-        for (id, grad) in delivered {
-            grads.insert_id(id, grad);
-        }
+        let grads = crate::ops::grad_sink::backward(&loss)?;
         inspect(&grads)?;
         self.optimizer.step(&grads)?;
         Ok(StepOutput { logits, loss })

@@ -104,9 +104,9 @@ impl OutputGrad<'_> {
     }
 }
 
-/// [`conv_backward`] from either form of the output gradient: the dense form on tiny maps, the
-/// weight gradient through Winograd where a 2x2 pool follows a 3x3 stride-1 layer with wide
-/// maps, everything else through [`im2col_backward`].
+/// [`conv_backward`] from either form of the output gradient: the dense form on tiny maps,
+/// F(4x4, 3x3) on small ones, the weight gradient through F(2x2, 3x3) where a 2x2 pool follows
+/// a 3x3 stride-1 layer with wide maps, everything else through [`im2col_backward`].
 pub fn conv_backward_from(
     g: &ConvGeometry,
     x: &[f32],
@@ -118,14 +118,14 @@ pub fn conv_backward_from(
         return conv_dense::backward(g, x, w, grad, want, None);
     }
     let (want_x, want_w, want_b) = want;
-    if let (true, true, OutputGrad::Dense(grad)) = (want_x, winograd4::suits(g), grad_y) {
-        if let Some(grad_x) = winograd4::input_grad(g, w, grad) {
-            let rest = im2col_backward(g, x, w, grad_y, (false, want_w, want_b));
-            return ConvGrads {
-                x: Some(grad_x),
-                ..rest
-            };
-        }
+    if let (true, OutputGrad::Dense(grad)) = (winograd4::suits(g), grad_y) {
+        let grad_x = want_x.then(|| winograd4::input_grad(g, w, grad)).flatten();
+        let rest = im2col_backward(g, x, w, grad_y, (want_x && grad_x.is_none(), false, want_b));
+        return ConvGrads {
+            x: grad_x.or(rest.x),
+            w: want_w.then(|| winograd4::weight_grad(g, x, grad)),
+            bias: rest.bias,
+        };
     }
     if let (
         true,

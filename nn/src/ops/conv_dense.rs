@@ -107,10 +107,10 @@ fn unroll(g: &ConvGeometry, w: &[f32]) -> Vec<f32> {
     })
 }
 
-/// Column ranges per GEMM: one single-threaded part per thread (bit-identical to one part).
-fn parts() -> usize {
-    rayon::current_num_threads()
-}
+/// Column ranges per GEMM, each a single-threaded GEMM. A fixed count, not the thread count:
+/// the GEMM's blocking depends on the part's width, so the bits would otherwise depend on how
+/// many threads the machine has.
+const PARTS: usize = 8;
 
 /// Forward: bias (optional), then ReLU if `relu`; NCHW out.
 pub fn forward(
@@ -150,7 +150,7 @@ pub fn forward_unrolled(
         bias.is_some(),
         MatRef::row_major(x, cols),
         MatRef::transposed(&u, cols),
-        parts(),
+        PARTS,
     );
     if relu {
         y.par_chunks_mut(rows)
@@ -182,7 +182,7 @@ pub fn backward(
             false,
             MatRef::row_major(grad_y, rows),
             MatRef::row_major(&u, cols),
-            parts(),
+            PARTS,
         );
         gx
     });
@@ -197,7 +197,7 @@ pub fn backward(
             false,
             MatRef::transposed(grad_y, rows),
             MatRef::row_major(x, cols),
-            parts(),
+            PARTS,
         );
         fold(g, &gu)
     });

@@ -2,10 +2,11 @@
 //! candle 0.9 adds every gradient it receives into a fresh zero tensor (a fill and an add,
 //! single-threaded, for each parameter every step: about 10 ms of a 2-thread ResNet-18 step,
 //! 45 MB of weights; upstream candle PRs #3578 and #3822 are open on it). While a step has the
-//! sink armed ([`collect`]), the fast ops deliver the gradients of their trainable arguments
+//! sink armed ([`backward`]), the fast ops deliver the gradients of their trainable arguments
 //! (candle `Var`s) here instead, and the step puts them into the gradient store, so the
 //! optimizer sees the same store, with the same values, either way.
 
+use candle_core::backprop::GradStore;
 use candle_core::{Result, Tensor, TensorId};
 use std::cell::RefCell;
 use std::collections::HashMap;
@@ -16,9 +17,24 @@ thread_local! {
     static SINK: RefCell<Option<HashMap<TensorId, Tensor>>> = const { RefCell::new(None) };
 }
 
-/// Runs `backward` (a `loss.backward()`) with the sink armed; returns its result and the
-/// gradients the ops delivered to the sink, to be put into its gradient store.
-pub fn collect<R>(backward: impl FnOnce() -> Result<R>) -> Result<(R, Vec<(TensorId, Tensor)>)> {
+/// `loss.backward()` with the sink armed: candle's gradient store with the gradients the fast
+/// ops delivered to the sink put in, added to candle's own where a variable has both (one also
+/// used by a candle op).
+pub fn backward(loss: &Tensor) -> Result<GradStore> {
+    let (mut grads, delivered) = collect(|| loss.backward())?;
+    for (id, grad) in delivered {
+        let total = match grads.get_id(id) {
+            Some(from_candle) => from_candle.add(&grad)?,
+            None => grad,
+        };
+        grads.insert_id(id, total);
+    }
+    Ok(grads)
+}
+
+/// Runs `backward` with the sink armed; returns its result and the gradients the ops delivered
+/// to the sink.
+fn collect<R>(backward: impl FnOnce() -> Result<R>) -> Result<(R, Vec<(TensorId, Tensor)>)> {
     /// Disarms the sink however `backward` ends, a panic included: an armed sink left behind
     /// would swallow the gradients of later backward passes on this thread.
     struct Disarm;
@@ -78,7 +94,8 @@ mod tests {
 
     /// The gradients a step gets through the sink are the ones candle's backward pass gives
     /// without it, bit for bit, for every variable argument of every fast op with parameters
-    /// (the input here is a variable too), and they did go through the sink.
+    /// (the input here is a variable too), and they did go through the sink. A weight also used
+    /// by a candle op (a penalty on it) gets both shares.
     #[test]
     fn the_sink_delivers_what_candle_would() -> Result<()> {
         let dev = Device::Cpu;
@@ -98,19 +115,17 @@ mod tests {
             let h = ops::conv2d(&x, &w, Some(&b), 1, 1)?;
             let (h, _, _) = ops::batch_norm_train(&h, &gamma, &beta, 1e-5, true)?;
             let y = ops::linear(&h.flatten_from(1)?, &fc_w, &fc_b, false)?;
-            y.sqr()?.sum_all()
+            y.sqr()?.sum_all()? + w.sqr()?.sum_all()?
         };
         let plain = loss()?.backward()?;
-        let (mut routed, delivered) = collect(|| loss()?.backward())?;
+        let (_, delivered) = collect(|| loss()?.backward())?;
         let params = [&x, &w, &b, &gamma, &beta, &fc_w, &fc_b];
         assert_eq!(
             delivered.len(),
             params.len(),
             "every variable through the sink"
         );
-        for (id, grad) in delivered {
-            routed.insert_id(id, grad);
-        }
+        let routed = backward(&loss()?)?;
         for (i, v) in params.iter().enumerate() {
             let (Some(a), Some(b)) = (plain.get(v), routed.get(v)) else {
                 panic!("argument {i}: missing gradient");

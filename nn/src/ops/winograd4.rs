@@ -6,7 +6,8 @@
 //! input is `v[point][ci][tile]`, the GEMM output `m[point][co][tile]`.
 //!
 //! The input gradient is the same convolution of the output gradient with the filters flipped
-//! and their channels swapped ([`input_grad`]).
+//! and their channels swapped ([`input_grad`]); the weight gradient is taken in the transform
+//! domain, by the same GEMMs over tiles ([`weight_grad`]).
 
 use super::conv_geometry::ConvGeometry;
 use super::gemm::{sgemm, MatRef};
@@ -209,29 +210,47 @@ fn input_channel_generic(
     v_ci: &mut [f32],
 ) {
     let row = v_ci.len() / POINTS;
-    let plane = &x[plane_offset..];
     for (group, pixels) in groups.iter().enumerate() {
-        let mut flat = [0f32; POINTS * LANES];
-        for &(pos, at) in pixels {
-            flat[pos as usize] = plane[at as usize];
+        transform_tiles::<WINDOW>(
+            &x[plane_offset..],
+            pixels,
+            input_1d,
+            v_ci,
+            row,
+            group * LANES,
+        );
+    }
+}
+
+/// One block of 16 tiles in the transform domain: the tiles' pixels gathered from `plane`
+/// (`pixels`: lane-major position in the block, offset in `plane`; the rest zero), `one_d`
+/// applied down the columns and then along the rows, point `(i, j)` stored at
+/// `(i * WINDOW + j) * row + offset` of `dst`.
+#[inline(always)]
+fn transform_tiles<const N: usize>(
+    plane: &[f32],
+    pixels: &[(u32, u32)],
+    one_d: impl Fn(&[Lanes; N]) -> [Lanes; WINDOW],
+    dst: &mut [f32],
+    row: usize,
+    offset: usize,
+) {
+    let mut d = [[[0f32; LANES]; N]; N];
+    let flat = d.as_flattened_mut().as_flattened_mut();
+    for &(pos, at) in pixels {
+        flat[pos as usize] = plane[at as usize];
+    }
+    let mut cols = [[[0f32; LANES]; N]; WINDOW];
+    for c in 0..N {
+        let column: [Lanes; N] = std::array::from_fn(|r| d[r][c]);
+        for (i, lanes) in one_d(&column).into_iter().enumerate() {
+            cols[i][c] = lanes;
         }
-        let mut d = [[[0f32; LANES]; WINDOW]; WINDOW];
-        for (p, lanes) in flat.chunks_exact(LANES).enumerate() {
-            d[p / WINDOW][p % WINDOW].copy_from_slice(lanes);
-        }
-        // B^T down the columns, then B along the rows.
-        let mut cols = [[[0f32; LANES]; WINDOW]; WINDOW];
-        for c in 0..WINDOW {
-            let column = [d[0][c], d[1][c], d[2][c], d[3][c], d[4][c], d[5][c]];
-            for (i, lanes) in input_1d(&column).into_iter().enumerate() {
-                cols[i][c] = lanes;
-            }
-        }
-        for (i, row_lanes) in cols.iter().enumerate() {
-            for (j, lanes) in input_1d(row_lanes).into_iter().enumerate() {
-                let at = (i * WINDOW + j) * row + group * LANES;
-                v_ci[at..at + LANES].copy_from_slice(&lanes);
-            }
+    }
+    for (i, row_lanes) in cols.iter().enumerate() {
+        for (j, lanes) in one_d(row_lanes).into_iter().enumerate() {
+            let at = (i * WINDOW + j) * row + offset;
+            dst[at..at + LANES].copy_from_slice(&lanes);
         }
     }
 }
@@ -293,6 +312,26 @@ fn output_channel_generic(
     }
 }
 
+/// B^T d B of the `tiles` tiles of `x_chunk` (whole images), into `v[ci][point][tile]` with the
+/// tiles padded to whole vectors (zeros past the last).
+fn transform_input(
+    g: &ConvGeometry,
+    tiling: &Tiling,
+    x_chunk: &[f32],
+    tiles: usize,
+    v: &mut Vec<f32>,
+) {
+    let tiles_padded = tiles.next_multiple_of(LANES);
+    let groups: Vec<_> = (0..tiles_padded)
+        .step_by(LANES)
+        .map(|t| window_pixels(g, tiling, t, tiles))
+        .collect();
+    v.resize(g.in_channels * POINTS * tiles_padded, 0.0);
+    v.par_chunks_mut(POINTS * tiles_padded)
+        .enumerate()
+        .for_each(|(ci, v_ci)| input_channel(ci * g.height * g.width, x_chunk, &groups, v_ci));
+}
+
 /// The convolution `g` of `x` with the transformed filters `u`, plus bias, ReLU if asked.
 fn convolve(g: &ConvGeometry, x: &[f32], u: &[f32], bias: Option<&[f32]>, relu: bool) -> Vec<f32> {
     let tiling = Tiling::new(g);
@@ -309,14 +348,7 @@ fn convolve(g: &ConvGeometry, x: &[f32], u: &[f32], bias: Option<&[f32]>, relu: 
         let tiles = images * tiling.per_image;
         let tiles_padded = tiles.next_multiple_of(LANES);
         let x_chunk = &x[first_image * g.in_image_len()..][..images * g.in_image_len()];
-        let groups: Vec<_> = (0..tiles_padded)
-            .step_by(LANES)
-            .map(|t| window_pixels(g, &tiling, t, tiles))
-            .collect();
-        v.resize(cin * POINTS * tiles_padded, 0.0);
-        v.par_chunks_mut(POINTS * tiles_padded)
-            .enumerate()
-            .for_each(|(ci, v_ci)| input_channel(ci * g.height * g.width, x_chunk, &groups, v_ci));
+        transform_input(g, &tiling, x_chunk, tiles, &mut v);
         m.resize(POINTS * cout * tiles_padded, 0.0);
         m.par_chunks_mut(cout * tiles_padded)
             .enumerate()
@@ -403,6 +435,149 @@ pub fn input_grad(g: &ConvGeometry, w: &[f32], grad_y: &[f32]) -> Option<Vec<f32
     }
     let u = transform_weight(g.in_channels, g.out_channels, w, true);
     Some(convolve(&back, grad_y, &u, None, false))
+}
+
+/// `A` (the transpose of [`output_1d`]'s matrix) applied to four lane vectors: a tile's
+/// output gradient taken back to the six transform points.
+#[inline(always)]
+fn output_grad_1d(y: &[Lanes; 4]) -> [Lanes; 6] {
+    let mut a = [[0f32; LANES]; 6];
+    for l in 0..LANES {
+        let (y0, y1, y2, y3) = (y[0][l], y[1][l], y[2][l], y[3][l]);
+        a[0][l] = y0;
+        a[1][l] = y0 + y1 + y2 + y3;
+        a[2][l] = y0 - y1 + y2 - y3;
+        a[3][l] = y0 + 2.0 * y1 + 4.0 * y2 + 8.0 * y3;
+        a[4][l] = y0 - 2.0 * y1 + 4.0 * y2 - 8.0 * y3;
+        a[5][l] = y3;
+    }
+    a
+}
+
+/// For 16 tiles starting at `first_tile` (of `tiles`), the output pixels that lie on the map:
+/// `(lane-major position in the tile block, offset in the output, channel 0)`; pixels past the
+/// map's edge and lanes past the last tile stay zero.
+fn tile_pixels(
+    g: &ConvGeometry,
+    tiling: &Tiling,
+    first_tile: usize,
+    tiles: usize,
+) -> Vec<(u32, u32)> {
+    let mut pixels = Vec::with_capacity(TILE * TILE * LANES);
+    for lane in 0..LANES.min(tiles.saturating_sub(first_tile)) {
+        let (n, oy, ox) = tiling.locate(first_tile + lane);
+        for r in 0..TILE.min(g.out_height - oy) {
+            for c in 0..TILE.min(g.out_width - ox) {
+                let at = n * g.out_image_len() + (oy + r) * g.out_width + ox + c;
+                pixels.push((((r * TILE + c) * LANES + lane) as u32, at as u32));
+            }
+        }
+    }
+    pixels
+}
+
+dispatch! {
+    fn grad_channel => grad_channel_generic(
+    plane_offset: usize,
+    grad_y: &[f32],
+    groups: &[Vec<(u32, u32)>],
+    dm_co: &mut [f32],
+    )
+}
+
+/// A dY A^T of every tile for one output channel (its plane `plane_offset` into each image):
+/// the gradient at the GEMM output `m`, into `dm_co[point][tile]`.
+#[inline(always)]
+fn grad_channel_generic(
+    plane_offset: usize,
+    grad_y: &[f32],
+    groups: &[Vec<(u32, u32)>],
+    dm_co: &mut [f32],
+) {
+    let row = dm_co.len() / POINTS;
+    for (group, pixels) in groups.iter().enumerate() {
+        let plane = &grad_y[plane_offset..];
+        transform_tiles::<TILE>(plane, pixels, output_grad_1d, dm_co, row, group * LANES);
+    }
+}
+
+/// The weight gradient for the output gradient `grad_y` (`suits(g)`), in the transform
+/// domain: per point, the GEMM output's gradient (A dY A^T) times the transformed input summed
+/// over all tiles, then G^T (.) G back to 3x3. A third of im2col's multiply-adds on 7x7 maps
+/// and no im2col buffer; chunks of tiles in a fixed order, so the bits never depend on the
+/// thread count.
+pub fn weight_grad(g: &ConvGeometry, x: &[f32], grad_y: &[f32]) -> Vec<f32> {
+    let tiling = Tiling::new(g);
+    let (cin, cout) = (g.in_channels, g.out_channels);
+    let images_per_chunk = CHUNK_TILES.div_ceil(tiling.per_image).min(g.batch.max(1));
+    let mut du = zeroed(POINTS * cout * cin);
+    let (mut v, mut dm) = (Vec::new(), Vec::new());
+    let mut first_image = 0;
+    while first_image < g.batch {
+        let images = images_per_chunk.min(g.batch - first_image);
+        let tiles = images * tiling.per_image;
+        let tiles_padded = tiles.next_multiple_of(LANES);
+        let x_chunk = &x[first_image * g.in_image_len()..][..images * g.in_image_len()];
+        let gy_chunk = &grad_y[first_image * g.out_image_len()..][..images * g.out_image_len()];
+        transform_input(g, &tiling, x_chunk, tiles, &mut v);
+        let groups: Vec<_> = (0..tiles_padded)
+            .step_by(LANES)
+            .map(|t| tile_pixels(g, &tiling, t, tiles))
+            .collect();
+        dm.resize(cout * POINTS * tiles_padded, 0.0);
+        dm.par_chunks_mut(POINTS * tiles_padded)
+            .enumerate()
+            .for_each(|(co, dm_co)| grad_channel(co * g.out_pixels(), gy_chunk, &groups, dm_co));
+        let accumulate = first_image > 0;
+        du.par_chunks_mut(cout * cin)
+            .enumerate()
+            .for_each(|(point, du_point)| {
+                sgemm(
+                    cout,
+                    cin,
+                    tiles_padded,
+                    du_point,
+                    cin,
+                    accumulate,
+                    // dm as [co][point][tile]: rows POINTS * tiles_padded apart.
+                    MatRef {
+                        data: &dm[point * tiles_padded..],
+                        row_stride: POINTS * tiles_padded,
+                        col_stride: 1,
+                    },
+                    // v as [ci][point][tile], read transposed: [tile][ci].
+                    MatRef {
+                        data: &v[point * tiles_padded..],
+                        row_stride: 1,
+                        col_stride: POINTS * tiles_padded,
+                    },
+                    1,
+                );
+            });
+        first_image += images;
+    }
+    // G^T du G per channel pair, du in [point][co][ci].
+    let mut grad_w = zeroed(cout * cin * 9);
+    grad_w
+        .par_chunks_mut(cin * 9)
+        .enumerate()
+        .for_each(|(co, gw_co)| {
+            for (ci, gw) in gw_co.chunks_exact_mut(9).enumerate() {
+                let at = |i: usize, j: usize| du[((i * WINDOW + j) * cout + co) * cin + ci];
+                let mut gtd = [[0f32; WINDOW]; 3];
+                for (a, row) in gtd.iter_mut().enumerate() {
+                    for (j, v) in row.iter_mut().enumerate() {
+                        *v = (0..WINDOW).map(|i| G[i][a] * at(i, j)).sum();
+                    }
+                }
+                for a in 0..3 {
+                    for b in 0..3 {
+                        gw[a * 3 + b] = (0..WINDOW).map(|j| gtd[a][j] * G[j][b]).sum();
+                    }
+                }
+            }
+        });
+    grad_w
 }
 
 #[cfg(test)]

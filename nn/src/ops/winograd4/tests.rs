@@ -1,5 +1,5 @@
-//! F(4x4, 3x3) against the im2col path it replaces: forward (bias, ReLU) and input gradient,
-//! on the maps it takes, odd sizes and every padding.
+//! F(4x4, 3x3) against the im2col path it replaces: forward (bias, ReLU), input and weight
+//! gradients, on the maps it takes, odd sizes and every padding.
 use super::super::conv::im2col_forward;
 use super::super::conv_backward::{im2col_backward, OutputGrad};
 use super::*;
@@ -59,6 +59,19 @@ fn input_grad_matches_im2col() {
             // Only where the backward map falls outside the tiles' range (6x8 out of 8x10).
             None => assert_eq!(i, 3, "case {i} has no Winograd input gradient"),
         }
+    }
+}
+
+#[test]
+fn weight_grad_matches_im2col() {
+    for (i, &(batch, cin, cout, h, w, p)) in CASES.iter().enumerate() {
+        let g = ConvGeometry::new((batch, cin, h, w), (cout, cin, 3, 3), 1, p).unwrap();
+        let x = pseudo_random(batch * cin * h * w, 1 + i as u64);
+        let wt = pseudo_random(cout * cin * 9, 20 + i as u64);
+        let gy = pseudo_random(batch * g.out_image_len(), 60 + i as u64);
+        let want = im2col_backward(&g, &x, &wt, OutputGrad::Dense(&gy), (false, true, false));
+        let got = weight_grad(&g, &x, &gy);
+        assert_close(&format!("case {i}"), &got, &want.w.unwrap());
     }
 }
 
