@@ -9,6 +9,7 @@ use super::conv_geometry::{ConvGeometry, WEIGHT_GRAD_GROUPS};
 use super::gemm::{sgemm, MatRef};
 use super::im2col::{active_weight, col2im_add, expand_weight_grad, im2col, inner_threads, Walk};
 use super::pool::PoolGeometry;
+use super::scratch::Scratch;
 use super::{winograd, winograd4, zeroed};
 use rayon::prelude::*;
 
@@ -198,9 +199,8 @@ pub fn im2col_backward(
         let last_image = (first_image + images_per_group).min(g.batch);
         let mut gx_group = gx_group;
         let mut gw = gw;
-        let mut col_buf = Vec::new();
+        let (mut col_buf, mut gcol_buf) = (Scratch::take(), Scratch::take());
         let mut gy_buf = Vec::new();
-        let mut gcol_buf = Vec::new();
         let mut first_chunk = true;
         let mut img = first_image;
         while img < last_image {
@@ -213,9 +213,9 @@ pub fn im2col_backward(
                 let col: &[f32] = if g.is_pointwise() && images == 1 {
                     x_chunk
                 } else {
-                    col_buf.resize(ckk * ncols, 0.0);
-                    im2col(g, &taps, &walk, x_chunk, images, &mut col_buf);
-                    &col_buf
+                    let col = col_buf.sized(ckk * ncols);
+                    im2col(g, &taps, &walk, x_chunk, images, col);
+                    col
                 };
                 let col_t = MatRef::transposed(col, ncols);
                 sgemm(
@@ -236,19 +236,9 @@ pub fn im2col_backward(
                 if g.is_pointwise() && images == 1 {
                     sgemm(ckk, ncols, cout, gx, ncols, false, w_t, gy_mat, threads);
                 } else {
-                    gcol_buf.resize(ckk * ncols, 0.0);
-                    sgemm(
-                        ckk,
-                        ncols,
-                        cout,
-                        &mut gcol_buf,
-                        ncols,
-                        false,
-                        w_t,
-                        gy_mat,
-                        threads,
-                    );
-                    col2im_add(g, &taps, &walk, &gcol_buf, images, gx);
+                    let gcol = gcol_buf.sized(ckk * ncols);
+                    sgemm(ckk, ncols, cout, gcol, ncols, false, w_t, gy_mat, threads);
+                    col2im_add(g, &taps, &walk, gcol, images, gx);
                 }
             }
             first_chunk = false;

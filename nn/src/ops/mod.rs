@@ -18,6 +18,7 @@ mod kernels;
 mod linear;
 mod norm;
 mod pool;
+mod scratch;
 mod simd;
 mod winograd;
 mod winograd4;

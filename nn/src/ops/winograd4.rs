@@ -11,6 +11,7 @@
 
 use super::conv_geometry::ConvGeometry;
 use super::gemm::{sgemm, MatRef};
+use super::scratch::Scratch;
 use super::simd::dispatch;
 use super::zeroed;
 use rayon::prelude::*;
@@ -319,15 +320,15 @@ fn transform_input(
     tiling: &Tiling,
     x_chunk: &[f32],
     tiles: usize,
-    v: &mut Vec<f32>,
+    v: &mut Scratch,
 ) {
     let tiles_padded = tiles.next_multiple_of(LANES);
     let groups: Vec<_> = (0..tiles_padded)
         .step_by(LANES)
         .map(|t| window_pixels(g, tiling, t, tiles))
         .collect();
-    v.resize(g.in_channels * POINTS * tiles_padded, 0.0);
-    v.par_chunks_mut(POINTS * tiles_padded)
+    v.sized(g.in_channels * POINTS * tiles_padded)
+        .par_chunks_mut(POINTS * tiles_padded)
         .enumerate()
         .for_each(|(ci, v_ci)| input_channel(ci * g.height * g.width, x_chunk, &groups, v_ci));
 }
@@ -338,7 +339,7 @@ fn convolve(g: &ConvGeometry, x: &[f32], u: &[f32], bias: Option<&[f32]>, relu: 
     let (cin, cout) = (g.in_channels, g.out_channels);
     let images_per_chunk = CHUNK_TILES.div_ceil(tiling.per_image).min(g.batch.max(1));
     let mut y = zeroed(g.batch * g.out_image_len());
-    let (mut v, mut m, mut pixels) = (Vec::new(), Vec::new(), Vec::new());
+    let [mut v, mut m, mut pixels] = [(); 3].map(|_| Scratch::take());
     for (chunk, y_chunk) in y
         .chunks_mut(images_per_chunk * g.out_image_len())
         .enumerate()
@@ -349,13 +350,13 @@ fn convolve(g: &ConvGeometry, x: &[f32], u: &[f32], bias: Option<&[f32]>, relu: 
         let tiles_padded = tiles.next_multiple_of(LANES);
         let x_chunk = &x[first_image * g.in_image_len()..][..images * g.in_image_len()];
         transform_input(g, &tiling, x_chunk, tiles, &mut v);
-        m.resize(POINTS * cout * tiles_padded, 0.0);
-        m.par_chunks_mut(cout * tiles_padded)
+        m.sized(POINTS * cout * tiles_padded)
+            .par_chunks_mut(cout * tiles_padded)
             .enumerate()
             .for_each(|(point, m_point)| {
                 // v as [point][ci][tile]: rows POINTS * tiles_padded apart.
                 let v_point = MatRef {
-                    data: &v[point * tiles_padded..],
+                    data: &v.all()[point * tiles_padded..],
                     row_stride: POINTS * tiles_padded,
                     col_stride: 1,
                 };
@@ -377,13 +378,13 @@ fn convolve(g: &ConvGeometry, x: &[f32], u: &[f32], bias: Option<&[f32]>, relu: 
                 );
             });
         let tile_len = TILE * TILE;
-        pixels.resize(cout * tiles_padded * tile_len, 0.0);
         pixels
+            .sized(cout * tiles_padded * tile_len)
             .par_chunks_mut(tiles_padded * tile_len)
             .enumerate()
             .for_each(|(co, out_co)| {
                 let b = bias.map_or(0.0, |b| b[co]);
-                output_channel(&m, co, cout, tiles_padded, b, relu, out_co);
+                output_channel(m.all(), co, cout, tiles_padded, b, relu, out_co);
             });
         // Each image's tiles into its NCHW planes, clipped at the map's edges.
         y_chunk
@@ -394,7 +395,7 @@ fn convolve(g: &ConvGeometry, x: &[f32], u: &[f32], bias: Option<&[f32]>, relu: 
                     for k in 0..tiling.per_image {
                         let (_, oy, ox) = tiling.locate(k);
                         let t = n * tiling.per_image + k;
-                        let tile = &pixels[(co * tiles_padded + t) * tile_len..][..tile_len];
+                        let tile = &pixels.all()[(co * tiles_padded + t) * tile_len..][..tile_len];
                         for r in 0..TILE.min(g.out_height - oy) {
                             let cols = TILE.min(g.out_width - ox);
                             let at = (oy + r) * g.out_width + ox;
@@ -511,7 +512,7 @@ pub fn weight_grad(g: &ConvGeometry, x: &[f32], grad_y: &[f32]) -> Vec<f32> {
     let (cin, cout) = (g.in_channels, g.out_channels);
     let images_per_chunk = CHUNK_TILES.div_ceil(tiling.per_image).min(g.batch.max(1));
     let mut du = zeroed(POINTS * cout * cin);
-    let (mut v, mut dm) = (Vec::new(), Vec::new());
+    let (mut v, mut dm) = (Scratch::take(), Scratch::take());
     let mut first_image = 0;
     while first_image < g.batch {
         let images = images_per_chunk.min(g.batch - first_image);
@@ -524,8 +525,8 @@ pub fn weight_grad(g: &ConvGeometry, x: &[f32], grad_y: &[f32]) -> Vec<f32> {
             .step_by(LANES)
             .map(|t| tile_pixels(g, &tiling, t, tiles))
             .collect();
-        dm.resize(cout * POINTS * tiles_padded, 0.0);
-        dm.par_chunks_mut(POINTS * tiles_padded)
+        dm.sized(cout * POINTS * tiles_padded)
+            .par_chunks_mut(POINTS * tiles_padded)
             .enumerate()
             .for_each(|(co, dm_co)| grad_channel(co * g.out_pixels(), gy_chunk, &groups, dm_co));
         let accumulate = first_image > 0;
@@ -541,13 +542,13 @@ pub fn weight_grad(g: &ConvGeometry, x: &[f32], grad_y: &[f32]) -> Vec<f32> {
                     accumulate,
                     // dm as [co][point][tile]: rows POINTS * tiles_padded apart.
                     MatRef {
-                        data: &dm[point * tiles_padded..],
+                        data: &dm.all()[point * tiles_padded..],
                         row_stride: POINTS * tiles_padded,
                         col_stride: 1,
                     },
                     // v as [ci][point][tile], read transposed: [tile][ci].
                     MatRef {
-                        data: &v[point * tiles_padded..],
+                        data: &v.all()[point * tiles_padded..],
                         row_stride: 1,
                         col_stride: POINTS * tiles_padded,
                     },
