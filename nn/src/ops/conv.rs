@@ -13,6 +13,7 @@ use super::conv_geometry::{ConvGeometry, MaxPool};
 use super::gemm::{sgemm, MatRef};
 use super::im2col::{active_weight, im2col, inner_threads, Walk};
 use super::pool::pool_planes;
+use super::scratch::Scratch;
 use super::zeroed;
 use super::{winograd, winograd4};
 use candle_core::Result;
@@ -53,7 +54,7 @@ pub fn im2col_forward(
     let mut y = zeroed(g.batch * g.out_image_len());
     y.par_chunks_mut(plan.per_chunk * g.out_image_len())
         .enumerate()
-        .for_each_init(Scratch::default, |scratch, (chunk, y_chunk)| {
+        .for_each_init(ChunkBuffers::take, |scratch, (chunk, y_chunk)| {
             plan.chunk(x, bias, relu, chunk, y_chunk, scratch);
         });
     y
@@ -84,16 +85,16 @@ pub fn conv_forward_pooled(
     let pooled_image = g.out_channels * pool.out_height * pool.out_width;
     let chunk_len = plan.per_chunk * pooled_image;
     let mut y = zeroed(g.batch * pooled_image);
-    let run = |(scratch, conv_out): &mut (Scratch, Vec<f32>),
+    let run = |(scratch, conv_out): &mut (ChunkBuffers, Scratch),
                chunk: usize,
                y_chunk: &mut [f32],
                idx_chunk: Option<&mut [u32]>| {
         let images = y_chunk.len() / pooled_image;
-        conv_out.resize(images * g.out_image_len(), 0.0);
+        let conv_out = conv_out.sized(images * g.out_image_len());
         plan.chunk(x, bias, relu, chunk, conv_out, scratch);
         pool_planes(&pool, conv_out, y_chunk, idx_chunk);
     };
-    let buffers = || (Scratch::default(), Vec::new());
+    let buffers = || (ChunkBuffers::take(), Scratch::take());
     if !keep_indices {
         y.par_chunks_mut(chunk_len)
             .enumerate()
@@ -112,11 +113,20 @@ pub fn conv_forward_pooled(
     Ok((y, Some(idx)))
 }
 
-/// Per-task buffers, reused across the chunks one task computes.
-#[derive(Default)]
-struct Scratch {
-    col: Vec<f32>,
-    gemm_out: Vec<f32>,
+/// Per-task buffers, reused across the chunks one task computes (and from the thread's
+/// scratch pool, across calls).
+struct ChunkBuffers {
+    col: Scratch,
+    gemm_out: Scratch,
+}
+
+impl ChunkBuffers {
+    fn take() -> Self {
+        Self {
+            col: Scratch::take(),
+            gemm_out: Scratch::take(),
+        }
+    }
 }
 
 /// What every forward chunk shares: the taps, the weight restricted to them, the chunking.
@@ -157,7 +167,7 @@ impl<'a> ForwardPlan<'a> {
         relu: bool,
         chunk: usize,
         out: &mut [f32],
-        scratch: &mut Scratch,
+        scratch: &mut ChunkBuffers,
     ) {
         let g = self.g;
         let (cout, ckk, hw) = (
@@ -172,9 +182,9 @@ impl<'a> ForwardPlan<'a> {
         let col: &[f32] = if g.is_pointwise() && images == 1 {
             x_chunk
         } else {
-            scratch.col.resize(ckk * ncols, 0.0);
-            im2col(g, &self.taps, &self.walk, x_chunk, images, &mut scratch.col);
-            &scratch.col
+            let col = scratch.col.sized(ckk * ncols);
+            im2col(g, &self.taps, &self.walk, x_chunk, images, col);
+            col
         };
         let w_mat = MatRef::row_major(&self.weight, ckk);
         let col_mat = MatRef::row_major(col, ncols);
@@ -201,8 +211,7 @@ impl<'a> ForwardPlan<'a> {
             }
             return;
         }
-        let tmp = &mut scratch.gemm_out;
-        tmp.resize(cout * ncols, 0.0);
+        let tmp = scratch.gemm_out.sized(cout * ncols);
         sgemm(
             cout,
             ncols,

@@ -8,6 +8,7 @@
 
 use super::conv_geometry::{valid_range, ConvGeometry, ConvGrads};
 use super::gemm::{sgemm_column_parallel, MatRef};
+use super::scratch::Scratch;
 use super::zeroed;
 use rayon::prelude::*;
 use std::mem::MaybeUninit;
@@ -187,19 +188,20 @@ pub fn backward(
         gx
     });
     let grad_w = want_w.then(|| {
-        let mut gu = zeroed(rows * cols);
+        let mut gu = Scratch::take();
+        let gu = gu.sized(rows * cols);
         sgemm_column_parallel(
             rows,
             cols,
             g.batch,
-            &mut gu,
+            gu,
             cols,
             false,
             MatRef::transposed(grad_y, rows),
             MatRef::row_major(x, cols),
             PARTS,
         );
-        fold(g, &gu)
+        fold(g, gu)
     });
     let bias = want_b.then(|| {
         let hw = g.out_pixels();
