@@ -8,9 +8,10 @@
 # Prints the CPU model, its vector extensions and torch's CPU capability first, a line per
 # repeat, then per model the medians and spreads (min-max) over the repeats.
 #
-# Env: PYTHON (required: a python with torch; TORCH_PYTHON is taken too), TORCH_REF (default
-#      ../shared/peers/torch_reference.py, relative to the repository), DATA (required: the
-#      folder with the four Fashion-MNIST files, e.g. Debian's /usr/share/datasets/fashion-mnist),
+# Env: PYTHON (required: a python with torch, and torchvision for resnet18; TORCH_PYTHON is
+#      taken too), TORCH_REF (default ../shared/peers/torch_reference.py, relative to the
+#      repository), DATA (required: the folder with the four Fashion-MNIST files, e.g.
+#      Debian's /usr/share/datasets/fashion-mnist),
 #      WITH_CANDLE=1 also runs the portable path (candle's ops only, as a GPU runs them),
 #      FMNIST_CPU=avx2 stands in for an AVX2-only machine on an AVX-512 CPU: our side runs
 #      its AVX2 kernels, and PyTorch is capped likewise (ATEN_CPU_CAPABILITY, and oneDNN's and
@@ -37,6 +38,10 @@ fi
 for tool in "$python" "$torch_ref" "$data"; do
   [ -e "$tool" ] || { echo "error: $tool not found (set PYTHON / TORCH_REF / DATA)" >&2; exit 2; }
 done
+# The reference's ResNet-18 comes from torchvision: check before minutes of benchmarking.
+case " $models " in *" resnet18 "*) need="torch, torchvision" ;; *) need="torch" ;; esac
+"$python" -c "import $need" 2>/dev/null ||
+  { echo "error: $python cannot import $need (pip install ${need/, / } into it)" >&2; exit 2; }
 
 cargo build --release -q
 bin=${CARGO_TARGET_DIR:-target}/release/fmnist-pipe
