@@ -45,7 +45,8 @@ fn main() {
         let reps: usize = std::env::var("REPS")
             .ok()
             .and_then(|r| r.parse().ok())
-            .unwrap_or(20);
+            .unwrap_or(20)
+            .max(1);
         let mut f = Vec::new();
         let mut b = Vec::new();
         for _ in 0..reps {

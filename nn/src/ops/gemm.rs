@@ -264,8 +264,9 @@ impl SharedDst {
 
 /// [`sgemm`] with the `n` columns cut into `parts` ranges computed in parallel, each single-
 /// threaded. On the fully connected layer's shapes (n = 9216, k = 64..128) the gemm crate's
-/// own threading barely ran faster than one thread. A column of the result is the same
-/// single-threaded product with or without the cut.
+/// own threading barely ran faster than one thread. The gemm crate's blocking depends on the
+/// shape it is given, so a column's bits can depend on the width of its range: callers pass a
+/// fixed `parts`, never the thread count.
 #[allow(clippy::too_many_arguments)]
 pub fn sgemm_column_parallel(
     m: usize,

@@ -8,6 +8,9 @@ use std::cell::RefCell;
 
 /// Buffers kept per thread; beyond that, dropped ones are freed.
 const KEPT: usize = 8;
+/// Buffers larger than this (in elements, 64 MiB) are freed when dropped, not kept: the pool
+/// hands any buffer to any taker, so each kept one can grow to the largest use on its thread.
+const KEPT_UP_TO: usize = 16 << 20;
 
 thread_local! {
     static POOL: RefCell<Vec<Vec<f32>>> = const { RefCell::new(Vec::new()) };
@@ -26,6 +29,8 @@ impl Scratch {
     /// every caller overwrites what it reads.
     pub fn sized(&mut self, n: usize) -> &mut [f32] {
         if self.0.len() < n {
+            // Exact: a doubled capacity would be kept, unused, for as long as the thread lives.
+            self.0.reserve_exact(n - self.0.len());
             self.0.resize(n, 0.0);
         }
         &mut self.0[..n]
@@ -40,7 +45,7 @@ impl Scratch {
 impl Drop for Scratch {
     fn drop(&mut self) {
         let buffer = std::mem::take(&mut self.0);
-        if buffer.capacity() > 0 {
+        if (1..=KEPT_UP_TO).contains(&buffer.capacity()) {
             // try_with: a thread being torn down has no pool left; the buffer is then freed.
             let _ = POOL.try_with(|p| {
                 let mut pool = p.borrow_mut();

@@ -3,7 +3,7 @@
 //! tile with 36 multiplies per channel pair instead of 144, 3-4x fewer than im2col on these
 //! maps. The tiles of many images go through the 36 GEMMs together, so they stay wide where an
 //! image has a single tile. Tiles are the vector lanes of both transforms: the transformed
-//! input is `v[point][ci][tile]`, the GEMM output `m[point][co][tile]`.
+//! input is `v[ci][point][tile]`, the GEMM output `m[point][co][tile]`.
 //!
 //! The input gradient is the same convolution of the output gradient with the filters flipped
 //! and their channels swapped ([`input_grad`]); the weight gradient is taken in the transform
@@ -354,7 +354,7 @@ fn convolve(g: &ConvGeometry, x: &[f32], u: &[f32], bias: Option<&[f32]>, relu: 
             .par_chunks_mut(cout * tiles_padded)
             .enumerate()
             .for_each(|(point, m_point)| {
-                // v as [point][ci][tile]: rows POINTS * tiles_padded apart.
+                // v as [ci][point][tile]: rows POINTS * tiles_padded apart.
                 let v_point = MatRef {
                     data: &v.all()[point * tiles_padded..],
                     row_stride: POINTS * tiles_padded,

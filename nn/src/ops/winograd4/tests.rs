@@ -1,7 +1,7 @@
 //! F(4x4, 3x3) against the im2col path it replaces: forward (bias, ReLU), input and weight
 //! gradients, on the maps it takes, odd sizes and every padding.
 use super::super::conv::im2col_forward;
-use super::super::conv_backward::{im2col_backward, OutputGrad};
+use super::super::conv_backward::{conv_backward_from, im2col_backward, OutputGrad};
 use super::*;
 use crate::check::max_abs_diff;
 
@@ -72,6 +72,42 @@ fn weight_grad_matches_im2col() {
         let want = im2col_backward(&g, &x, &wt, OutputGrad::Dense(&gy), (false, true, false));
         let got = weight_grad(&g, &x, &gy);
         assert_close(&format!("case {i}"), &got, &want.w.unwrap());
+    }
+}
+
+/// The backward pass as the ops call it, for every combination of wanted gradients: the same
+/// gradients as im2col's, the bias's beside the Winograd weight gradient, and the input
+/// gradient through im2col where Winograd has none (case 3).
+#[test]
+fn backward_routes_every_wanted_gradient() {
+    let wants = [
+        (true, true, true),
+        (false, true, true),
+        (true, false, false),
+        (false, true, false),
+        (false, false, true),
+    ];
+    for (i, &(batch, cin, cout, h, w, p)) in CASES.iter().enumerate() {
+        let g = ConvGeometry::new((batch, cin, h, w), (cout, cin, 3, 3), 1, p).unwrap();
+        let x = pseudo_random(batch * cin * h * w, 1 + i as u64);
+        let wt = pseudo_random(cout * cin * 9, 20 + i as u64);
+        let gy = pseudo_random(batch * g.out_image_len(), 60 + i as u64);
+        for want in wants {
+            let got = conv_backward_from(&g, &x, &wt, OutputGrad::Dense(&gy), want);
+            let reference = im2col_backward(&g, &x, &wt, OutputGrad::Dense(&gy), want);
+            for (what, got, reference) in [
+                ("input", got.x, reference.x),
+                ("weight", got.w, reference.w),
+                ("bias", got.bias, reference.bias),
+            ] {
+                let label = format!("case {i} {want:?} {what}");
+                match (got, reference) {
+                    (Some(got), Some(reference)) => assert_close(&label, &got, &reference),
+                    (None, None) => {}
+                    (got, _) => panic!("{label}: present {} vs im2col's", got.is_some()),
+                }
+            }
+        }
     }
 }
 
