@@ -17,7 +17,6 @@ thread_local! {
 }
 
 /// A buffer from this thread's pool, back to the pool of whichever thread drops it.
-#[derive(Default)]
 pub struct Scratch(Vec<f32>);
 
 impl Scratch {

@@ -166,25 +166,56 @@ fn output_1d(m: &[Lanes; 6]) -> [Lanes; 4] {
     o
 }
 
-/// For 16 tiles starting at `first_tile` (of `tiles`), the window pixels that lie on the
-/// image: `(lane-major position in the window block, offset in the input)`; padding and lanes
-/// past the last tile stay zero.
-fn window_pixels(
+/// Which transform a block of tiles goes through.
+#[derive(Clone, Copy)]
+enum Transform {
+    /// B^T d B of each tile's 6x6 input window (padding reads as zero).
+    Input,
+    /// A dY A^T of each tile's 4x4 output gradient (pixels past the map's edge read as zero):
+    /// the gradient at the GEMM output `m`.
+    OutputGrad,
+}
+
+impl Transform {
+    /// The square of pixels each tile reads: its side, how far up and left of the tile's first
+    /// output pixel it starts, and the plane it lies on (height, width, image length).
+    fn square(self, g: &ConvGeometry) -> (usize, usize, usize, usize, usize) {
+        match self {
+            Transform::Input => (WINDOW, g.padding, g.height, g.width, g.in_image_len()),
+            Transform::OutputGrad => (TILE, 0, g.out_height, g.out_width, g.out_image_len()),
+        }
+    }
+
+    /// Channels, and pixels per channel plane, of what it reads.
+    fn planes(self, g: &ConvGeometry) -> (usize, usize) {
+        match self {
+            Transform::Input => (g.in_channels, g.height * g.width),
+            Transform::OutputGrad => (g.out_channels, g.out_pixels()),
+        }
+    }
+}
+
+/// For 16 tiles starting at `first_tile` (of `tiles`), the pixels of their squares that lie
+/// on the plane: `(lane-major position in the block, offset in channel 0)`; pixels off the
+/// plane and lanes past the last tile stay zero.
+fn block_pixels(
+    kind: Transform,
     g: &ConvGeometry,
     tiling: &Tiling,
     first_tile: usize,
     tiles: usize,
 ) -> Vec<(u32, u32)> {
-    let mut pixels = Vec::with_capacity(POINTS * LANES);
+    let (side, shift, height, width, image_len) = kind.square(g);
+    let mut pixels = Vec::with_capacity(side * side * LANES);
     for lane in 0..LANES.min(tiles.saturating_sub(first_tile)) {
         let (n, oy, ox) = tiling.locate(first_tile + lane);
-        for r in 0..WINDOW {
-            for c in 0..WINDOW {
-                let iy = (oy + r).checked_sub(g.padding).filter(|&y| y < g.height);
-                let ix = (ox + c).checked_sub(g.padding).filter(|&x| x < g.width);
+        for r in 0..side {
+            for c in 0..side {
+                let iy = (oy + r).checked_sub(shift).filter(|&y| y < height);
+                let ix = (ox + c).checked_sub(shift).filter(|&x| x < width);
                 if let (Some(iy), Some(ix)) = (iy, ix) {
-                    let at = n * g.in_image_len() + iy * g.width + ix;
-                    pixels.push((((r * WINDOW + c) * LANES + lane) as u32, at as u32));
+                    let at = n * image_len + iy * width + ix;
+                    pixels.push((((r * side + c) * LANES + lane) as u32, at as u32));
                 }
             }
         }
@@ -193,33 +224,34 @@ fn window_pixels(
 }
 
 dispatch! {
-    fn input_channel => input_channel_generic(
-    plane_offset: usize,
-    x: &[f32],
+    fn transform_channel => transform_channel_generic(
+    kind: Transform,
+    plane: &[f32],
     groups: &[Vec<(u32, u32)>],
-    v_ci: &mut [f32],
+    dst: &mut [f32],
     )
 }
 
-/// B^T d B of every tile for one input channel (its plane `plane_offset` into each image),
-/// into `v_ci[point][tile]`.
+/// `kind` applied to every tile of one channel (`plane`: its plane in the first image), into
+/// `dst[point][tile]`.
 #[inline(always)]
-fn input_channel_generic(
-    plane_offset: usize,
-    x: &[f32],
+fn transform_channel_generic(
+    kind: Transform,
+    plane: &[f32],
     groups: &[Vec<(u32, u32)>],
-    v_ci: &mut [f32],
+    dst: &mut [f32],
 ) {
-    let row = v_ci.len() / POINTS;
+    let row = dst.len() / POINTS;
     for (group, pixels) in groups.iter().enumerate() {
-        transform_tiles::<WINDOW>(
-            &x[plane_offset..],
-            pixels,
-            input_1d,
-            v_ci,
-            row,
-            group * LANES,
-        );
+        let offset = group * LANES;
+        match kind {
+            Transform::Input => {
+                transform_tiles::<WINDOW>(plane, pixels, input_1d, dst, row, offset)
+            }
+            Transform::OutputGrad => {
+                transform_tiles::<TILE>(plane, pixels, output_grad_1d, dst, row, offset)
+            }
+        }
     }
 }
 
@@ -313,24 +345,26 @@ fn output_channel_generic(
     }
 }
 
-/// B^T d B of the `tiles` tiles of `x_chunk` (whole images), into `v[ci][point][tile]` with the
-/// tiles padded to whole vectors (zeros past the last).
-fn transform_input(
+/// `kind` applied to every tile of `src` (the `tiles` tiles of whole images), into
+/// `dst[channel][point][tile]` with the tiles padded to whole vectors (zeros past the last).
+fn transform_planes(
+    kind: Transform,
     g: &ConvGeometry,
     tiling: &Tiling,
-    x_chunk: &[f32],
+    src: &[f32],
     tiles: usize,
-    v: &mut Scratch,
+    dst: &mut Scratch,
 ) {
     let tiles_padded = tiles.next_multiple_of(LANES);
+    let (channels, plane_len) = kind.planes(g);
     let groups: Vec<_> = (0..tiles_padded)
         .step_by(LANES)
-        .map(|t| window_pixels(g, tiling, t, tiles))
+        .map(|t| block_pixels(kind, g, tiling, t, tiles))
         .collect();
-    v.sized(g.in_channels * POINTS * tiles_padded)
+    dst.sized(channels * POINTS * tiles_padded)
         .par_chunks_mut(POINTS * tiles_padded)
         .enumerate()
-        .for_each(|(ci, v_ci)| input_channel(ci * g.height * g.width, x_chunk, &groups, v_ci));
+        .for_each(|(c, dst_c)| transform_channel(kind, &src[c * plane_len..], &groups, dst_c));
 }
 
 /// The convolution `g` of `x` with the transformed filters `u`, plus bias, ReLU if asked.
@@ -349,7 +383,7 @@ fn convolve(g: &ConvGeometry, x: &[f32], u: &[f32], bias: Option<&[f32]>, relu: 
         let tiles = images * tiling.per_image;
         let tiles_padded = tiles.next_multiple_of(LANES);
         let x_chunk = &x[first_image * g.in_image_len()..][..images * g.in_image_len()];
-        transform_input(g, &tiling, x_chunk, tiles, &mut v);
+        transform_planes(Transform::Input, g, &tiling, x_chunk, tiles, &mut v);
         m.sized(POINTS * cout * tiles_padded)
             .par_chunks_mut(cout * tiles_padded)
             .enumerate()
@@ -455,53 +489,6 @@ fn output_grad_1d(y: &[Lanes; 4]) -> [Lanes; 6] {
     a
 }
 
-/// For 16 tiles starting at `first_tile` (of `tiles`), the output pixels that lie on the map:
-/// `(lane-major position in the tile block, offset in the output, channel 0)`; pixels past the
-/// map's edge and lanes past the last tile stay zero.
-fn tile_pixels(
-    g: &ConvGeometry,
-    tiling: &Tiling,
-    first_tile: usize,
-    tiles: usize,
-) -> Vec<(u32, u32)> {
-    let mut pixels = Vec::with_capacity(TILE * TILE * LANES);
-    for lane in 0..LANES.min(tiles.saturating_sub(first_tile)) {
-        let (n, oy, ox) = tiling.locate(first_tile + lane);
-        for r in 0..TILE.min(g.out_height - oy) {
-            for c in 0..TILE.min(g.out_width - ox) {
-                let at = n * g.out_image_len() + (oy + r) * g.out_width + ox + c;
-                pixels.push((((r * TILE + c) * LANES + lane) as u32, at as u32));
-            }
-        }
-    }
-    pixels
-}
-
-dispatch! {
-    fn grad_channel => grad_channel_generic(
-    plane_offset: usize,
-    grad_y: &[f32],
-    groups: &[Vec<(u32, u32)>],
-    dm_co: &mut [f32],
-    )
-}
-
-/// A dY A^T of every tile for one output channel (its plane `plane_offset` into each image):
-/// the gradient at the GEMM output `m`, into `dm_co[point][tile]`.
-#[inline(always)]
-fn grad_channel_generic(
-    plane_offset: usize,
-    grad_y: &[f32],
-    groups: &[Vec<(u32, u32)>],
-    dm_co: &mut [f32],
-) {
-    let row = dm_co.len() / POINTS;
-    for (group, pixels) in groups.iter().enumerate() {
-        let plane = &grad_y[plane_offset..];
-        transform_tiles::<TILE>(plane, pixels, output_grad_1d, dm_co, row, group * LANES);
-    }
-}
-
 /// The weight gradient for the output gradient `grad_y` (`suits(g)`), in the transform
 /// domain: per point, the GEMM output's gradient (A dY A^T) times the transformed input summed
 /// over all tiles, then G^T (.) G back to 3x3. A third of im2col's multiply-adds on 7x7 maps
@@ -520,15 +507,8 @@ pub fn weight_grad(g: &ConvGeometry, x: &[f32], grad_y: &[f32]) -> Vec<f32> {
         let tiles_padded = tiles.next_multiple_of(LANES);
         let x_chunk = &x[first_image * g.in_image_len()..][..images * g.in_image_len()];
         let gy_chunk = &grad_y[first_image * g.out_image_len()..][..images * g.out_image_len()];
-        transform_input(g, &tiling, x_chunk, tiles, &mut v);
-        let groups: Vec<_> = (0..tiles_padded)
-            .step_by(LANES)
-            .map(|t| tile_pixels(g, &tiling, t, tiles))
-            .collect();
-        dm.sized(cout * POINTS * tiles_padded)
-            .par_chunks_mut(POINTS * tiles_padded)
-            .enumerate()
-            .for_each(|(co, dm_co)| grad_channel(co * g.out_pixels(), gy_chunk, &groups, dm_co));
+        transform_planes(Transform::Input, g, &tiling, x_chunk, tiles, &mut v);
+        transform_planes(Transform::OutputGrad, g, &tiling, gy_chunk, tiles, &mut dm);
         let accumulate = first_image > 0;
         du.par_chunks_mut(cout * cin)
             .enumerate()
