@@ -25,6 +25,8 @@ fn main() {
         ("l4.0 3x3/2", 256, 2, 512, 3, 2, 1, 1, true),
         ("l4.0 ds 1x1/2", 256, 2, 512, 1, 2, 0, 1, true),
         ("l4 3x3", 512, 1, 512, 3, 1, 1, 3, true),
+        ("base c1 3x3", 1, 28, 32, 3, 1, 0, 1, false),
+        ("base c2 3x3", 32, 26, 64, 3, 1, 0, 1, true),
     ];
     let (mut tf, mut tb) = (0.0, 0.0);
     let only = std::env::var("ONLY").ok();

@@ -150,7 +150,9 @@ impl Learner {
         for indices in order.chunks(batch_size.max(1)) {
             hooks.before_batch()?;
             let (images, labels) = batch(indices)?;
-            let out = hooks.run_step(&mut || self.step(&images, &labels, dropout))?;
+            let out = hooks.run_step(&mut || {
+                crate::compute::with_workers_polling(|| self.step(&images, &labels, dropout))
+            })?;
             let batch_loss = out.loss.to_dtype(DType::F32)?.to_scalar::<f32>()?;
             if !batch_loss.is_finite() {
                 return Err(Diverged {
@@ -223,7 +225,7 @@ pub fn evaluate(
         hooks.before_batch()?;
         let (images, labels) = set.batch(indices, norm, device)?;
         let started = Instant::now();
-        let logits = model.forward(&images)?;
+        let logits = crate::compute::with_workers_polling(|| model.forward(&images))?;
         let classes = logits
             .argmax(D::Minus1)?
             .to_dtype(DType::U32)?
