@@ -69,13 +69,9 @@ pub fn pool_forward(g: &PoolGeometry, x: &[f32]) -> (Vec<f32>, Vec<u32>) {
     y.par_chunks_mut(out_plane)
         .zip(idx.par_chunks_mut(out_plane))
         .enumerate()
-        .for_each(|(plane, (y_plane, idx_plane))| {
-            pool_plane(
-                g,
-                &x[plane * in_plane..(plane + 1) * in_plane],
-                y_plane,
-                idx_plane,
-            )
+        .for_each_init(Vec::new, |rows, (plane, (y_plane, idx_plane))| {
+            let src = &x[plane * in_plane..(plane + 1) * in_plane];
+            pool_plane(g, src, y_plane, idx_plane, rows)
         });
     (y, idx)
 }
@@ -86,8 +82,9 @@ pub fn pool_forward_values(g: &PoolGeometry, x: &[f32]) -> Vec<f32> {
     let mut y = zeroed(g.planes * out_plane);
     y.par_chunks_mut(out_plane)
         .enumerate()
-        .for_each(|(plane, y_plane)| {
-            max_only_plane(g, &x[plane * in_plane..(plane + 1) * in_plane], y_plane)
+        .for_each_init(Vec::new, |rows, (plane, y_plane)| {
+            let src = &x[plane * in_plane..(plane + 1) * in_plane];
+            max_only_plane(g, src, y_plane, rows)
         });
     y
 }
@@ -99,61 +96,97 @@ pub fn pool_planes(g: &PoolGeometry, x: &[f32], y: &mut [f32], idx: Option<&mut 
     let planes = x.chunks(in_plane).zip(y.chunks_mut(out_plane));
     match idx {
         Some(idx) => {
+            let mut rows = Vec::new();
             for ((src, y_plane), idx_plane) in planes.zip(idx.chunks_mut(out_plane)) {
-                pool_plane(g, src, y_plane, idx_plane);
+                pool_plane(g, src, y_plane, idx_plane, &mut rows);
             }
         }
         None => {
+            let mut rows = Vec::new();
             for (src, y_plane) in planes {
-                max_only_plane(g, src, y_plane);
+                max_only_plane(g, src, y_plane, &mut rows);
             }
         }
     }
 }
 
-/// One plane's window maxima only: no index bookkeeping, no data-dependent branches.
-fn max_only_plane(g: &PoolGeometry, src: &[f32], y_plane: &mut [f32]) {
-    for oy in 0..g.out_height {
-        let (y0, y1) = g.window(oy, g.height);
+/// Whether `v` takes over from `best` in a window scanned in row-major order: a greater
+/// value does, and a NaN always does (PyTorch propagates NaN), so the first maximum wins, or
+/// the last NaN.
+#[inline(always)]
+fn takes_over(v: f32, best: f32) -> bool {
+    v > best || v.is_nan()
+}
+
+/// Pooling in two passes: each input row's best over every window's columns, then the best
+/// of those down each window's rows. Adjacent windows share those row results (ResNet's
+/// 3x3/2 stem pool computes each once instead of 1.5 times), and both passes are short fixed
+/// loops. With [`takes_over`] the winner is the one a row-major scan of the window finds: the
+/// rows are visited in order and each row's winner is its own scan's winner.
+fn row_winners<T: Copy>(
+    g: &PoolGeometry,
+    src: &[f32],
+    rows: &mut Vec<(f32, T)>,
+    at: impl Fn(usize) -> T,
+) {
+    rows.clear();
+    for (iy, row) in src.chunks_exact(g.width).enumerate() {
         for ox in 0..g.out_width {
             let (x0, x1) = g.window(ox, g.width);
-            let (mut best, mut nan) = (f32::NEG_INFINITY, false);
-            for row in src[y0 * g.width..y1 * g.width].chunks(g.width) {
-                for &v in &row[x0..x1] {
-                    best = best.max(v);
-                    nan |= v.is_nan();
-                }
+            let (mut best, mut best_at) = (f32::NEG_INFINITY, at(iy * g.width + x0));
+            for (ix, &v) in row.iter().enumerate().take(x1).skip(x0) {
+                // Selects, not branches: which value wins is data, and mispredicted jumps
+                // had cost more than the comparisons.
+                let take = takes_over(v, best);
+                best = if take { v } else { best };
+                best_at = if take { at(iy * g.width + ix) } else { best_at };
             }
-            // f32::max skips NaN; PyTorch propagates it.
-            y_plane[oy * g.out_width + ox] = if nan { f32::NAN } else { best };
+            rows.push((best, best_at));
+        }
+    }
+}
+
+/// One plane's window maxima only: no index bookkeeping.
+fn max_only_plane(g: &PoolGeometry, src: &[f32], y_plane: &mut [f32], rows: &mut Vec<(f32, ())>) {
+    row_winners(g, src, rows, |_| ());
+    for (oy, y_row) in y_plane.chunks_exact_mut(g.out_width).enumerate() {
+        let (y0, y1) = g.window(oy, g.height);
+        for (ox, out) in y_row.iter_mut().enumerate() {
+            let mut best = rows[y0 * g.out_width + ox].0;
+            for iy in y0 + 1..y1 {
+                let v = rows[iy * g.out_width + ox].0;
+                best = if takes_over(v, best) { v } else { best };
+            }
+            *out = best;
         }
     }
 }
 
 /// One plane: the max of each window and where in the plane it was.
-fn pool_plane(g: &PoolGeometry, src: &[f32], y_plane: &mut [f32], idx_plane: &mut [u32]) {
+fn pool_plane(
+    g: &PoolGeometry,
+    src: &[f32],
+    y_plane: &mut [f32],
+    idx_plane: &mut [u32],
+    rows: &mut Vec<(f32, u32)>,
+) {
     if g.kernel == 2 && g.stride == 2 && g.padding == 0 {
         pool_2x2_plane(g, src, y_plane, idx_plane);
         return;
     }
+    row_winners(g, src, rows, |i| i as u32);
     for oy in 0..g.out_height {
         let (y0, y1) = g.window(oy, g.height);
         for ox in 0..g.out_width {
-            let (x0, x1) = g.window(ox, g.width);
-            let mut best = f32::NEG_INFINITY;
-            let mut best_at = y0 * g.width + x0;
-            for iy in y0..y1 {
-                for ix in x0..x1 {
-                    let v = src[iy * g.width + ix];
-                    // A NaN wins its window (and then stays), as PyTorch propagates NaN.
-                    if v > best || v.is_nan() {
-                        best = v;
-                        best_at = iy * g.width + ix;
-                    }
-                }
+            let (mut best, mut best_at) = rows[y0 * g.out_width + ox];
+            for iy in y0 + 1..y1 {
+                let (v, v_at) = rows[iy * g.out_width + ox];
+                let take = takes_over(v, best);
+                best = if take { v } else { best };
+                best_at = if take { v_at } else { best_at };
             }
             y_plane[oy * g.out_width + ox] = best;
-            idx_plane[oy * g.out_width + ox] = best_at as u32;
+            idx_plane[oy * g.out_width + ox] = best_at;
         }
     }
 }
@@ -337,4 +370,73 @@ fn pad_neg_inf(x: &Tensor, dim: usize, before: usize, after: usize) -> Result<Te
         parts.push(slab(after)?);
     }
     Tensor::cat(&parts, dim)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The window scanned pixel by pixel in row-major order, with the same rule.
+    fn scanned(g: &PoolGeometry, src: &[f32]) -> Vec<(f32, u32)> {
+        let mut out = Vec::new();
+        for oy in 0..g.out_height {
+            let (y0, y1) = g.window(oy, g.height);
+            for ox in 0..g.out_width {
+                let (x0, x1) = g.window(ox, g.width);
+                let mut best = (f32::NEG_INFINITY, (y0 * g.width + x0) as u32);
+                for iy in y0..y1 {
+                    for ix in x0..x1 {
+                        let v = src[iy * g.width + ix];
+                        if takes_over(v, best.0) {
+                            best = (v, (iy * g.width + ix) as u32);
+                        }
+                    }
+                }
+                out.push(best);
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn two_passes_pick_the_pixel_a_row_major_scan_picks_with_ties_nan_and_padding() {
+        // Few distinct values, so windows hold ties; some NaN and -inf.
+        let values = [
+            0.0,
+            1.0,
+            1.0,
+            -1.0,
+            f32::NAN,
+            f32::NEG_INFINITY,
+            2.0,
+            2.0,
+            0.5,
+        ];
+        for (h, w, k, s, p) in [
+            (14, 14, 3, 2, 1),
+            (7, 9, 3, 2, 1),
+            (5, 5, 3, 1, 1),
+            (6, 6, 3, 3, 0),
+            (8, 7, 4, 2, 2),
+        ] {
+            let g = PoolGeometry::new((1, 3, h, w), k, s, p).unwrap();
+            for seed in 0..20usize {
+                let src: Vec<f32> = (0..h * w)
+                    .map(|i| values[(i * 7 + seed * 13 + i * i * seed) % values.len()])
+                    .collect();
+                let want = scanned(&g, &src);
+                let plane = g.out_height * g.out_width;
+                let (mut y, mut idx) = (vec![0.0; plane], vec![0; plane]);
+                pool_plane(&g, &src, &mut y, &mut idx, &mut Vec::new());
+                let mut values_only = vec![0.0; plane];
+                max_only_plane(&g, &src, &mut values_only, &mut Vec::new());
+                for (o, &(v, at)) in want.iter().enumerate() {
+                    let what = format!("{h}x{w} k{k} s{s} p{p} seed {seed} output {o}");
+                    assert_eq!(idx[o], at, "{what}");
+                    assert_eq!(y[o].to_bits(), v.to_bits(), "{what}");
+                    assert_eq!(values_only[o].to_bits(), v.to_bits(), "{what}");
+                }
+            }
+        }
+    }
 }
