@@ -1,6 +1,7 @@
 //! A bounds-checked, safe wrapper around the `gemm` crate's f32 matrix multiply, the one
 //! place the CPU kernels touch raw pointers.
 
+use super::SharedDst;
 use gemm::Parallelism;
 use rayon::prelude::*;
 
@@ -243,23 +244,6 @@ unsafe fn avx2_sgemm(
         false,
         parallelism,
     )
-}
-
-/// The destination's address, shared by tasks that write disjoint column ranges of it.
-#[derive(Clone, Copy)]
-struct SharedDst(*mut f32);
-// SAFETY: only used by `sgemm_column_parallel`, whose tasks write disjoint columns.
-unsafe impl Send for SharedDst {}
-unsafe impl Sync for SharedDst {}
-
-impl SharedDst {
-    /// The address `offset` elements in (a method, so closures capture the whole Send wrapper).
-    ///
-    /// # Safety
-    /// `offset` must lie inside the destination buffer.
-    unsafe fn at(self, offset: usize) -> *mut f32 {
-        self.0.add(offset)
-    }
 }
 
 /// [`sgemm`] with the `n` columns cut into `parts` ranges computed in parallel, each single-

@@ -415,6 +415,24 @@ fn check_channel_params(x: &Tensor, params: &[&Tensor]) -> Result<()> {
 /// Elements per parallel task in the purely elementwise ops.
 const ELEMENTWISE_CHUNK: usize = 1 << 15;
 
+/// A destination's address, shared by parallel tasks that each write their own disjoint set
+/// of its elements (which the caller's SAFETY comment shows).
+#[derive(Clone, Copy)]
+pub(super) struct SharedDst(pub(super) *mut f32);
+// SAFETY: the tasks sharing it write disjoint elements and nobody reads them meanwhile.
+unsafe impl Send for SharedDst {}
+unsafe impl Sync for SharedDst {}
+
+impl SharedDst {
+    /// The address `offset` elements in (a method, so closures capture the whole Send wrapper).
+    ///
+    /// # Safety
+    /// `offset` must lie inside the destination buffer.
+    pub(super) unsafe fn at(self, offset: usize) -> *mut f32 {
+        self.0.add(offset)
+    }
+}
+
 /// A zero-filled buffer of `n` elements, filled in parallel when large: the ops' output
 /// buffers are allocated on the calling thread, where zeroing (and first-touch page faults)
 /// of multi-MiB buffers was a serial stretch of every training step.

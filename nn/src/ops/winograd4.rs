@@ -13,7 +13,7 @@ use super::conv_geometry::ConvGeometry;
 use super::gemm::{sgemm, MatRef};
 use super::scratch::Scratch;
 use super::simd::dispatch;
-use super::zeroed;
+use super::{zeroed, SharedDst};
 use rayon::prelude::*;
 
 /// Transform points per tile (6x6).
@@ -292,27 +292,59 @@ dispatch! {
     fn output_channel => output_channel_generic(
     m: &[f32],
     co: usize,
-    cout: usize,
+    g: &ConvGeometry,
     tiles_padded: usize,
     bias: f32,
     relu: bool,
-    out_co: &mut [f32],
+    blocks: &[Block],
+    out: SharedDst,
     )
 }
 
-/// A^T m A of every tile for output channel `co`, plus bias, ReLU if asked: into
-/// `out_co[tile][pixel]` (16 pixels per tile, row-major).
+/// Where a tile's 4x4 output block lands in a chunk's output: its top-left pixel's offset in
+/// the channel-0 plane of its image, and how many of its rows and columns lie on the map
+/// (none for the lanes past the last tile).
+#[derive(Clone, Copy, Default)]
+struct Block {
+    at: usize,
+    rows: usize,
+    cols: usize,
+}
+
+/// The [`Block`] of each of a chunk's `tiles_padded` tiles.
+fn blocks(g: &ConvGeometry, tiling: &Tiling, tiles: usize, tiles_padded: usize) -> Vec<Block> {
+    (0..tiles_padded)
+        .map(|t| {
+            if t >= tiles {
+                return Block::default();
+            }
+            let (n, oy, ox) = tiling.locate(t);
+            Block {
+                at: n * g.out_image_len() + oy * g.out_width + ox,
+                rows: TILE.min(g.out_height - oy),
+                cols: TILE.min(g.out_width - ox),
+            }
+        })
+        .collect()
+}
+
+/// A^T m A of every tile for output channel `co`, plus bias, ReLU if asked, written straight
+/// into channel `co`'s planes of `out` (a chunk of whole NCHW images), clipped at the map's
+/// edges.
 #[inline(always)]
+#[allow(clippy::too_many_arguments)]
 fn output_channel_generic(
     m: &[f32],
     co: usize,
-    cout: usize,
+    g: &ConvGeometry,
     tiles_padded: usize,
     bias: f32,
     relu: bool,
-    out_co: &mut [f32],
+    blocks: &[Block],
+    out: SharedDst,
 ) {
     let floor = if relu { 0.0 } else { f32::NEG_INFINITY };
+    let (cout, plane) = (g.out_channels, co * g.out_pixels());
     for t in (0..tiles_padded).step_by(LANES) {
         let load = |p: usize| -> Lanes {
             let at = (p * cout + co) * tiles_padded + t;
@@ -332,13 +364,21 @@ fn output_channel_generic(
             ];
             *row = output_1d(&r);
         }
+        // `c` is also the pixel's column in the block, not only an index into `rows`.
+        #[allow(clippy::needless_range_loop)]
         for c in 0..TILE {
             let column = [
                 rows[0][c], rows[1][c], rows[2][c], rows[3][c], rows[4][c], rows[5][c],
             ];
             for (r, lanes) in output_1d(&column).into_iter().enumerate() {
-                for (lane, v) in lanes.into_iter().enumerate() {
-                    out_co[(t + lane) * TILE * TILE + r * TILE + c] = (v + bias).max(floor);
+                for (block, v) in blocks[t..t + LANES].iter().zip(lanes) {
+                    if r < block.rows && c < block.cols {
+                        let at = block.at + plane + r * g.out_width + c;
+                        // SAFETY: `at` is pixel (r, c) of this tile's block, on the map, in
+                        // channel `co` of an image of the chunk `out` points to; each task
+                        // writes only its own channel's planes.
+                        unsafe { *out.at(at) = (v + bias).max(floor) };
+                    }
                 }
             }
         }
@@ -373,7 +413,7 @@ fn convolve(g: &ConvGeometry, x: &[f32], u: &[f32], bias: Option<&[f32]>, relu: 
     let (cin, cout) = (g.in_channels, g.out_channels);
     let images_per_chunk = CHUNK_TILES.div_ceil(tiling.per_image).min(g.batch.max(1));
     let mut y = zeroed(g.batch * g.out_image_len());
-    let [mut v, mut m, mut pixels] = [(); 3].map(|_| Scratch::take());
+    let (mut v, mut m) = (Scratch::take(), Scratch::take());
     for (chunk, y_chunk) in y
         .chunks_mut(images_per_chunk * g.out_image_len())
         .enumerate()
@@ -411,33 +451,12 @@ fn convolve(g: &ConvGeometry, x: &[f32], u: &[f32], bias: Option<&[f32]>, relu: 
                     1,
                 );
             });
-        let tile_len = TILE * TILE;
-        pixels
-            .sized(cout * tiles_padded * tile_len)
-            .par_chunks_mut(tiles_padded * tile_len)
-            .enumerate()
-            .for_each(|(co, out_co)| {
-                let b = bias.map_or(0.0, |b| b[co]);
-                output_channel(m.all(), co, cout, tiles_padded, b, relu, out_co);
-            });
-        // Each image's tiles into its NCHW planes, clipped at the map's edges.
-        y_chunk
-            .par_chunks_mut(g.out_image_len())
-            .enumerate()
-            .for_each(|(n, y_image)| {
-                for (co, plane) in y_image.chunks_exact_mut(g.out_pixels()).enumerate() {
-                    for k in 0..tiling.per_image {
-                        let (_, oy, ox) = tiling.locate(k);
-                        let t = n * tiling.per_image + k;
-                        let tile = &pixels.all()[(co * tiles_padded + t) * tile_len..][..tile_len];
-                        for r in 0..TILE.min(g.out_height - oy) {
-                            let cols = TILE.min(g.out_width - ox);
-                            let at = (oy + r) * g.out_width + ox;
-                            plane[at..at + cols].copy_from_slice(&tile[r * TILE..r * TILE + cols]);
-                        }
-                    }
-                }
-            });
+        let tile_blocks = blocks(g, &tiling, tiles, tiles_padded);
+        let out = SharedDst(y_chunk.as_mut_ptr());
+        (0..cout).into_par_iter().for_each(|co| {
+            let b = bias.map_or(0.0, |b| b[co]);
+            output_channel(m.all(), co, g, tiles_padded, b, relu, &tile_blocks, out);
+        });
     }
     y
 }
