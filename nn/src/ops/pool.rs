@@ -146,20 +146,32 @@ fn row_winners<T: Copy>(
     }
 }
 
+/// The second pass: down each window's rows of `rows` ([`row_winners`]), `emit(output index,
+/// value, its tag)` for every window.
+fn window_winners<T: Copy>(
+    g: &PoolGeometry,
+    rows: &[(f32, T)],
+    mut emit: impl FnMut(usize, f32, T),
+) {
+    for oy in 0..g.out_height {
+        let (y0, y1) = g.window(oy, g.height);
+        for ox in 0..g.out_width {
+            let (mut best, mut best_at) = rows[y0 * g.out_width + ox];
+            for iy in y0 + 1..y1 {
+                let (v, v_at) = rows[iy * g.out_width + ox];
+                let take = takes_over(v, best);
+                best = if take { v } else { best };
+                best_at = if take { v_at } else { best_at };
+            }
+            emit(oy * g.out_width + ox, best, best_at);
+        }
+    }
+}
+
 /// One plane's window maxima only: no index bookkeeping.
 fn max_only_plane(g: &PoolGeometry, src: &[f32], y_plane: &mut [f32], rows: &mut Vec<(f32, ())>) {
     row_winners(g, src, rows, |_| ());
-    for (oy, y_row) in y_plane.chunks_exact_mut(g.out_width).enumerate() {
-        let (y0, y1) = g.window(oy, g.height);
-        for (ox, out) in y_row.iter_mut().enumerate() {
-            let mut best = rows[y0 * g.out_width + ox].0;
-            for iy in y0 + 1..y1 {
-                let v = rows[iy * g.out_width + ox].0;
-                best = if takes_over(v, best) { v } else { best };
-            }
-            *out = best;
-        }
-    }
+    window_winners(g, rows, |o, v, ()| y_plane[o] = v);
 }
 
 /// One plane: the max of each window and where in the plane it was.
@@ -175,20 +187,10 @@ fn pool_plane(
         return;
     }
     row_winners(g, src, rows, |i| i as u32);
-    for oy in 0..g.out_height {
-        let (y0, y1) = g.window(oy, g.height);
-        for ox in 0..g.out_width {
-            let (mut best, mut best_at) = rows[y0 * g.out_width + ox];
-            for iy in y0 + 1..y1 {
-                let (v, v_at) = rows[iy * g.out_width + ox];
-                let take = takes_over(v, best);
-                best = if take { v } else { best };
-                best_at = if take { v_at } else { best_at };
-            }
-            y_plane[oy * g.out_width + ox] = best;
-            idx_plane[oy * g.out_width + ox] = best_at;
-        }
-    }
+    window_winners(g, rows, |o, v, at| {
+        y_plane[o] = v;
+        idx_plane[o] = at;
+    });
 }
 
 /// The baseline's 2x2/2 unpadded pooling without the general loop's bounds arithmetic.

@@ -223,6 +223,19 @@ fn block_pixels(
     pixels
 }
 
+/// [`block_pixels`] of every block of 16 of the `tiles` tiles.
+fn pixel_groups(
+    kind: Transform,
+    g: &ConvGeometry,
+    tiling: &Tiling,
+    tiles: usize,
+) -> Vec<Vec<(u32, u32)>> {
+    (0..tiles.next_multiple_of(LANES))
+        .step_by(LANES)
+        .map(|t| block_pixels(kind, g, tiling, t, tiles))
+        .collect()
+}
+
 dispatch! {
     fn transform_channel => transform_channel_generic(
     kind: Transform,
@@ -296,41 +309,15 @@ dispatch! {
     tiles_padded: usize,
     bias: f32,
     relu: bool,
-    blocks: &[Block],
+    groups: &[Vec<(u32, u32)>],
     out: SharedDst,
     )
 }
 
-/// Where a tile's 4x4 output block lands in a chunk's output: its top-left pixel's offset in
-/// the channel-0 plane of its image, and how many of its rows and columns lie on the map
-/// (none for the lanes past the last tile).
-#[derive(Clone, Copy, Default)]
-struct Block {
-    at: usize,
-    rows: usize,
-    cols: usize,
-}
-
-/// The [`Block`] of each of a chunk's `tiles_padded` tiles.
-fn blocks(g: &ConvGeometry, tiling: &Tiling, tiles: usize, tiles_padded: usize) -> Vec<Block> {
-    (0..tiles_padded)
-        .map(|t| {
-            if t >= tiles {
-                return Block::default();
-            }
-            let (n, oy, ox) = tiling.locate(t);
-            Block {
-                at: n * g.out_image_len() + oy * g.out_width + ox,
-                rows: TILE.min(g.out_height - oy),
-                cols: TILE.min(g.out_width - ox),
-            }
-        })
-        .collect()
-}
-
 /// A^T m A of every tile for output channel `co`, plus bias, ReLU if asked, written straight
-/// into channel `co`'s planes of `out` (a chunk of whole NCHW images), clipped at the map's
-/// edges.
+/// into channel `co`'s planes of `out` (a chunk of whole NCHW images). `groups` are the
+/// output gradient's pixel lists ([`block_pixels`] with [`Transform::OutputGrad`]): the same
+/// tile pixels on the map, here scattered to instead of gathered from.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
 fn output_channel_generic(
@@ -340,12 +327,13 @@ fn output_channel_generic(
     tiles_padded: usize,
     bias: f32,
     relu: bool,
-    blocks: &[Block],
+    groups: &[Vec<(u32, u32)>],
     out: SharedDst,
 ) {
     let floor = if relu { 0.0 } else { f32::NEG_INFINITY };
     let (cout, plane) = (g.out_channels, co * g.out_pixels());
-    for t in (0..tiles_padded).step_by(LANES) {
+    for (group, pixels) in groups.iter().enumerate() {
+        let t = group * LANES;
         let load = |p: usize| -> Lanes {
             let at = (p * cout + co) * tiles_padded + t;
             let mut lanes = [0f32; LANES];
@@ -364,23 +352,22 @@ fn output_channel_generic(
             ];
             *row = output_1d(&r);
         }
-        // `c` is also the pixel's column in the block, not only an index into `rows`.
-        #[allow(clippy::needless_range_loop)]
+        // block[r][c][lane], the layout of the pixel lists' positions.
+        let mut block = [[[0f32; LANES]; TILE]; TILE];
         for c in 0..TILE {
             let column = [
                 rows[0][c], rows[1][c], rows[2][c], rows[3][c], rows[4][c], rows[5][c],
             ];
             for (r, lanes) in output_1d(&column).into_iter().enumerate() {
-                for (block, v) in blocks[t..t + LANES].iter().zip(lanes) {
-                    if r < block.rows && c < block.cols {
-                        let at = block.at + plane + r * g.out_width + c;
-                        // SAFETY: `at` is pixel (r, c) of this tile's block, on the map, in
-                        // channel `co` of an image of the chunk `out` points to; each task
-                        // writes only its own channel's planes.
-                        unsafe { *out.at(at) = (v + bias).max(floor) };
-                    }
-                }
+                block[r][c] = lanes;
             }
+        }
+        let flat = block.as_flattened().as_flattened();
+        for &(pos, at) in pixels {
+            // SAFETY: `at` is a pixel on the map of an image of the chunk `out` points to
+            // (block_pixels keeps only those), in channel `co`'s plane; each task writes
+            // only its own channel's planes.
+            unsafe { *out.at(at as usize + plane) = (flat[pos as usize] + bias).max(floor) };
         }
     }
 }
@@ -397,10 +384,7 @@ fn transform_planes(
 ) {
     let tiles_padded = tiles.next_multiple_of(LANES);
     let (channels, plane_len) = kind.planes(g);
-    let groups: Vec<_> = (0..tiles_padded)
-        .step_by(LANES)
-        .map(|t| block_pixels(kind, g, tiling, t, tiles))
-        .collect();
+    let groups = pixel_groups(kind, g, tiling, tiles);
     dst.sized(channels * POINTS * tiles_padded)
         .par_chunks_mut(POINTS * tiles_padded)
         .enumerate()
@@ -451,11 +435,11 @@ fn convolve(g: &ConvGeometry, x: &[f32], u: &[f32], bias: Option<&[f32]>, relu: 
                     1,
                 );
             });
-        let tile_blocks = blocks(g, &tiling, tiles, tiles_padded);
+        let groups = pixel_groups(Transform::OutputGrad, g, &tiling, tiles);
         let out = SharedDst(y_chunk.as_mut_ptr());
         (0..cout).into_par_iter().for_each(|co| {
             let b = bias.map_or(0.0, |b| b[co]);
-            output_channel(m.all(), co, g, tiles_padded, b, relu, &tile_blocks, out);
+            output_channel(m.all(), co, g, tiles_padded, b, relu, &groups, out);
         });
     }
     y
