@@ -1,7 +1,7 @@
 //! The AVX2 path on an AVX-512 machine: with the level capped (`FMNIST_CPU=avx2`, here
 //! `set_cpu_level`), both models train and infer to the same figures as at the CPU's best
-//! level within f32 rounding, each level is deterministic, and on an AVX-512 CPU the capped
-//! run really took the other kernels (its rounding differs). Its own test binary: the cap is
+//! level within f32 rounding, each level is deterministic, and the kernels report running at
+//! the capped level only. Its own test binary: the cap is
 //! process-wide, and other tests compare bytes.
 
 use candle_core::{DType, Device, Tensor};
@@ -18,6 +18,8 @@ struct Trained {
     losses: Vec<f32>,
     weights: Vec<f32>,
     logits: Vec<f32>,
+    /// The levels the kernels ran at.
+    levels: Vec<CpuLevel>,
 }
 
 fn batch(rng: &mut ChaCha8Rng, n: usize) -> candle_core::Result<(Tensor, Tensor)> {
@@ -33,6 +35,7 @@ fn batch(rng: &mut ChaCha8Rng, n: usize) -> candle_core::Result<(Tensor, Tensor)
 
 fn train(kind: ModelKind, level: Option<CpuLevel>) -> candle_core::Result<Trained> {
     ops::set_cpu_level(level);
+    ops::take_levels_run();
     let mut learner = Learner::init(kind, 3, &Device::Cpu, DType::F32, &study_optimizer(kind))?;
     let mut data = ChaCha8Rng::seed_from_u64(11);
     let mut dropout = ChaCha8Rng::seed_from_u64(12);
@@ -49,11 +52,13 @@ fn train(kind: ModelKind, level: Option<CpuLevel>) -> candle_core::Result<Traine
     for (_, var) in models::sorted_vars(&learner.varmap) {
         weights.extend(var.flatten_all()?.to_vec1::<f32>()?);
     }
+    let levels = ops::take_levels_run();
     ops::set_cpu_level(None);
     Ok(Trained {
         losses,
         weights,
         logits,
+        levels,
     })
 }
 
@@ -113,13 +118,18 @@ fn the_avx2_path_matches_the_best_level_and_each_is_deterministic() -> candle_co
                 "{kind:?}: {what} of the AVX2 path differ by {d} (relative) from the {best} path"
             );
         }
-        if best == CpuLevel::Avx512 {
-            assert!(
-                capped.weights != full.weights,
-                "{kind:?}: capped to AVX2 on an AVX-512 CPU yet bit-identical: the cap did not \
-                 reach the kernels"
-            );
-        }
+        // The levels the kernels report, not the bits: on some CPUs (this project's AMD EPYC)
+        // the two levels round alike.
+        assert_eq!(full.levels, [best], "{kind:?}: kernels at the best level");
+        assert_eq!(
+            capped.levels,
+            [best.min(CpuLevel::Avx2)],
+            "{kind:?}: kernels capped to AVX2"
+        );
+        eprintln!(
+            "{kind:?}: capped weights bit-identical to the {best} path: {}",
+            capped.weights == full.weights
+        );
         assert!(
             full.losses.iter().all(|l| l.is_finite()),
             "{kind:?}: {:?}",

@@ -1,7 +1,7 @@
 //! Which x86 vector level the fast CPU kernels run at: the best the CPU has (AVX-512 where
 //! present, else AVX2), or a lower one forced with `FMNIST_CPU=avx2` (or [`set_cpu_level`])
 //! so that the AVX2 path can be run, measured and tested on an AVX-512 machine. Results are
-//! deterministic for a given level on a given machine; the two levels round differently.
+//! deterministic for a given level on a given machine; the two levels may round differently.
 
 use std::sync::atomic::{AtomicU8, Ordering};
 
@@ -101,6 +101,29 @@ pub fn cpu_level() -> CpuLevel {
         Some(level) => level.min(best),
         None => best,
     }
+}
+
+/// The levels kernels ran at since the last [`take_levels_run`], one bit each: how a test sees
+/// that a cap reached the kernels (on some CPUs the two levels round alike, so the results
+/// cannot show it).
+static RAN: AtomicU8 = AtomicU8::new(0);
+
+/// Records that a kernel ran at `level`. A load first: once the bit is set the cache line
+/// stays shared between the threads instead of bouncing on every call.
+pub(crate) fn note_level_run(level: CpuLevel) {
+    let bit = 1 << level as u8;
+    if RAN.load(Ordering::Relaxed) & bit == 0 {
+        RAN.fetch_or(bit, Ordering::Relaxed);
+    }
+}
+
+/// The levels kernels ran at since the last call, lowest first, and starts over.
+pub fn take_levels_run() -> Vec<CpuLevel> {
+    let bits = RAN.swap(0, Ordering::Relaxed);
+    [CpuLevel::Generic, CpuLevel::Avx2, CpuLevel::Avx512]
+        .into_iter()
+        .filter(|l| bits & (1 << *l as u8) != 0)
+        .collect()
 }
 
 #[cfg(test)]

@@ -144,8 +144,10 @@ unsafe fn raw_sgemm(
     rhs: MatRef<'_>,
     parallelism: Parallelism,
 ) {
+    let level = super::cpu_level::cpu_level();
+    super::cpu_level::note_level_run(level);
     #[cfg(target_arch = "x86_64")]
-    if super::cpu_level::cpu_level() == super::cpu_level::CpuLevel::Avx2
+    if level == super::cpu_level::CpuLevel::Avx2
         && super::cpu_level::detected() > super::cpu_level::CpuLevel::Avx2
     {
         if let Some(simd) = gemm_common::simd::V3::try_new() {

@@ -27,8 +27,8 @@ pub use conv::conv_forward;
 pub use conv_backward::conv_backward;
 pub use conv_geometry::{ConvGeometry, MaxPool};
 pub use cpu_level::{
-    cpu_level, cpu_level_from_env, detected as detected_cpu_level, set_cpu_level, CpuLevel,
-    UnknownCpuLevel, CPU_LEVEL_ENV,
+    cpu_level, cpu_level_from_env, detected as detected_cpu_level, set_cpu_level, take_levels_run,
+    CpuLevel, UnknownCpuLevel, CPU_LEVEL_ENV,
 };
 pub use huge_pages::HugePageAlloc;
 pub(crate) use kernels::note_fast_dispatch;

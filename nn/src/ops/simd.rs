@@ -15,6 +15,7 @@ macro_rules! dispatch {
             #[cfg(target_arch = "x86_64")]
             {
                 use $crate::ops::{cpu_level, CpuLevel};
+                use $crate::ops::cpu_level as levels;
                 #[target_feature(enable = "avx512f")]
                 #[allow(clippy::too_many_arguments)]
                 fn avx512($($arg: $ty),*) {
@@ -25,13 +26,17 @@ macro_rules! dispatch {
                 fn avx2($($arg: $ty),*) {
                     $generic($($arg),*)
                 }
-                match cpu_level() {
+                let level = cpu_level();
+                levels::note_level_run(level);
+                match level {
                     // SAFETY: the CPU has the extension (cpu_level never exceeds detection).
                     CpuLevel::Avx512 => return unsafe { avx512($($arg),*) },
                     CpuLevel::Avx2 => return unsafe { avx2($($arg),*) },
                     CpuLevel::Generic => {}
                 }
             }
+            #[cfg(not(target_arch = "x86_64"))]
+            $crate::ops::cpu_level::note_level_run($crate::ops::CpuLevel::Generic);
             $generic($($arg),*)
         }
     };

@@ -17,6 +17,8 @@ fn matches_im2col_forward_on_odd_and_even_maps_and_paddings() {
         (9, 8, 11, 13, 1),
         (16, 12, 10, 9, 2),
         (8, 8, 12, 12, 1),
+        // More than 16 tiles across: a tile row in two vectors.
+        (8, 8, 9, 40, 1),
     ] {
         let g = ConvGeometry::new((3, cin, h, w), (cout, cin, 3, 3), 1, p).unwrap();
         assert!(suits(&g));

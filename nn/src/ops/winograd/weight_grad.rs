@@ -31,8 +31,7 @@ pub fn weight_grad_pooled(
         return None;
     }
     let (cin, cout) = (g.in_channels, g.out_channels);
-    let cin_p = lanes(cin);
-    let part_len = POINTS * cout * cin_p;
+    let part_len = POINTS * cout * cin;
     let groups = g.batch.min(WEIGHT_GRAD_GROUPS);
     let per_group = g.batch.div_ceil(groups);
     let pooled = PooledGrad {
@@ -68,7 +67,7 @@ pub fn weight_grad_pooled(
     let mut dw = vec![0f32; cout * cin * 9];
     for co in 0..cout {
         for ci in 0..cin {
-            let m = |point: usize| total[(point * cout + co) * cin_p + ci];
+            let m = |point: usize| total[(point * cout + co) * cin + ci];
             let rows: [[f32; 3]; 4] =
                 [0, 1, 2, 3].map(|i| gt([m(4 * i), m(4 * i + 1), m(4 * i + 2), m(4 * i + 3)]));
             let filter = &mut dw[(co * cin + ci) * 9..(co * cin + ci + 1) * 9];
@@ -117,10 +116,9 @@ fn weight_image_generic(
 ) {
     let (th, tw) = tiles(g);
     let tile_count = th * tw;
-    let tiles_padded = lanes(tile_count);
-    let (cin_p, cout) = (lanes(g.in_channels), g.out_channels);
-    s.v.resize(POINTS * tiles_padded * cin_p, 0.0);
-    transform_input(g, x, n, &mut s.xt, &mut s.v, tiles_padded);
+    let (cin, cout) = (g.in_channels, g.out_channels);
+    transform_input(g, x, n, &mut s.split, &mut s.v);
+    let row_len = v_row(g);
     // Which pixel of its tile each pooled value came from, q = 2 * dy + dx.
     let wo = g.out_width as u32;
     let plane = n * cout * tile_count..(n + 1) * cout * tile_count;
@@ -163,15 +161,15 @@ fn weight_image_generic(
         }
         sgemm(
             cout,
-            cin_p,
+            cin,
             tile_count,
-            &mut m[point * cout * cin_p..(point + 1) * cout * cin_p],
-            cin_p,
+            &mut m[point * cout * cin..(point + 1) * cout * cin],
+            cin,
             accumulate,
             MatRef::row_major(z, tile_count),
-            MatRef::row_major(
-                &s.v[point * tiles_padded * cin_p..(point + 1) * tiles_padded * cin_p],
-                cin_p,
+            MatRef::transposed(
+                &s.v[point * cin * row_len..(point + 1) * cin * row_len],
+                row_len,
             ),
             1,
         );
