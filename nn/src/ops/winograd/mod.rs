@@ -355,8 +355,8 @@ fn transform_output(
                     for ((p, c), o) in positions.iter_mut().zip(&corners[t..]).zip(offset) {
                         *p = c + o;
                     }
-                    // Whole lane groups where they fit: lanes past this channel's tiles land
-                    // on the next channel's, which are written after.
+                    // One whole 16-lane store where all 16 lanes are this channel's tiles, a
+                    // partial copy for the last group of a channel.
                     if at + LANE <= out.len() && t + LANE <= corners.len() {
                         out[at..at + LANE].copy_from_slice(&best);
                         if let Some(idx) = idx.as_deref_mut() {
