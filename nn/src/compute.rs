@@ -106,21 +106,36 @@ pub fn with_workers_polling<R>(f: impl FnOnce() -> R) -> R {
     f()
 }
 
-/// Runs queued tasks of the current pool until `done`, yielding the core between polls.
+/// How long a poller goes on with nothing to run before it leaves the thread to rayon's own
+/// sleep: longer than the serial stretches between a step's forks, short against a step.
+const IDLE_LIMIT: std::time::Duration = std::time::Duration::from_millis(20);
+
+/// Runs queued tasks of the current pool until `done`, or until it has found nothing to run
+/// for [`IDLE_LIMIT`], yielding the core between polls.
+///
+/// A poller can end up running inside a task of the very work it polls for: its thread took
+/// one of the step's tasks (from another poller that had not yet seen its own step end, or
+/// from rayon's own search for work), and that task, waiting on a join, ran the broadcast
+/// poller. Spinning there until the step ends would deadlock: the step waits for the task
+/// beneath the poller (it hung the eval_stages test once, and the stress test below without
+/// these checks). The idle limit bounds every such case; the thread-local flag ends the
+/// commonest one, a poller under another poller, at once.
 fn poll_until(done: &AtomicBool) {
-    // A poller run from inside a task that another poller on this thread took returns at
-    // once. The case: step k ends while its poller here runs a task; step k+1 starts, and
-    // that poller takes one of its tasks, which, waiting on a join, runs step k+1's poller.
-    // That one would spin until step k+1 ends, and step k+1 waits for the task beneath it:
-    // a deadlock (seen in a test). The outer poller polls for this thread anyway.
     if POLLING.with(|p| p.replace(true)) {
         return;
     }
     let _reset = ClearPollingOnDrop;
+    let mut idle_since = None;
     while !done.load(Ordering::Acquire) {
-        if rayon::yield_now() != Some(rayon::Yield::Executed) {
-            std::thread::yield_now();
+        if rayon::yield_now() == Some(rayon::Yield::Executed) {
+            idle_since = None;
+            continue;
         }
+        let now = std::time::Instant::now();
+        if now.duration_since(*idle_since.get_or_insert(now)) > IDLE_LIMIT {
+            return;
+        }
+        std::thread::yield_now();
     }
 }
 
@@ -152,11 +167,20 @@ mod tests {
     use rayon::prelude::*;
 
     /// Back-to-back polled calls, each forking, as training steps do, finish: a hang fails
-    /// the test after 60 s. A stress check only: the race the nesting guard in `poll_until`
-    /// closes (seen once, hanging the eval_stages test) did not reproduce here without the
-    /// guard; the tests that train models run thousands of polled steps as well.
+    /// the test after 60 s. Without `poll_until`'s checks this hung within seconds; with the
+    /// nesting flag alone it hung once in ~40 runs; with both it takes ~1 s on 2 cores.
     #[test]
     fn back_to_back_polled_calls_never_deadlock() {
+        const CALLS: u64 = 20_000;
+        /// `x`, after ~1 µs of arithmetic the optimizer cannot drop.
+        fn busy(x: u64) -> u64 {
+            let mut h = x;
+            for _ in 0..300 {
+                h = std::hint::black_box(h.wrapping_mul(6364136223846793005).wrapping_add(1));
+            }
+            std::hint::black_box(h);
+            x
+        }
         let (sent, received) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
             let pool = rayon::ThreadPoolBuilder::new()
@@ -164,15 +188,18 @@ mod tests {
                 .build()
                 .expect("a 2-thread pool");
             let total: u64 = pool.install(|| {
-                (0..5000u64)
+                (0..CALLS)
                     .map(|k| {
                         with_workers_polling(|| {
+                            // Tasks that each fork once, with a little work on both sides, so
+                            // that a thread often waits on a join whose other half the other
+                            // thread took: where a nested poller would be run.
                             (0..64usize)
                                 .into_par_iter()
                                 .with_max_len(1)
                                 .map(|i| {
                                     let i = i as u64;
-                                    let (a, b) = rayon::join(|| i * k, || i + k);
+                                    let (a, b) = rayon::join(|| busy(i * k), || busy(i + k));
                                     a + b
                                 })
                                 .sum::<u64>()
@@ -182,12 +209,12 @@ mod tests {
             });
             let _ = sent.send(total);
         });
-        let want: u64 = (0..5000u64)
-            .map(|k| (0..64u64).map(|i| i * k + i + k).sum::<u64>())
+        let want: u64 = (0..CALLS)
+            .map(|k| (0..64u64).map(|i| busy(i * k) + busy(i + k)).sum::<u64>())
             .sum();
         match received.recv_timeout(std::time::Duration::from_secs(60)) {
             Ok(total) => assert_eq!(total, want),
-            Err(_) => panic!("5000 back-to-back polled calls did not finish in 60 s: deadlock"),
+            Err(_) => panic!("{CALLS} back-to-back polled calls did not finish in 60 s: deadlock"),
         }
     }
 

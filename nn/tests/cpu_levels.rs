@@ -1,8 +1,8 @@
 //! The AVX2 path on an AVX-512 machine: with the level capped (`FMNIST_CPU=avx2`, here
 //! `set_cpu_level`), both models train and infer to the same figures as at the CPU's best
 //! level within f32 rounding, each level is deterministic, and the kernels report running at
-//! the capped level only. Its own test binary: the cap is
-//! process-wide, and other tests compare bytes.
+//! the capped level only. Its own test binary: the cap is process-wide, and other tests
+//! compare bytes.
 
 use candle_core::{DType, Device, Tensor};
 use fmnist_nn::learner::Learner;

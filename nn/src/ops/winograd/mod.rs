@@ -262,14 +262,13 @@ fn transform_input(
         for ty in 0..th {
             for tx in (0..tw).step_by(LANE) {
                 // B^T down each of the tiles' four pixel columns, then B along each row.
-                let c = [
+                let [c0, c1, c2, c3] = [
                     input_1d(split.tile_column(pairs, 2 * ty, tx, 0)),
                     input_1d(split.tile_column(pairs, 2 * ty, tx, 1)),
                     input_1d(split.tile_column(pairs, 2 * ty, tx, 2)),
                     input_1d(split.tile_column(pairs, 2 * ty, tx, 3)),
                 ];
                 let at = ci * row_len + ty * tw + tx;
-                let [c0, c1, c2, c3] = c;
                 let rows = [
                     [c0[0], c1[0], c2[0], c3[0]],
                     [c0[1], c1[1], c2[1], c3[1]],
@@ -284,6 +283,17 @@ fn transform_input(
                 }
             }
         }
+    }
+}
+
+/// The first `real` lanes of `src` to the start of `dst`: a whole fixed-size vector store
+/// when all 16 are real (a partial copy of run-time length compiles to a `memcpy` call).
+#[inline(always)]
+fn store_lanes<T: Copy>(dst: &mut [T], src: &[T; LANE], real: usize) {
+    if real == LANE {
+        dst[..LANE].copy_from_slice(src);
+    } else {
+        dst[..real].copy_from_slice(&src[..real]);
     }
 }
 
@@ -351,23 +361,14 @@ fn transform_output(
                         (best, offset) = (next, next_offset);
                     }
                     let at = co * tile_count + t;
-                    let mut positions = [0u32; LANE];
-                    for ((p, c), o) in positions.iter_mut().zip(&corners[t..]).zip(offset) {
-                        *p = c + o;
-                    }
-                    // One whole 16-lane store where all 16 lanes are this channel's tiles, a
-                    // partial copy for the last group of a channel.
-                    if at + LANE <= out.len() && t + LANE <= corners.len() {
-                        out[at..at + LANE].copy_from_slice(&best);
-                        if let Some(idx) = idx.as_deref_mut() {
-                            idx[at..at + LANE].copy_from_slice(&positions);
+                    let real = LANE.min(tile_count - t);
+                    store_lanes(&mut out[at..], &best, real);
+                    if let Some(idx) = idx.as_deref_mut() {
+                        let mut positions = [0u32; LANE];
+                        for ((p, c), o) in positions.iter_mut().zip(&corners[t..]).zip(offset) {
+                            *p = c + o;
                         }
-                    } else {
-                        let real = LANE.min(tile_count - t);
-                        out[at..at + real].copy_from_slice(&best[..real]);
-                        if let Some(idx) = idx.as_deref_mut() {
-                            idx[at..at + real].copy_from_slice(&positions[..real]);
-                        }
+                        store_lanes(&mut idx[at..], &positions, real);
                     }
                 }
             }
