@@ -1,7 +1,8 @@
 //! Per-layer convolution times of ResNet-18 at batch 64 (forward, and backward with the input
 //! and weight gradients): where a training step's convolution time goes, layer by layer.
 //! `RAYON_NUM_THREADS=2 cargo run --release -p fmnist-nn --example layer_times`;
-//! `ONLY=<name prefix>` times one layer, `REPS=<n>` repeats (median reported).
+//! `ONLY=<name prefix>` times one layer, `REPS=<n>` repeats (median reported), `PARTS=1` also
+//! times the input and the weight gradient on their own.
 
 use fmnist_nn::ops::{conv_backward, conv_forward, ConvGeometry};
 use std::time::Instant;
@@ -51,7 +52,17 @@ fn main() {
             .max(1);
         let mut f = Vec::new();
         let mut b = Vec::new();
+        let (mut bx, mut bw) = (Vec::new(), Vec::new());
+        let parts = std::env::var_os("PARTS").is_some();
         for _ in 0..reps {
+            if parts {
+                let t = Instant::now();
+                std::hint::black_box(conv_backward(&g, &x, &w, &gy, (want_x, false, false)));
+                bx.push(t.elapsed().as_secs_f64() * 1e3);
+                let t = Instant::now();
+                std::hint::black_box(conv_backward(&g, &x, &w, &gy, (false, true, false)));
+                bw.push(t.elapsed().as_secs_f64() * 1e3);
+            }
             let t = Instant::now();
             std::hint::black_box(conv_forward(&g, &x, &w, None, false));
             f.push(t.elapsed().as_secs_f64() * 1e3);
@@ -62,6 +73,15 @@ fn main() {
         f.sort_by(|a, b| a.partial_cmp(b).unwrap());
         b.sort_by(|a, b| a.partial_cmp(b).unwrap());
         let (fm, bm) = (f[reps / 2], b[reps / 2]);
+        if parts {
+            bx.sort_by(|a, b| a.partial_cmp(b).unwrap());
+            bw.sort_by(|a, b| a.partial_cmp(b).unwrap());
+            println!(
+                "{name:>14}: input grad {:6.2} ms, weight grad {:6.2} ms",
+                bx[reps / 2],
+                bw[reps / 2]
+            );
+        }
         let fl = g.flops() / 1e9;
         println!(
             "{name:>14}: fwd {fm:6.2} ms ({:5.1} GF/s)  bwd {bm:6.2} ms ({:5.1} GF/s)  x{count} -> {:6.2} ms",

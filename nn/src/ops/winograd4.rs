@@ -546,22 +546,89 @@ pub fn weight_grad(g: &ConvGeometry, x: &[f32], grad_y: &[f32]) -> Vec<f32> {
         .par_chunks_mut(cin * 9)
         .enumerate()
         .for_each(|(co, gw_co)| {
+            // [3x3][ci] from the vector kernel, interleaved here to [ci][3x3] by plain moves
+            // (compiled for AVX-512, the interleave became scatters).
+            let mut by_tap = vec![0f32; 9 * cin];
+            filters_back(co, cout, cin, &du, &mut by_tap);
             for (ci, gw) in gw_co.chunks_exact_mut(9).enumerate() {
-                let at = |i: usize, j: usize| du[((i * WINDOW + j) * cout + co) * cin + ci];
-                let mut gtd = [[0f32; WINDOW]; 3];
-                for (a, row) in gtd.iter_mut().enumerate() {
-                    for (j, v) in row.iter_mut().enumerate() {
-                        *v = (0..WINDOW).map(|i| G[i][a] * at(i, j)).sum();
-                    }
-                }
-                for a in 0..3 {
-                    for b in 0..3 {
-                        gw[a * 3 + b] = (0..WINDOW).map(|j| gtd[a][j] * G[j][b]).sum();
-                    }
+                for (tap, v) in gw.iter_mut().enumerate() {
+                    *v = by_tap[tap * cin + ci];
                 }
             }
         });
     grad_w
+}
+
+dispatch! {
+    fn filters_back => filters_back_generic(
+    co: usize,
+    cout: usize,
+    cin: usize,
+    du: &[f32],
+    by_tap: &mut [f32],
+    )
+}
+
+/// The weight gradient's way back from the transform domain for output channel `co`:
+/// `by_tap[3x3][ci]` = G^T du G of the 6x6 points `du[point][co][ci]`, 16 input channels per
+/// vector.
+#[inline(always)]
+fn filters_back_generic(co: usize, cout: usize, cin: usize, du: &[f32], by_tap: &mut [f32]) {
+    for ci0 in (0..cin).step_by(LANES) {
+        let lanes = LANES.min(cin - ci0);
+        let mut d = [[0f32; LANES]; POINTS];
+        for (p, dp) in d.iter_mut().enumerate() {
+            let at = (p * cout + co) * cin + ci0;
+            if lanes == LANES {
+                dp.copy_from_slice(&du[at..at + LANES]);
+            } else {
+                dp[..lanes].copy_from_slice(&du[at..at + lanes]);
+            }
+        }
+        // G^T du, column by column: gtd[a][j].
+        let mut gtd = [[[0f32; LANES]; WINDOW]; 3];
+        for j in 0..WINDOW {
+            let column = [
+                d[j],
+                d[WINDOW + j],
+                d[2 * WINDOW + j],
+                d[3 * WINDOW + j],
+                d[4 * WINDOW + j],
+                d[5 * WINDOW + j],
+            ];
+            for (a, lanes_out) in filter_back_1d(&column).into_iter().enumerate() {
+                gtd[a][j] = lanes_out;
+            }
+        }
+        // (G^T du) G, row by row: taps (a, b).
+        for (a, row) in gtd.iter().enumerate() {
+            for (b, lanes_out) in filter_back_1d(row).into_iter().enumerate() {
+                let at = (a * 3 + b) * cin + ci0;
+                if lanes == LANES {
+                    by_tap[at..at + LANES].copy_from_slice(&lanes_out);
+                } else {
+                    by_tap[at..at + lanes].copy_from_slice(&lanes_out[..lanes]);
+                }
+            }
+        }
+    }
+}
+
+/// `G^T` applied to six lane vectors, each sum in index order.
+#[inline(always)]
+fn filter_back_1d(x: &[Lanes; WINDOW]) -> [Lanes; 3] {
+    let mut out = [[0f32; LANES]; 3];
+    for (a, o) in out.iter_mut().enumerate() {
+        for l in 0..LANES {
+            o[l] = G[0][a] * x[0][l]
+                + G[1][a] * x[1][l]
+                + G[2][a] * x[2][l]
+                + G[3][a] * x[3][l]
+                + G[4][a] * x[4][l]
+                + G[5][a] * x[5][l];
+        }
+    }
+    out
 }
 
 #[cfg(test)]
