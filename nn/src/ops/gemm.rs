@@ -1,6 +1,7 @@
 //! A bounds-checked, safe wrapper around the `gemm` crate's f32 matrix multiply, the one
 //! place the CPU kernels touch raw pointers.
 
+use super::transpose::with_row_major;
 use super::SharedDst;
 use gemm::Parallelism;
 use rayon::prelude::*;
@@ -86,6 +87,11 @@ pub fn sgemm(
         return;
     }
     check_operands(m, n, k, dst.len(), dst_stride, lhs, rhs);
+    if worth_copying(rhs, k, n) {
+        return with_row_major(rhs, k, n, |rhs| {
+            sgemm(m, n, k, dst, dst_stride, accumulate, lhs, rhs, threads)
+        });
+    }
     let parallelism = if threads > 1 {
         Parallelism::Rayon(threads)
     } else {
@@ -106,6 +112,18 @@ pub fn sgemm(
             parallelism,
         )
     }
+}
+
+/// Fewest values of a transposed right-hand operand worth copying row-major before the product.
+const COPY_TRANSPOSED_FROM: usize = 4096;
+
+/// Whether the `k x n` right-hand operand is better copied row-major before the product: a
+/// transposed view (rows contiguous, columns apart). For a row-major destination the gemm crate
+/// computes the transposed product, in which this operand is the one it packs along the other
+/// axis, a scalar at a time. The crate's arithmetic (blocking, order of the sums) depends on
+/// the shape only, so the bits stay the same.
+fn worth_copying(rhs: MatRef<'_>, k: usize, n: usize) -> bool {
+    rhs.row_stride == 1 && rhs.col_stride != 1 && n > 1 && k * n >= COPY_TRANSPOSED_FROM
 }
 
 /// Panics unless an `m x n` destination with row stride `dst_stride` fits `dst_len` elements
@@ -275,23 +293,31 @@ pub fn sgemm_column_parallel(
     (0..n.div_ceil(width)).into_par_iter().for_each(|part| {
         let start = part * width;
         let cols = width.min(n - start);
+        let product = |rhs: MatRef<'_>| {
+            // SAFETY: rows 0..m, columns start..start+cols of the destination lie inside `dst`
+            // (checked above, start + cols <= n) and no other task writes those columns; `dst`
+            // is exclusively borrowed for the whole call, so nothing else reads or writes it;
+            // `lhs` and `rhs` were bounds-checked for the full product, of which this is a part
+            // (or `rhs` is a row-major copy of exactly this part).
+            unsafe {
+                raw_sgemm(
+                    m,
+                    cols,
+                    k,
+                    base.at(start),
+                    dst_stride,
+                    accumulate,
+                    lhs,
+                    rhs,
+                    Parallelism::None,
+                )
+            }
+        };
         let rhs = rhs.skip_columns(start);
-        // SAFETY: rows 0..m, columns start..start+cols of the destination lie inside `dst`
-        // (checked above, start + cols <= n) and no other task writes those columns; `dst` is
-        // exclusively borrowed for the whole call, so nothing else reads or writes it; `lhs`
-        // and `rhs` were bounds-checked for the full product, of which this is a part.
-        unsafe {
-            raw_sgemm(
-                m,
-                cols,
-                k,
-                base.at(start),
-                dst_stride,
-                accumulate,
-                lhs,
-                rhs,
-                Parallelism::None,
-            )
+        if worth_copying(rhs, k, cols) {
+            with_row_major(rhs, k, cols, product);
+        } else {
+            product(rhs);
         }
     });
 }

@@ -20,6 +20,7 @@ mod norm;
 mod pool;
 mod scratch;
 mod simd;
+mod transpose;
 mod winograd;
 mod winograd4;
 
