@@ -106,8 +106,9 @@ impl OutputGrad<'_> {
 }
 
 /// [`conv_backward`] from either form of the output gradient: the dense form on tiny maps,
-/// F(4x4, 3x3) on small ones, the weight gradient through F(2x2, 3x3) where a 2x2 pool follows
-/// a 3x3 stride-1 layer with wide maps, everything else through [`im2col_backward`].
+/// F(4x4, 3x3) on small ones, the weight and input gradients through F(2x2, 3x3) where a 2x2
+/// pool follows a 3x3 stride-1 layer with wide maps, everything else through
+/// [`im2col_backward`].
 pub fn conv_backward_from(
     g: &ConvGeometry,
     x: &[f32],
@@ -138,10 +139,15 @@ pub fn conv_backward_from(
     ) = (want_w, grad_y)
     {
         if let Some(grad_w) = winograd::weight_grad_pooled(g, x, pool, indices, grad) {
-            let rest = im2col_backward(g, x, w, grad_y, (want_x, false, want_b));
+            let grad_x = want_x
+                .then(|| winograd::input_grad_pooled(g, w, pool, indices, grad))
+                .flatten();
+            let rest =
+                im2col_backward(g, x, w, grad_y, (want_x && grad_x.is_none(), false, want_b));
             return ConvGrads {
+                x: grad_x.or(rest.x),
                 w: Some(grad_w),
-                ..rest
+                bias: rest.bias,
             };
         }
     }

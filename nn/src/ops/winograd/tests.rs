@@ -1,5 +1,5 @@
 //! The Winograd path against the im2col path it replaces (forward, pooled epilogue, pooled
-//! weight gradient): a module of its own, so neither path imports the other.
+//! weight and input gradients): a module of its own, so neither path imports the other.
 use super::super::conv::im2col_forward;
 use super::super::conv_backward::{im2col_backward, OutputGrad};
 use super::super::conv_geometry::ConvGeometry;
@@ -118,4 +118,41 @@ fn pooled_weight_grad_matches_im2col() {
     let n = 8 * pool.out_height * pool.out_width;
     let x = vec![0f32; 800];
     assert!(weight_grad_pooled(&g, &x, &pool, &vec![0; n], &vec![0.0; n]).is_none());
+}
+
+#[test]
+fn pooled_input_grad_matches_im2col() {
+    // (batch, cin, cout, size, padding): the baseline's conv2, odd channel counts, padding 1
+    // and 2.
+    for &(batch, cin, cout, h, p) in &[(4, 32, 64, 26, 0), (3, 9, 12, 12, 1), (2, 8, 8, 8, 2)] {
+        let g = ConvGeometry::new((batch, cin, h, h), (cout, cin, 3, 3), 1, p).unwrap();
+        let x = pseudo_random(batch * cin * h * h, 21);
+        let wt = pseudo_random(cout * cin * 9, 22);
+        let conv = im2col_forward(&g, &x, &wt, None, true);
+        let pool = PoolGeometry::new((batch, cout, g.out_height, g.out_width), 2, 2, 0).unwrap();
+        let (_, indices) = pool_forward(&pool, &conv);
+        let grad = pseudo_random(indices.len(), 23);
+        let source = OutputGrad::Pooled {
+            pool: &pool,
+            indices: &indices,
+            grad: &grad,
+        };
+        let want = im2col_backward(&g, &x, &wt, source, (true, false, false))
+            .x
+            .unwrap();
+        let got = input_grad_pooled(&g, &wt, &pool, &indices, &grad).expect("suits");
+        assert_eq!(got.len(), want.len());
+        let scale = want.iter().fold(1f32, |m, v| m.max(v.abs()));
+        let d = max_diff(&got, &want);
+        assert!(
+            d < 1e-4 * scale,
+            "{batch}x{cin}->{cout} {h} p{p}: {d} (scale {scale})"
+        );
+    }
+    // An index outside the conv output plane: no Winograd (im2col's path reports it).
+    let g = ConvGeometry::new((1, 8, 10, 10), (8, 8, 3, 3), 1, 1).unwrap();
+    let pool = PoolGeometry::new((1, 8, 10, 10), 2, 2, 0).unwrap();
+    let n = 8 * pool.out_height * pool.out_width;
+    let w = vec![0f32; 8 * 8 * 9];
+    assert!(input_grad_pooled(&g, &w, &pool, &vec![100; n], &vec![0.0; n]).is_none());
 }
