@@ -60,6 +60,29 @@ impl ConvGeometry {
         })
     }
 
+    /// For a 3x3 stride-1 convolution, the one that takes its output gradient back to its
+    /// input gradient: the filters rotated by 180 degrees with their channels swapped, padded
+    /// by `2 - padding` (which maps the output grid back onto the input's). None for other
+    /// layers or when the maps do not line up.
+    pub fn input_grad_geometry(&self) -> Option<ConvGeometry> {
+        if (self.kernel, self.stride) != (3, 1) {
+            return None;
+        }
+        let back = ConvGeometry::new(
+            (
+                self.batch,
+                self.out_channels,
+                self.out_height,
+                self.out_width,
+            ),
+            (self.in_channels, self.out_channels, 3, 3),
+            1,
+            2usize.checked_sub(self.padding)?,
+        )
+        .ok()?;
+        ((back.out_height, back.out_width) == (self.height, self.width)).then_some(back)
+    }
+
     /// Kernel taps `(ki, kj)` that touch the image for at least one output pixel. On tiny
     /// feature maps (ResNet's 1x1 layer4 with 3x3 kernels) most taps only ever see padding;
     /// leaving them out of im2col saves their whole share of the GEMMs.

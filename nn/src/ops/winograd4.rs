@@ -458,19 +458,10 @@ pub fn forward(
 }
 
 /// The input gradient for the output gradient `grad_y` (`suits(g)`): the convolution of
-/// `grad_y` with the filters rotated by 180 degrees and their channels swapped, padded by
-/// `2 - padding` (which maps the output grid back onto the input's).
+/// `grad_y` with the filters rotated by 180 degrees and their channels swapped
+/// ([`ConvGeometry::input_grad_geometry`]).
 pub fn input_grad(g: &ConvGeometry, w: &[f32], grad_y: &[f32]) -> Option<Vec<f32>> {
-    let back = ConvGeometry::new(
-        (g.batch, g.out_channels, g.out_height, g.out_width),
-        (g.in_channels, g.out_channels, 3, 3),
-        1,
-        2usize.checked_sub(g.padding)?,
-    )
-    .ok()?;
-    if (back.out_height, back.out_width) != (g.height, g.width) || !suits(&back) {
-        return None;
-    }
+    let back = g.input_grad_geometry().filter(suits)?;
     let u = transform_weight(g.in_channels, g.out_channels, w, true);
     Some(convolve(&back, grad_y, &u, None, false))
 }

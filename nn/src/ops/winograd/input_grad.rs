@@ -28,16 +28,7 @@ pub fn input_grad_pooled(
     {
         return None;
     }
-    let back = ConvGeometry::new(
-        (g.batch, g.out_channels, g.out_height, g.out_width),
-        (g.in_channels, g.out_channels, 3, 3),
-        1,
-        2usize.checked_sub(g.padding)?,
-    )
-    .ok()?;
-    if (back.out_height, back.out_width) != (g.height, g.width) || !suits(&back) {
-        return None;
-    }
+    let back = g.input_grad_geometry().filter(suits)?;
     // The output gradient, each pooled value at its window's maximum, zeros elsewhere.
     let mut grad_y = zeroed(g.batch * g.out_channels * plane);
     grad_y

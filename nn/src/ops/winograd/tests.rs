@@ -10,6 +10,39 @@ use crate::test_support::pseudo_random;
 
 use crate::check::max_abs_diff as max_diff;
 
+/// A 3x3 layer `(batch, cin, cout, size, padding)` with pseudo-random input and weights
+/// (`seed`, `seed + 1`), the 2x2/2 max pool of its ReLU output, and a pseudo-random gradient
+/// at the pool (`seed + 2`): the layer, x, w, the pool, its argmax indices, the gradient.
+#[allow(clippy::type_complexity)]
+fn pooled_case(
+    (batch, cin, cout, h, p): (usize, usize, usize, usize, usize),
+    seed: u64,
+) -> (
+    ConvGeometry,
+    Vec<f32>,
+    Vec<f32>,
+    PoolGeometry,
+    Vec<u32>,
+    Vec<f32>,
+) {
+    let g = ConvGeometry::new((batch, cin, h, h), (cout, cin, 3, 3), 1, p).unwrap();
+    let x = pseudo_random(batch * cin * h * h, seed);
+    let wt = pseudo_random(cout * cin * 9, seed + 1);
+    let conv = im2col_forward(&g, &x, &wt, None, true);
+    let pool = PoolGeometry::new((batch, cout, g.out_height, g.out_width), 2, 2, 0).unwrap();
+    let (_, indices) = pool_forward(&pool, &conv);
+    let grad = pseudo_random(indices.len(), seed + 2);
+    (g, x, wt, pool, indices, grad)
+}
+
+/// Panics unless `got` is within 1e-4 of `want`'s largest magnitude (at least 1) everywhere.
+fn assert_close(got: &[f32], want: &[f32], case: &str) {
+    assert_eq!(got.len(), want.len(), "{case}");
+    let scale = want.iter().fold(1f32, |m, v| m.max(v.abs()));
+    let d = max_diff(got, want);
+    assert!(d < 1e-4 * scale, "{case}: {d} (scale {scale})");
+}
+
 #[test]
 fn matches_im2col_forward_on_odd_and_even_maps_and_paddings() {
     for &(cin, cout, h, w, p) in &[
@@ -87,15 +120,8 @@ fn pooled_epilogue_matches_conv_then_pool_with_indices() {
 fn pooled_weight_grad_matches_im2col() {
     // (batch, cin, cout, size, padding): the baseline's conv2 (more images than groups),
     // odd channel counts, padding 1 and 2.
-    for &(batch, cin, cout, h, p) in &[(10, 32, 64, 26, 0), (3, 9, 12, 12, 1), (2, 8, 8, 8, 2)] {
-        let g = ConvGeometry::new((batch, cin, h, h), (cout, cin, 3, 3), 1, p).unwrap();
-        let x = pseudo_random(batch * cin * h * h, 11);
-        let wt = pseudo_random(cout * cin * 9, 12);
-        let conv = im2col_forward(&g, &x, &wt, None, true);
-        let (ho, wo) = (g.out_height, g.out_width);
-        let pool = PoolGeometry::new((batch, cout, ho, wo), 2, 2, 0).unwrap();
-        let (_, indices) = pool_forward(&pool, &conv);
-        let grad = pseudo_random(indices.len(), 13);
+    for case in [(10, 32, 64, 26, 0), (3, 9, 12, 12, 1), (2, 8, 8, 8, 2)] {
+        let (g, x, wt, pool, indices, grad) = pooled_case(case, 11);
         let source = OutputGrad::Pooled {
             pool: &pool,
             indices: &indices,
@@ -105,12 +131,7 @@ fn pooled_weight_grad_matches_im2col() {
             .w
             .unwrap();
         let got = weight_grad_pooled(&g, &x, &pool, &indices, &grad).expect("suits");
-        let scale = want.iter().fold(1f32, |m, v| m.max(v.abs()));
-        let d = max_diff(&got, &want);
-        assert!(
-            d < 1e-4 * scale,
-            "{batch}x{cin}->{cout} {h} p{p}: {d} (scale {scale})"
-        );
+        assert_close(&got, &want, &format!("{case:?}"));
     }
     // A 3x3/2 pool (ResNet's stem) is not a tile: no Winograd.
     let g = ConvGeometry::new((1, 8, 10, 10), (8, 8, 3, 3), 1, 1).unwrap();
@@ -124,14 +145,8 @@ fn pooled_weight_grad_matches_im2col() {
 fn pooled_input_grad_matches_im2col() {
     // (batch, cin, cout, size, padding): the baseline's conv2, odd channel counts, padding 1
     // and 2.
-    for &(batch, cin, cout, h, p) in &[(4, 32, 64, 26, 0), (3, 9, 12, 12, 1), (2, 8, 8, 8, 2)] {
-        let g = ConvGeometry::new((batch, cin, h, h), (cout, cin, 3, 3), 1, p).unwrap();
-        let x = pseudo_random(batch * cin * h * h, 21);
-        let wt = pseudo_random(cout * cin * 9, 22);
-        let conv = im2col_forward(&g, &x, &wt, None, true);
-        let pool = PoolGeometry::new((batch, cout, g.out_height, g.out_width), 2, 2, 0).unwrap();
-        let (_, indices) = pool_forward(&pool, &conv);
-        let grad = pseudo_random(indices.len(), 23);
+    for case in [(4, 32, 64, 26, 0), (3, 9, 12, 12, 1), (2, 8, 8, 8, 2)] {
+        let (g, x, wt, pool, indices, grad) = pooled_case(case, 21);
         let source = OutputGrad::Pooled {
             pool: &pool,
             indices: &indices,
@@ -141,13 +156,7 @@ fn pooled_input_grad_matches_im2col() {
             .x
             .unwrap();
         let got = input_grad_pooled(&g, &wt, &pool, &indices, &grad).expect("suits");
-        assert_eq!(got.len(), want.len());
-        let scale = want.iter().fold(1f32, |m, v| m.max(v.abs()));
-        let d = max_diff(&got, &want);
-        assert!(
-            d < 1e-4 * scale,
-            "{batch}x{cin}->{cout} {h} p{p}: {d} (scale {scale})"
-        );
+        assert_close(&got, &want, &format!("{case:?}"));
     }
     // An index outside the conv output plane: no Winograd (im2col's path reports it).
     let g = ConvGeometry::new((1, 8, 10, 10), (8, 8, 3, 3), 1, 1).unwrap();
