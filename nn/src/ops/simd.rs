@@ -4,8 +4,9 @@
 
 /// Defines `$name`, which runs `$generic` (an `#[inline(always)]` function of the same
 /// parameters) compiled for AVX-512 or AVX2, whichever the CPU level allows, else as built.
-/// The kernels are lane-wise IEEE additions and multiplies, never contracted into FMAs, so
-/// every level gives the same bits. A named `#[target_feature]` function, not a closure handed
+/// The kernels are lane-wise IEEE additions and multiplies, never contracted into FMAs, and
+/// explicit `mul_add`s (one rounding at every level: an FMA instruction here, the C library's
+/// `fmaf` in a build without it), so every level gives the same bits. A named `#[target_feature]` function, not a closure handed
 /// to one: closures with real work in them stayed out of line, without the extension.
 macro_rules! dispatch {
     ($(#[$meta:meta])* fn $name:ident => $generic:ident($($arg:ident: $ty:ty),* $(,)?)) => {
@@ -16,12 +17,12 @@ macro_rules! dispatch {
             {
                 use $crate::ops::{cpu_level, CpuLevel};
                 use $crate::ops::cpu_level as levels;
-                #[target_feature(enable = "avx512f")]
+                #[target_feature(enable = "avx512f,fma")]
                 #[allow(clippy::too_many_arguments)]
                 fn avx512($($arg: $ty),*) {
                     $generic($($arg),*)
                 }
-                #[target_feature(enable = "avx,avx2")]
+                #[target_feature(enable = "avx,avx2,fma")]
                 #[allow(clippy::too_many_arguments)]
                 fn avx2($($arg: $ty),*) {
                     $generic($($arg),*)

@@ -8,10 +8,10 @@
 //! `input_grad`).
 
 use super::conv_geometry::ConvGeometry;
-use super::gemm::{sgemm, MatRef};
 use super::simd::dispatch;
 use super::zeroed;
 use rayon::prelude::*;
+use tile_product::tile_product;
 
 /// Transform points per tile (4x4).
 const POINTS: usize = 16;
@@ -428,17 +428,15 @@ fn image_generic(
     transform_input(g, x, n, &mut s.split, &mut s.v);
     let row_len = v_row(g);
     for point in 0..POINTS {
-        let v = &s.v[point * cin * row_len..(point + 1) * cin * row_len];
-        sgemm(
+        tile_product(
             cout,
-            tiles_padded,
             cin,
+            tiles_padded,
+            &u[point * cout * cin..(point + 1) * cout * cin],
+            &s.v[point * cin * row_len..(point + 1) * cin * row_len],
+            row_len,
             &mut s.m[point * cout * tiles_padded..(point + 1) * cout * tiles_padded],
             tiles_padded,
-            false,
-            MatRef::row_major(&u[point * cout * cin..(point + 1) * cout * cin], cin),
-            MatRef::row_major(v, row_len),
-            1,
         );
     }
     transform_output(
@@ -505,6 +503,7 @@ fn tile_corners(g: &ConvGeometry) -> Vec<u32> {
 mod input_grad;
 #[cfg(test)]
 mod tests;
+mod tile_product;
 mod weight_grad;
 
 pub use input_grad::input_grad_pooled;
