@@ -11,7 +11,7 @@ use super::conv_geometry::ConvGeometry;
 use super::simd::dispatch;
 use super::zeroed;
 use rayon::prelude::*;
-use tile_product::tile_product;
+use tile_product::{tile_product, Operands};
 
 /// Transform points per tile (4x4).
 const POINTS: usize = 16;
@@ -99,7 +99,8 @@ fn lanes(tiles: usize) -> usize {
 /// Per-task buffers: the input plane split by column parity, the transformed input
 /// `v[point][ci][tile]`, the GEMM output `m[point][co][tile]` (the weight gradient's
 /// transformed output gradient, one point at a time), the output transform's pixels, and for
-/// the weight gradient which pixel of its tile each pooled value came from.
+/// the weight gradient which pixel of its tile each pooled value came from and one point's
+/// transformed input turned `[tile][ci]`.
 #[derive(Default)]
 struct Scratch {
     split: SplitPlane,
@@ -107,6 +108,7 @@ struct Scratch {
     m: Vec<f32>,
     pixels: Vec<f32>,
     which: Vec<u32>,
+    v_t: Vec<f32>,
 }
 
 #[inline(always)]
@@ -428,16 +430,14 @@ fn image_generic(
     transform_input(g, x, n, &mut s.split, &mut s.v);
     let row_len = v_row(g);
     for point in 0..POINTS {
-        tile_product(
-            cout,
-            cin,
-            tiles_padded,
-            &u[point * cout * cin..(point + 1) * cout * cin],
-            &s.v[point * cin * row_len..(point + 1) * cin * row_len],
-            row_len,
-            &mut s.m[point * cout * tiles_padded..(point + 1) * cout * tiles_padded],
-            tiles_padded,
-        );
+        let ops = Operands {
+            lhs: &u[point * cout * cin..(point + 1) * cout * cin],
+            rhs: &s.v[point * cin * row_len..(point + 1) * cin * row_len],
+            rhs_row: row_len,
+            out: &mut s.m[point * cout * tiles_padded..(point + 1) * cout * tiles_padded],
+            out_row: tiles_padded,
+        };
+        tile_product(cout, cin, tiles_padded, ops, false);
     }
     transform_output(
         g,

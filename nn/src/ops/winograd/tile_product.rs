@@ -1,102 +1,134 @@
-//! The F(2x2) forward's products, one per transform point: `m[co][tile] = sum over ci of
-//! u[co][ci] * v[ci][tile]`, read in place. Each block of 6 output channels by 16 tiles keeps
-//! its sums in registers (12 AVX2 vectors) while the input channels stream past: a row of `v`
-//! loaded once per block, an element of `u` broadcast. With k (input channels) as short as
-//! 32, the gemm crate spent about as long packing both operands and setting up each call as
-//! multiplying; at AVX2 that left the baseline's conv2 well behind its AVX-512 speed.
+//! The F(2x2) products, one per transform point: `out[r][j] (+)= sum over p of
+//! lhs[r][p] * rhs[p][j]`, read in place. The forward's is `m[co][tile]` from `u[co][ci]` and
+//! `v[ci][tile]`, the weight gradient's `m[co][ci]` from the transformed output gradient
+//! `z[co][tile]` and the transformed input turned `[tile][ci]`. Each block of 6 rows by 16
+//! columns keeps its sums in registers (12 AVX2 vectors) while p streams past: a row of `rhs`
+//! loaded once per block, an element of `lhs` broadcast. With k as short as 32 (the forward's
+//! input channels), the gemm crate spent about as long packing both operands and setting up
+//! each call as multiplying; at AVX2 that left the baseline's conv2 well behind its AVX-512
+//! speed.
 
 use super::super::cpu_level::{cpu_level, CpuLevel};
 use super::{Lanes, LANE};
 
-/// Output channels per block.
+/// Rows per block.
 const ROWS: usize = 6;
 
-/// `m[co * m_row + t] = sum_ci u[co * cin + ci] * v[ci * v_row + t]` for `co < cout` and
-/// `t < tiles` (a multiple of 16), the sum over `ci` in order, as fused multiply-adds. Blocks
-/// are 6 channels by 32 tiles where AVX-512 runs (12 of its 32 registers; 16 tiles left a
-/// load or broadcast per multiply-add), by 16 tiles elsewhere (12 of AVX2's 16); the bits are
-/// the same either way.
+/// A product's operands: `lhs` rows of `k` values back to back, `rhs` and `out` rows
+/// `rhs_row` and `out_row` apart.
+pub(super) struct Operands<'a> {
+    pub lhs: &'a [f32],
+    pub rhs: &'a [f32],
+    pub rhs_row: usize,
+    pub out: &'a mut [f32],
+    pub out_row: usize,
+}
+
+/// Whether [`tile_product`] takes products `n` columns wide.
+pub(super) fn fits(n: usize) -> bool {
+    n.is_multiple_of(LANE)
+}
+
+/// `out[r][j] = (accumulate ? out[r][j] : 0) + sum_p lhs[r][p] * rhs[p][j]` for `r < rows` and
+/// `j < n` (`fits(n)`), the sum over `p` in order, as fused multiply-adds. Blocks are 6 rows
+/// by 32 columns where AVX-512 runs (12 of its 32 registers; 16 columns left a load or
+/// broadcast per multiply-add), by 16 columns elsewhere (12 of AVX2's 16); the bits are the
+/// same either way.
 #[inline(always)]
-#[allow(clippy::too_many_arguments)]
-pub(super) fn tile_product(
-    cout: usize,
-    cin: usize,
-    tiles: usize,
-    u: &[f32],
-    v: &[f32],
-    v_row: usize,
-    m: &mut [f32],
-    m_row: usize,
-) {
+pub(super) fn tile_product(rows: usize, k: usize, n: usize, ops: Operands, accumulate: bool) {
     let wide = cpu_level() == CpuLevel::Avx512;
-    let mut co = 0;
-    while co < cout {
-        let rows = ROWS.min(cout - co);
-        let mut t = 0;
-        while t < tiles {
+    let Operands {
+        lhs,
+        rhs,
+        rhs_row,
+        out,
+        out_row,
+    } = ops;
+    let mut r = 0;
+    while r < rows {
+        let height = ROWS.min(rows - r);
+        let mut j = 0;
+        while j < n {
             let at = Block {
-                co,
-                t,
-                cin,
-                v_row,
-                m_row,
+                r,
+                j,
+                k,
+                rhs_row,
+                out_row,
+                accumulate,
             };
-            t += if wide && t + 2 * LANE <= tiles {
-                at.rows::<2>(rows, u, v, m)
+            j += if wide && j + 2 * LANE <= n {
+                at.rows::<2>(height, lhs, rhs, out)
             } else {
-                at.rows::<1>(rows, u, v, m)
+                at.rows::<1>(height, lhs, rhs, out)
             };
         }
-        co += rows;
+        r += height;
     }
 }
 
-/// Where a block starts (output channel, tile) and the operands' shapes.
+/// Where a block starts (row, column) and the operands' shapes.
 #[derive(Clone, Copy)]
 struct Block {
-    co: usize,
-    t: usize,
-    cin: usize,
-    v_row: usize,
-    m_row: usize,
+    r: usize,
+    j: usize,
+    k: usize,
+    rhs_row: usize,
+    out_row: usize,
+    accumulate: bool,
 }
 
 impl Block {
-    /// The block of `rows` channels by `V` vectors of 16 tiles; returns the tiles done.
+    /// The block of `height` rows by `V` vectors of 16 columns; returns the columns done.
     #[inline(always)]
-    fn rows<const V: usize>(self, rows: usize, u: &[f32], v: &[f32], m: &mut [f32]) -> usize {
-        match rows {
-            6 => self.run::<6, V>(u, v, m),
-            5 => self.run::<5, V>(u, v, m),
-            4 => self.run::<4, V>(u, v, m),
-            3 => self.run::<3, V>(u, v, m),
-            2 => self.run::<2, V>(u, v, m),
-            _ => self.run::<1, V>(u, v, m),
+    fn rows<const V: usize>(
+        self,
+        height: usize,
+        lhs: &[f32],
+        rhs: &[f32],
+        out: &mut [f32],
+    ) -> usize {
+        match height {
+            6 => self.run::<6, V>(lhs, rhs, out),
+            5 => self.run::<5, V>(lhs, rhs, out),
+            4 => self.run::<4, V>(lhs, rhs, out),
+            3 => self.run::<3, V>(lhs, rhs, out),
+            2 => self.run::<2, V>(lhs, rhs, out),
+            _ => self.run::<1, V>(lhs, rhs, out),
         }
         V * LANE
     }
 
-    /// Output channels `co..co + R`, tiles `t..t + 16 V`.
+    /// Rows `r..r + R`, columns `j..j + 16 V`.
     #[inline(always)]
-    fn run<const R: usize, const V: usize>(self, u: &[f32], v: &[f32], m: &mut [f32]) {
+    fn run<const R: usize, const V: usize>(self, lhs: &[f32], rhs: &[f32], out: &mut [f32]) {
         let Block {
-            co,
-            t,
-            cin,
-            v_row,
-            m_row,
+            r,
+            j,
+            k,
+            rhs_row,
+            out_row,
+            accumulate,
         } = self;
-        let u_rows: [&[f32]; R] = std::array::from_fn(|r| &u[(co + r) * cin..][..cin]);
+        let lhs_rows: [&[f32]; R] = std::array::from_fn(|i| &lhs[(r + i) * k..][..k]);
         let mut acc = [[[0f32; LANE]; V]; R];
-        for ci in 0..cin {
-            let row = &v[ci * v_row + t..][..V * LANE];
-            let lanes: [Lanes; V] = std::array::from_fn(|k| {
+        if accumulate {
+            for (i, sums) in acc.iter_mut().enumerate() {
+                let row = &out[(r + i) * out_row + j..][..V * LANE];
+                for (vec_sums, chunk) in sums.iter_mut().zip(row.chunks_exact(LANE)) {
+                    vec_sums.copy_from_slice(chunk);
+                }
+            }
+        }
+        for p in 0..k {
+            let row = &rhs[p * rhs_row + j..][..V * LANE];
+            let lanes: [Lanes; V] = std::array::from_fn(|c| {
                 let mut l: Lanes = [0.0; LANE];
-                l.copy_from_slice(&row[k * LANE..(k + 1) * LANE]);
+                l.copy_from_slice(&row[c * LANE..(c + 1) * LANE]);
                 l
             });
-            for (sums, u_row) in acc.iter_mut().zip(&u_rows) {
-                let a = u_row[ci];
+            for (sums, lhs_row) in acc.iter_mut().zip(&lhs_rows) {
+                let a = lhs_row[p];
                 for (vec_sums, vec) in sums.iter_mut().zip(&lanes) {
                     for (s, x) in vec_sums.iter_mut().zip(vec) {
                         *s = a.mul_add(*x, *s);
@@ -104,10 +136,10 @@ impl Block {
                 }
             }
         }
-        for (r, sums) in acc.iter().enumerate() {
-            let out = &mut m[(co + r) * m_row + t..][..V * LANE];
-            for (k, vec_sums) in sums.iter().enumerate() {
-                out[k * LANE..(k + 1) * LANE].copy_from_slice(vec_sums);
+        for (i, sums) in acc.iter().enumerate() {
+            let row = &mut out[(r + i) * out_row + j..][..V * LANE];
+            for (vec_sums, chunk) in sums.iter().zip(row.chunks_exact_mut(LANE)) {
+                chunk.copy_from_slice(vec_sums);
             }
         }
     }

@@ -4,6 +4,8 @@
 use super::super::conv_geometry::{ConvGeometry, WEIGHT_GRAD_GROUPS};
 use super::super::gemm::{sgemm, MatRef};
 use super::super::pool::PoolGeometry;
+use super::super::transpose::to_row_major;
+use super::tile_product::{self, tile_product, Operands};
 use super::*;
 
 /// The weight gradient of the convolution `g` when the 2x2/2 max pool of [`suits_pooled`]
@@ -159,19 +161,27 @@ fn weight_image_generic(
             };
             *out = gv * c;
         }
-        sgemm(
-            cout,
-            cin,
-            tile_count,
-            &mut m[point * cout * cin..(point + 1) * cout * cin],
-            cin,
-            accumulate,
-            MatRef::row_major(z, tile_count),
-            MatRef::transposed(
-                &s.v[point * cin * row_len..(point + 1) * cin * row_len],
-                row_len,
-            ),
-            1,
+        let m_point = &mut m[point * cout * cin..(point + 1) * cout * cin];
+        let v_point = MatRef::transposed(
+            &s.v[point * cin * row_len..(point + 1) * cin * row_len],
+            row_len,
         );
+        if !tile_product::fits(cin) {
+            let z = MatRef::row_major(z, tile_count);
+            sgemm(
+                cout, cin, tile_count, m_point, cin, accumulate, z, v_point, 1,
+            );
+            continue;
+        }
+        s.v_t.resize(tile_count * cin, 0.0);
+        to_row_major(v_point, tile_count, cin, &mut s.v_t);
+        let ops = Operands {
+            lhs: z,
+            rhs: &s.v_t,
+            rhs_row: cin,
+            out: m_point,
+            out_row: cin,
+        };
+        tile_product(cout, tile_count, cin, ops, accumulate);
     }
 }
