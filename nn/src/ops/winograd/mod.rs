@@ -99,8 +99,8 @@ fn lanes(tiles: usize) -> usize {
 /// Per-task buffers: the input plane split by column parity, the transformed input
 /// `v[point][ci][tile]`, the GEMM output `m[point][co][tile]` (the weight gradient's
 /// transformed output gradient, one point at a time), the output transform's pixels, and for
-/// the weight gradient which pixel of its tile each pooled value came from and one point's
-/// transformed input turned `[tile][ci]`.
+/// the weight gradient which pixel of its tile each pooled value came from, and both of those
+/// turned `[tile][co]`.
 #[derive(Default)]
 struct Scratch {
     split: SplitPlane,
@@ -108,7 +108,8 @@ struct Scratch {
     m: Vec<f32>,
     pixels: Vec<f32>,
     which: Vec<u32>,
-    v_t: Vec<f32>,
+    grad_t: Vec<f32>,
+    which_t: Vec<u32>,
 }
 
 #[inline(always)]
@@ -432,6 +433,7 @@ fn image_generic(
     for point in 0..POINTS {
         let ops = Operands {
             lhs: &u[point * cout * cin..(point + 1) * cout * cin],
+            lhs_row: cin,
             rhs: &s.v[point * cin * row_len..(point + 1) * cin * row_len],
             rhs_row: row_len,
             out: &mut s.m[point * cout * tiles_padded..(point + 1) * cout * tiles_padded],

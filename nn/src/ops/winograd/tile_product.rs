@@ -1,7 +1,7 @@
 //! The F(2x2) products, one per transform point: `out[r][j] (+)= sum over p of
 //! lhs[r][p] * rhs[p][j]`, read in place. The forward's is `m[co][tile]` from `u[co][ci]` and
-//! `v[ci][tile]`, the weight gradient's `m[co][ci]` from the transformed output gradient
-//! `z[co][tile]` and the transformed input turned `[tile][ci]`. Each block of 6 rows by 16
+//! `v[ci][tile]`, the weight gradient's `m[ci][co]` from the transformed input `v[ci][tile]`
+//! and the transformed output gradient `z[tile][co]`. Each block of 6 rows by 16
 //! columns keeps its sums in registers (12 AVX2 vectors) while p streams past: a row of `rhs`
 //! loaded once per block, an element of `lhs` broadcast. With k as short as 32 (the forward's
 //! input channels), the gemm crate spent about as long packing both operands and setting up
@@ -14,10 +14,10 @@ use super::{Lanes, LANE};
 /// Rows per block.
 const ROWS: usize = 6;
 
-/// A product's operands: `lhs` rows of `k` values back to back, `rhs` and `out` rows
-/// `rhs_row` and `out_row` apart.
+/// A product's operands, rows `lhs_row`, `rhs_row` and `out_row` apart.
 pub(super) struct Operands<'a> {
     pub lhs: &'a [f32],
+    pub lhs_row: usize,
     pub rhs: &'a [f32],
     pub rhs_row: usize,
     pub out: &'a mut [f32],
@@ -39,6 +39,7 @@ pub(super) fn tile_product(rows: usize, k: usize, n: usize, ops: Operands, accum
     let wide = cpu_level() == CpuLevel::Avx512;
     let Operands {
         lhs,
+        lhs_row,
         rhs,
         rhs_row,
         out,
@@ -53,6 +54,7 @@ pub(super) fn tile_product(rows: usize, k: usize, n: usize, ops: Operands, accum
                 r,
                 j,
                 k,
+                lhs_row,
                 rhs_row,
                 out_row,
                 accumulate,
@@ -73,6 +75,7 @@ struct Block {
     r: usize,
     j: usize,
     k: usize,
+    lhs_row: usize,
     rhs_row: usize,
     out_row: usize,
     accumulate: bool,
@@ -106,11 +109,12 @@ impl Block {
             r,
             j,
             k,
+            lhs_row,
             rhs_row,
             out_row,
             accumulate,
         } = self;
-        let lhs_rows: [&[f32]; R] = std::array::from_fn(|i| &lhs[(r + i) * k..][..k]);
+        let lhs_rows: [&[f32]; R] = std::array::from_fn(|i| &lhs[(r + i) * lhs_row..][..k]);
         let mut acc = [[[0f32; LANE]; V]; R];
         if accumulate {
             for (i, sums) in acc.iter_mut().enumerate() {

@@ -4,7 +4,6 @@
 use super::super::conv_geometry::{ConvGeometry, WEIGHT_GRAD_GROUPS};
 use super::super::gemm::{sgemm, MatRef};
 use super::super::pool::PoolGeometry;
-use super::super::transpose::to_row_major;
 use super::tile_product::{self, tile_product, Operands};
 use super::*;
 
@@ -69,7 +68,7 @@ pub fn weight_grad_pooled(
     let mut dw = vec![0f32; cout * cin * 9];
     for co in 0..cout {
         for ci in 0..cin {
-            let m = |point: usize| total[(point * cout + co) * cin + ci];
+            let m = |point: usize| total[(point * cin + ci) * cout + co];
             let rows: [[f32; 3]; 4] =
                 [0, 1, 2, 3].map(|i| gt([m(4 * i), m(4 * i + 1), m(4 * i + 2), m(4 * i + 3)]));
             let filter = &mut dw[(co * cin + ci) * 9..(co * cin + ci + 1) * 9];
@@ -93,7 +92,7 @@ struct PooledGrad<'a> {
 }
 
 dispatch! {
-    /// One image's share of the weight gradient, added to `m` (`[point][co][ci]`; overwritten
+    /// One image's share of the weight gradient, added to `m` (`[point][ci][co]`; overwritten
     /// when not `accumulate`).
     fn weight_image => weight_image_generic(
         g: &ConvGeometry,
@@ -134,13 +133,26 @@ fn weight_image_generic(
                 2 * u32::from(offset >= wo) + offset % 2
             }),
     );
-    let which = &s.which;
+    // Gradient and pixel per tile, [tile][co]: the product's right-hand side has the output
+    // channels along its rows, so the transformed input serves as it lies, [ci][tile].
+    s.grad_t.resize(tile_count * cout, 0.0);
+    s.which_t.resize(tile_count * cout, 0);
+    for (co, (g_co, w_co)) in grad
+        .chunks_exact(tile_count)
+        .zip(s.which.chunks_exact(tile_count))
+        .enumerate()
+    {
+        for (t, (gv, q)) in g_co.iter().zip(w_co).enumerate() {
+            s.grad_t[t * cout + co] = *gv;
+            s.which_t[t * cout + co] = *q;
+        }
+    }
     // A e A^T for that pixel e is the outer product of A's columns (1, 1, 1, 0) (d = 0) and
     // (0, 1, -1, -1) (d = 1): the tile's transformed gradient at each point is the pooled value
-    // times 0 or +-1. One point at a time, so the [Cout x tiles] operand stays in cache.
+    // times 0 or +-1. One point at a time, so the [tiles x Cout] operand stays in cache.
     const A: [[f32; 4]; 2] = [[1.0, 1.0, 1.0, 0.0], [0.0, 1.0, -1.0, -1.0]];
     let z = &mut s.m;
-    z.resize(cout * tile_count, 0.0);
+    z.resize(tile_count * cout, 0.0);
     for point in 0..POINTS {
         let (i, j) = (point / 4, point % 4);
         let coef = [
@@ -149,7 +161,7 @@ fn weight_image_generic(
             A[1][i] * A[0][j],
             A[1][i] * A[1][j],
         ];
-        for ((out, gv), q) in z.iter_mut().zip(grad).zip(which) {
+        for ((out, gv), q) in z.iter_mut().zip(&s.grad_t).zip(&s.which_t) {
             let c = if *q == 0 {
                 coef[0]
             } else if *q == 1 {
@@ -161,27 +173,24 @@ fn weight_image_generic(
             };
             *out = gv * c;
         }
-        let m_point = &mut m[point * cout * cin..(point + 1) * cout * cin];
-        let v_point = MatRef::transposed(
-            &s.v[point * cin * row_len..(point + 1) * cin * row_len],
-            row_len,
-        );
-        if !tile_product::fits(cin) {
-            let z = MatRef::row_major(z, tile_count);
-            sgemm(
-                cout, cin, tile_count, m_point, cin, accumulate, z, v_point, 1,
+        let m_point = &mut m[point * cin * cout..(point + 1) * cin * cout];
+        let v_point = &s.v[point * cin * row_len..(point + 1) * cin * row_len];
+        if !tile_product::fits(cout) {
+            let (v, z) = (
+                MatRef::row_major(v_point, row_len),
+                MatRef::row_major(z, cout),
             );
+            sgemm(cin, cout, tile_count, m_point, cout, accumulate, v, z, 1);
             continue;
         }
-        s.v_t.resize(tile_count * cin, 0.0);
-        to_row_major(v_point, tile_count, cin, &mut s.v_t);
         let ops = Operands {
-            lhs: z,
-            rhs: &s.v_t,
-            rhs_row: cin,
+            lhs: v_point,
+            lhs_row: row_len,
+            rhs: z,
+            rhs_row: cout,
             out: m_point,
-            out_row: cin,
+            out_row: cout,
         };
-        tile_product(cout, tile_count, cin, ops, accumulate);
+        tile_product(cin, tile_count, cout, ops, accumulate);
     }
 }
