@@ -51,11 +51,13 @@ pub struct UnknownCpuLevel(pub String);
 pub fn detected() -> CpuLevel {
     #[cfg(target_arch = "x86_64")]
     {
-        if std::arch::is_x86_feature_detected!("avx512f") {
+        let avx2 = std::arch::is_x86_feature_detected!("avx2")
+            && std::arch::is_x86_feature_detected!("fma");
+        // The AVX-512 kernels are compiled with FMA (and may use AVX2's instructions) too.
+        if avx2 && std::arch::is_x86_feature_detected!("avx512f") {
             return CpuLevel::Avx512;
         }
-        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
-        {
+        if avx2 {
             return CpuLevel::Avx2;
         }
     }

@@ -87,7 +87,7 @@ pub fn sgemm(
         return;
     }
     check_operands(m, n, k, dst.len(), dst_stride, lhs, rhs);
-    if worth_copying(rhs, k, n) {
+    if worth_copying(rhs, m, k, n) {
         return with_row_major(rhs, k, n, |rhs| {
             sgemm(m, n, k, dst, dst_stride, accumulate, lhs, rhs, threads)
         });
@@ -117,13 +117,23 @@ pub fn sgemm(
 /// Fewest values of a transposed right-hand operand worth copying row-major before the product.
 const COPY_TRANSPOSED_FROM: usize = 4096;
 
-/// Whether the `k x n` right-hand operand is better copied row-major before the product: a
-/// transposed view (rows contiguous, columns apart). For a row-major destination the gemm crate
-/// computes the transposed product, in which this operand is the one it packs along the other
-/// axis, a scalar at a time. The crate's arithmetic (blocking, order of the sums) depends on
-/// the shape only, so the bits stay the same.
-fn worth_copying(rhs: MatRef<'_>, k: usize, n: usize) -> bool {
-    rhs.row_stride == 1 && rhs.col_stride != 1 && n > 1 && k * n >= COPY_TRANSPOSED_FROM
+/// Products of at most this many outputs the gemm crate computes as dot products, unpacked.
+const CRATE_DOT_PRODUCTS_UP_TO: usize = 16 * 16;
+
+/// Whether the `k x n` right-hand operand of an `m x n` product is better copied row-major
+/// first: a transposed view (rows contiguous, columns apart). For a row-major destination the
+/// gemm crate computes the transposed product, in which this operand is the one it packs along
+/// the other axis, a scalar at a time; the packing's layout does not change its sums, so the
+/// bits stay the same. Not for a single row or a small product: those the crate computes
+/// without packing (a matrix-vector product, dot products), and a copy would only change
+/// which kernel, and so the order of the sums.
+fn worth_copying(rhs: MatRef<'_>, m: usize, k: usize, n: usize) -> bool {
+    rhs.row_stride == 1
+        && rhs.col_stride != 1
+        && m > 1
+        && n > 1
+        && m * n > CRATE_DOT_PRODUCTS_UP_TO
+        && k * n >= COPY_TRANSPOSED_FROM
 }
 
 /// Panics unless an `m x n` destination with row stride `dst_stride` fits `dst_len` elements
@@ -314,7 +324,7 @@ pub fn sgemm_column_parallel(
             }
         };
         let rhs = rhs.skip_columns(start);
-        if worth_copying(rhs, k, cols) {
+        if worth_copying(rhs, m, k, cols) {
             with_row_major(rhs, k, cols, product);
         } else {
             product(rhs);

@@ -6,8 +6,9 @@
 /// parameters) compiled for AVX-512 or AVX2, whichever the CPU level allows, else as built.
 /// The kernels are lane-wise IEEE additions and multiplies, never contracted into FMAs, and
 /// explicit `mul_add`s (one rounding at every level: an FMA instruction here, the C library's
-/// `fmaf` in a build without it), so every level gives the same bits. A named `#[target_feature]` function, not a closure handed
-/// to one: closures with real work in them stayed out of line, without the extension.
+/// `fmaf`, much slower, at the generic level on x86-64), so every level gives the same bits.
+/// A named `#[target_feature]` function, not a closure handed to one: closures with real work
+/// in them stayed out of line, without the extension.
 macro_rules! dispatch {
     ($(#[$meta:meta])* fn $name:ident => $generic:ident($($arg:ident: $ty:ty),* $(,)?)) => {
         $(#[$meta])*

@@ -22,13 +22,16 @@ pub fn with_row_major<R>(
 ) -> R {
     // Taken out for the call: a nested call on this thread (a pool thread waiting inside
     // `f` runs other tasks) finds it empty and uses a buffer of its own.
-    let mut buf = COPY.with(|c| std::mem::take(&mut *c.borrow_mut()));
+    // try_with: a thread being torn down has no buffer left; a fresh one serves.
+    let mut buf = COPY
+        .try_with(|c| std::mem::take(&mut *c.borrow_mut()))
+        .unwrap_or_default();
     if buf.len() < k * n {
         buf.resize(k * n, 0.0);
     }
     to_row_major(src, k, n, &mut buf[..k * n]);
     let out = f(MatRef::row_major(&buf[..k * n], n));
-    // try_with: a thread being torn down has no buffer left; this one is then freed.
+    // Kept if it is the larger; freed when the thread is being torn down.
     let _ = COPY.try_with(|c| {
         let mut kept = c.borrow_mut();
         if kept.len() < buf.len() {

@@ -6,7 +6,7 @@
 use super::super::conv_geometry::ConvGeometry;
 use super::super::pool::PoolGeometry;
 use super::super::zeroed;
-use super::{forward, suits, suits_pooled, Epilogue};
+use super::{forward, suits, suits_pooled, tiles, Epilogue};
 use rayon::prelude::*;
 
 /// The gradient at the input of the convolution `g`, from the gradient at the pooled output
@@ -22,6 +22,7 @@ pub fn input_grad_pooled(
     let pooled_len = pool.out_height * pool.out_width;
     let plane = g.out_pixels();
     if !suits_pooled(g, pool.kernel, pool.stride, pool.padding)
+        || (pool.out_height, pool.out_width) != tiles(g)
         || indices.len() != g.batch * g.out_channels * pooled_len
         || grad.len() != indices.len()
         || indices.iter().any(|&at| at as usize >= plane)

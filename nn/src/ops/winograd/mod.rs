@@ -97,10 +97,10 @@ fn lanes(tiles: usize) -> usize {
 }
 
 /// Per-task buffers: the input plane split by column parity, the transformed input
-/// `v[point][ci][tile]`, the GEMM output `m[point][co][tile]` (the weight gradient's
-/// transformed output gradient, one point at a time), the output transform's pixels, and for
-/// the weight gradient which pixel of its tile each pooled value came from, and both of those
-/// turned `[tile][co]`.
+/// `v[point][ci][tile]`, the products `m[point][co][tile]` (in the weight gradient: the
+/// transformed output gradient `[tile][co]`, one point at a time), the output transform's
+/// pixels, and for the weight gradient which pixel of its tile each pooled value came from,
+/// and the gradient and those pixels turned `[tile][co]`.
 #[derive(Default)]
 struct Scratch {
     split: SplitPlane,

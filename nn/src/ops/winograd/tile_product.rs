@@ -29,13 +29,15 @@ pub(super) fn fits(n: usize) -> bool {
     n.is_multiple_of(LANE)
 }
 
-/// `out[r][j] = (accumulate ? out[r][j] : 0) + sum_p lhs[r][p] * rhs[p][j]` for `r < rows` and
-/// `j < n` (`fits(n)`), the sum over `p` in order, as fused multiply-adds. Blocks are 6 rows
+/// `out[r][j] = sum_p lhs[r][p] * rhs[p][j]` for `r < rows` and `j < n` (`fits(n)`): a chain
+/// of fused multiply-adds over `p` in order, starting from zero, or from `out[r][j]` itself
+/// with `accumulate`. Blocks are 6 rows
 /// by 32 columns where AVX-512 runs (12 of its 32 registers; 16 columns left a load or
 /// broadcast per multiply-add), by 16 columns elsewhere (12 of AVX2's 16); the bits are the
 /// same either way.
 #[inline(always)]
 pub(super) fn tile_product(rows: usize, k: usize, n: usize, ops: Operands, accumulate: bool) {
+    debug_assert!(fits(n), "tile_product: {n} columns are not whole vectors");
     let wide = cpu_level() == CpuLevel::Avx512;
     let Operands {
         lhs,

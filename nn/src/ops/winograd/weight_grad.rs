@@ -13,7 +13,7 @@ use super::*;
 /// not suit. dW = G^T (sum over tiles of (A gy A^T) * (B^T d B)) G: the input transform is the
 /// forward's, and since a pool window is a tile, each tile's output gradient has a single
 /// non-zero pixel, so A gy A^T is the pooled value times one of four fixed patterns. Per image
-/// that is 16 GEMMs [Cout x tiles] x [tiles x Cin], summed per fixed group of images and the
+/// that is 16 products [Cin x tiles] x [tiles x Cout], summed per fixed group of images and the
 /// groups added in order (bit-reproducible whatever the thread count).
 pub fn weight_grad_pooled(
     g: &ConvGeometry,
