@@ -129,27 +129,35 @@ pub fn conv_backward_from(
             bias: rest.bias,
         };
     }
-    if let (
-        true,
-        OutputGrad::Pooled {
-            pool,
-            indices,
-            grad,
-        },
-    ) = (want_w, grad_y)
+    if let OutputGrad::Pooled {
+        pool,
+        indices,
+        grad,
+    } = grad_y
     {
-        if let Some(grad_w) = winograd::weight_grad_pooled(g, x, pool, indices, grad) {
-            let grad_x = want_x
-                .then(|| winograd::input_grad_pooled(g, w, pool, indices, grad))
-                .flatten();
-            let rest =
-                im2col_backward(g, x, w, grad_y, (want_x && grad_x.is_none(), false, want_b));
-            return ConvGrads {
-                x: grad_x.or(rest.x),
-                w: Some(grad_w),
-                bias: rest.bias,
-            };
-        }
+        // Each through Winograd where it suits, whatever im2col is left to do in one pass.
+        let grad_w = want_w
+            .then(|| winograd::weight_grad_pooled(g, x, pool, indices, grad))
+            .flatten();
+        let grad_x = want_x
+            .then(|| winograd::input_grad_pooled(g, w, pool, indices, grad))
+            .flatten();
+        let rest = im2col_backward(
+            g,
+            x,
+            w,
+            grad_y,
+            (
+                want_x && grad_x.is_none(),
+                want_w && grad_w.is_none(),
+                want_b,
+            ),
+        );
+        return ConvGrads {
+            x: grad_x.or(rest.x),
+            w: grad_w.or(rest.w),
+            bias: rest.bias,
+        };
     }
     im2col_backward(g, x, w, grad_y, want)
 }

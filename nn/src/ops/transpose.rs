@@ -1,7 +1,9 @@
 //! A GEMM operand whose rows are contiguous but whose columns are far apart (a transposed
 //! view, the "dot product" form of the weight gradients) copied into row-major order before
-//! the product. The gemm crate packs such an operand one scalar at a time (~3.5 cycles per
-//! value here); this copy moves 4x4 blocks through vector registers.
+//! the product. The gemm crate packs such an operand one scalar at a time, striding across
+//! the whole operand for each packed row (~3.5 cycles per value here); this copy also moves
+//! scalars (the compiler emits no shuffles for it), but 4x4 blocks at a time, so the four
+//! source columns and four destination rows it touches stay in cache.
 
 use super::gemm::MatRef;
 use std::cell::RefCell;

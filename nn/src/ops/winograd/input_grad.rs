@@ -4,10 +4,8 @@
 //! of im2col's 36 multiplies per channel pair and tile pixel, and no col2im.
 
 use super::super::conv_geometry::ConvGeometry;
-use super::super::pool::PoolGeometry;
-use super::super::zeroed;
+use super::super::pool::{pool_backward, PoolGeometry};
 use super::{forward, suits, suits_pooled, tiles, Epilogue};
-use rayon::prelude::*;
 
 /// The gradient at the input of the convolution `g`, from the gradient at the pooled output
 /// (`grad`, after the ReLU) and each window's argmax (`indices`, positions in the conv output
@@ -22,8 +20,10 @@ pub fn input_grad_pooled(
     let pooled_len = pool.out_height * pool.out_width;
     let plane = g.out_pixels();
     if !suits_pooled(g, pool.kernel, pool.stride, pool.padding)
+        || (pool.planes, pool.height, pool.width)
+            != (g.batch * g.out_channels, g.out_height, g.out_width)
         || (pool.out_height, pool.out_width) != tiles(g)
-        || indices.len() != g.batch * g.out_channels * pooled_len
+        || indices.len() != pool.planes * pooled_len
         || grad.len() != indices.len()
         || indices.iter().any(|&at| at as usize >= plane)
     {
@@ -31,19 +31,7 @@ pub fn input_grad_pooled(
     }
     let back = g.input_grad_geometry().filter(suits)?;
     // The output gradient, each pooled value at its window's maximum, zeros elsewhere.
-    let mut grad_y = zeroed(g.batch * g.out_channels * plane);
-    grad_y
-        .par_chunks_mut(plane)
-        .zip(
-            indices
-                .par_chunks(pooled_len)
-                .zip(grad.par_chunks(pooled_len)),
-        )
-        .for_each(|(dst, (at, gv))| {
-            for (a, v) in at.iter().zip(gv) {
-                dst[*a as usize] += *v;
-            }
-        });
+    let grad_y = pool_backward(pool, indices, grad);
     let (cin, cout) = (g.in_channels, g.out_channels);
     let mut flipped = vec![0f32; cin * cout * 9];
     for (ci, f_ci) in flipped.chunks_exact_mut(cout * 9).enumerate() {

@@ -99,17 +99,16 @@ fn lanes(tiles: usize) -> usize {
 /// Per-task buffers: the input plane split by column parity, the transformed input
 /// `v[point][ci][tile]`, the products `m[point][co][tile]` (in the weight gradient: the
 /// transformed output gradient `[tile][co]`, one point at a time), the output transform's
-/// pixels, and for the weight gradient which pixel of its tile each pooled value came from,
-/// and the gradient and those pixels turned `[tile][co]`.
+/// pixels, and for the weight gradient the pooled gradient and which pixel of its tile each
+/// value came from, both `[tile][co]`.
 #[derive(Default)]
 struct Scratch {
     split: SplitPlane,
     v: Vec<f32>,
     m: Vec<f32>,
     pixels: Vec<f32>,
-    which: Vec<u32>,
     grad_t: Vec<f32>,
-    which_t: Vec<u32>,
+    which: Vec<u32>,
 }
 
 #[inline(always)]

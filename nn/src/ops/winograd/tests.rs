@@ -117,9 +117,10 @@ fn pooled_epilogue_matches_conv_then_pool_with_indices() {
 }
 
 #[test]
-fn pooled_weight_grad_matches_im2col() {
+fn pooled_gradients_match_im2col() {
     // (batch, cin, cout, size, padding): the baseline's conv2 (more images than groups),
-    // odd channel counts, padding 1 and 2.
+    // odd channel counts (12 output channels: the weight gradient's gemm fallback), padding
+    // 1 and 2.
     for case in [(10, 32, 64, 26, 0), (3, 9, 12, 12, 1), (2, 8, 8, 8, 2)] {
         let (g, x, wt, pool, indices, grad) = pooled_case(case, 11);
         let source = OutputGrad::Pooled {
@@ -127,41 +128,26 @@ fn pooled_weight_grad_matches_im2col() {
             indices: &indices,
             grad: &grad,
         };
-        let want = im2col_backward(&g, &x, &wt, source, (false, true, false))
-            .w
-            .unwrap();
-        let got = weight_grad_pooled(&g, &x, &pool, &indices, &grad).expect("suits");
-        assert_close(&got, &want, &format!("{case:?}"));
+        let want = im2col_backward(&g, &x, &wt, source, (true, true, false));
+        let (want_x, want_w) = (want.x.unwrap(), want.w.unwrap());
+        let got_w = weight_grad_pooled(&g, &x, &pool, &indices, &grad).expect("suits");
+        assert_close(&got_w, &want_w, &format!("weight gradient {case:?}"));
+        let got_x = input_grad_pooled(&g, &wt, &pool, &indices, &grad).expect("suits");
+        assert_close(&got_x, &want_x, &format!("input gradient {case:?}"));
     }
+}
+
+#[test]
+fn pooled_gradients_refuse_what_does_not_suit() {
     // A 3x3/2 pool (ResNet's stem) is not a tile: no Winograd.
     let g = ConvGeometry::new((1, 8, 10, 10), (8, 8, 3, 3), 1, 1).unwrap();
     let pool = PoolGeometry::new((1, 8, 10, 10), 3, 2, 1).unwrap();
     let n = 8 * pool.out_height * pool.out_width;
-    let x = vec![0f32; 800];
+    let (x, w) = (vec![0f32; 800], vec![0f32; 8 * 8 * 9]);
     assert!(weight_grad_pooled(&g, &x, &pool, &vec![0; n], &vec![0.0; n]).is_none());
-}
-
-#[test]
-fn pooled_input_grad_matches_im2col() {
-    // (batch, cin, cout, size, padding): the baseline's conv2, odd channel counts, padding 1
-    // and 2.
-    for case in [(4, 32, 64, 26, 0), (3, 9, 12, 12, 1), (2, 8, 8, 8, 2)] {
-        let (g, x, wt, pool, indices, grad) = pooled_case(case, 21);
-        let source = OutputGrad::Pooled {
-            pool: &pool,
-            indices: &indices,
-            grad: &grad,
-        };
-        let want = im2col_backward(&g, &x, &wt, source, (true, false, false))
-            .x
-            .unwrap();
-        let got = input_grad_pooled(&g, &wt, &pool, &indices, &grad).expect("suits");
-        assert_close(&got, &want, &format!("{case:?}"));
-    }
+    assert!(input_grad_pooled(&g, &w, &pool, &vec![0; n], &vec![0.0; n]).is_none());
     // An index outside the conv output plane: no Winograd (im2col's path reports it).
-    let g = ConvGeometry::new((1, 8, 10, 10), (8, 8, 3, 3), 1, 1).unwrap();
     let pool = PoolGeometry::new((1, 8, 10, 10), 2, 2, 0).unwrap();
     let n = 8 * pool.out_height * pool.out_width;
-    let w = vec![0f32; 8 * 8 * 9];
     assert!(input_grad_pooled(&g, &w, &pool, &vec![100; n], &vec![0.0; n]).is_none());
 }

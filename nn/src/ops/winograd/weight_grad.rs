@@ -120,31 +120,23 @@ fn weight_image_generic(
     let (cin, cout) = (g.in_channels, g.out_channels);
     transform_input(g, x, n, &mut s.split, &mut s.v);
     let row_len = v_row(g);
-    // Which pixel of its tile each pooled value came from, q = 2 * dy + dx.
+    // Per tile and output channel ([tile][co]: the product's right-hand side has the output
+    // channels along its rows, so the transformed input serves as it lies, [ci][tile]), the
+    // pooled gradient and which pixel of its tile it came from, q = 2 * dy + dx.
     let wo = g.out_width as u32;
     let plane = n * cout * tile_count..(n + 1) * cout * tile_count;
     let (idx, grad) = (&pooled.indices[plane.clone()], &pooled.grad[plane]);
-    s.which.clear();
-    s.which.extend(
-        idx.iter()
-            .zip(pooled.corners.iter().cycle())
-            .map(|(at, corner)| {
-                let offset = at.wrapping_sub(*corner);
-                2 * u32::from(offset >= wo) + offset % 2
-            }),
-    );
-    // Gradient and pixel per tile, [tile][co]: the product's right-hand side has the output
-    // channels along its rows, so the transformed input serves as it lies, [ci][tile].
     s.grad_t.resize(tile_count * cout, 0.0);
-    s.which_t.resize(tile_count * cout, 0);
-    for (co, (g_co, w_co)) in grad
+    s.which.resize(tile_count * cout, 0);
+    for (co, (g_co, i_co)) in grad
         .chunks_exact(tile_count)
-        .zip(s.which.chunks_exact(tile_count))
+        .zip(idx.chunks_exact(tile_count))
         .enumerate()
     {
-        for (t, (gv, q)) in g_co.iter().zip(w_co).enumerate() {
+        for (t, ((gv, at), corner)) in g_co.iter().zip(i_co).zip(pooled.corners).enumerate() {
+            let offset = at.wrapping_sub(*corner);
             s.grad_t[t * cout + co] = *gv;
-            s.which_t[t * cout + co] = *q;
+            s.which[t * cout + co] = 2 * u32::from(offset >= wo) + offset % 2;
         }
     }
     // A e A^T for that pixel e is the outer product of A's columns (1, 1, 1, 0) (d = 0) and
@@ -161,7 +153,7 @@ fn weight_image_generic(
             A[1][i] * A[0][j],
             A[1][i] * A[1][j],
         ];
-        for ((out, gv), q) in z.iter_mut().zip(&s.grad_t).zip(&s.which_t) {
+        for ((out, gv), q) in z.iter_mut().zip(&s.grad_t).zip(&s.which) {
             let c = if *q == 0 {
                 coef[0]
             } else if *q == 1 {
