@@ -97,10 +97,12 @@ fn lanes(tiles: usize) -> usize {
 }
 
 /// Per-task buffers: the input plane split by column parity, the transformed input
-/// `v[point][ci][tile]`, the products `m[point][co][tile]` (in the weight gradient: the
-/// transformed output gradient `[tile][co]`, one point at a time), the output transform's
-/// pixels, and for the weight gradient the pooled gradient and which pixel of its tile each
-/// value came from, both `[tile][co]`.
+/// `v[point][ci][tile]` (in the input gradient: its gradient), the products
+/// `m[point][co][tile]` (in the gradients: the transformed output gradient, one point at a
+/// time), the output transform's pixels (in the input gradient: the input windows'), the
+/// pooled gradient `[tile][co]` (weight gradient) and which pixel of its tile each value came
+/// from (`[tile][co]` in the weight gradient, `[co][tile]` in the input gradient), and the
+/// input gradient's sums.
 #[derive(Default)]
 struct Scratch {
     split: SplitPlane,
@@ -109,6 +111,72 @@ struct Scratch {
     pixels: Vec<f32>,
     grad_t: Vec<f32>,
     which: Vec<u32>,
+    sums: SplitSums,
+}
+
+/// A padded plane's sums with its columns split by parity, as [`SplitPlane`] lays them.
+#[derive(Default)]
+struct SplitSums {
+    even: Vec<f32>,
+    odd: Vec<f32>,
+}
+
+/// The gradient at a pooled output: values, each window's argmax in the conv output plane,
+/// and each tile's top-left pixel there.
+struct PooledGrad<'a> {
+    indices: &'a [u32],
+    grad: &'a [f32],
+    corners: &'a [u32],
+}
+
+impl PooledGrad<'_> {
+    /// Which pixel of its tile each of image `n`'s values came from (`[co][tile]`, numbered as
+    /// [`pooled_pattern`] takes them); false if one lies outside its tile.
+    fn pixels(&self, g: &ConvGeometry, n: usize, which: &mut Vec<u32>) -> bool {
+        let per_image = g.out_channels * self.corners.len();
+        let idx = &self.indices[n * per_image..(n + 1) * per_image];
+        let wo = g.out_width as u32;
+        which.clear();
+        let mut inside = true;
+        for plane in idx.chunks_exact(self.corners.len()) {
+            for (at, corner) in plane.iter().zip(self.corners) {
+                let offset = at.wrapping_sub(*corner);
+                let (dy, dx) = (u32::from(offset >= wo), offset % 2);
+                inside &= offset == dy * wo + dx;
+                which.push(2 * dy + dx);
+            }
+        }
+        inside
+    }
+}
+
+/// A e A^T at transform point `point` for a tile whose output gradient `e` is a single 1, at
+/// pixel `q = 2 * dy + dx` (index q of the result): the outer product of A's columns
+/// (1, 1, 1, 0) (for 0) and (0, 1, -1, -1) (for 1), so 0 or +-1. A pooled value's tile in the
+/// transform domain is the value times these.
+fn pooled_pattern(point: usize) -> [f32; 4] {
+    const A: [[f32; 4]; 2] = [[1.0, 1.0, 1.0, 0.0], [0.0, 1.0, -1.0, -1.0]];
+    let (i, j) = (point / 4, point % 4);
+    [
+        A[0][i] * A[0][j],
+        A[0][i] * A[1][j],
+        A[1][i] * A[0][j],
+        A[1][i] * A[1][j],
+    ]
+}
+
+/// `pattern[q]` as selects, which vectorize (an indexed load did not).
+#[inline(always)]
+fn pick(pattern: &[f32; 4], q: u32) -> f32 {
+    if q == 0 {
+        pattern[0]
+    } else if q == 1 {
+        pattern[1]
+    } else if q == 2 {
+        pattern[2]
+    } else {
+        pattern[3]
+    }
 }
 
 #[inline(always)]

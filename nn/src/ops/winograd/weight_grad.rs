@@ -83,14 +83,6 @@ pub fn weight_grad_pooled(
     Some(dw)
 }
 
-/// The pooled output gradient with what the transform needs to place it.
-struct PooledGrad<'a> {
-    indices: &'a [u32],
-    grad: &'a [f32],
-    /// Each tile's top-left pixel in the output plane.
-    corners: &'a [u32],
-}
-
 dispatch! {
     /// One image's share of the weight gradient, added to `m` (`[point][ci][co]`; overwritten
     /// when not `accumulate`).
@@ -139,31 +131,13 @@ fn weight_image_generic(
             s.which[t * cout + co] = 2 * u32::from(offset >= wo) + offset % 2;
         }
     }
-    // A e A^T for that pixel e is the outer product of A's columns (1, 1, 1, 0) (d = 0) and
-    // (0, 1, -1, -1) (d = 1): the tile's transformed gradient at each point is the pooled value
-    // times 0 or +-1. One point at a time, so the [tiles x Cout] operand stays in cache.
-    const A: [[f32; 4]; 2] = [[1.0, 1.0, 1.0, 0.0], [0.0, 1.0, -1.0, -1.0]];
+    // One point at a time, so the [tiles x Cout] operand stays in cache.
     let z = &mut s.m;
     z.resize(tile_count * cout, 0.0);
     for point in 0..POINTS {
-        let (i, j) = (point / 4, point % 4);
-        let coef = [
-            A[0][i] * A[0][j],
-            A[0][i] * A[1][j],
-            A[1][i] * A[0][j],
-            A[1][i] * A[1][j],
-        ];
+        let pattern = pooled_pattern(point);
         for ((out, gv), q) in z.iter_mut().zip(&s.grad_t).zip(&s.which) {
-            let c = if *q == 0 {
-                coef[0]
-            } else if *q == 1 {
-                coef[1]
-            } else if *q == 2 {
-                coef[2]
-            } else {
-                coef[3]
-            };
-            *out = gv * c;
+            *out = gv * pick(&pattern, *q);
         }
         let m_point = &mut m[point * cin * cout..(point + 1) * cin * cout];
         let v_point = &s.v[point * cin * row_len..(point + 1) * cin * row_len];
