@@ -241,13 +241,15 @@ fn output_tiles(m: &[f32], base: usize, point: usize) -> [Lanes; 4] {
     [top_left, top_right, bottom_left, bottom_right]
 }
 
-/// One input plane zero-padded to whole tiles (`padded`, rows of `2 * tw + 2`), and its
-/// columns split by parity: `even[row][k]` = column 2k, `odd[row][k]` = column 2k + 1. Tile
-/// `tx` starts at column 2tx, so pixel column j of 16 neighbouring tiles is 16 consecutive
-/// values of `even` (j = 0, 2) or `odd` (j = 1, 3), j = 2 and 3 one further on.
+/// One input plane zero-padded to whole tiles (rows of `2 * tw + 2` pixels) with its columns
+/// split by parity: `even[row][k]` = padded column 2k, `odd[row][k]` = padded column 2k + 1.
+/// Tile `tx` starts at column 2tx, so pixel column j of 16 neighbouring tiles is 16
+/// consecutive values of `even` (j = 0, 2) or `odd` (j = 1, 3), j = 2 and 3 one further on.
 #[derive(Default)]
 struct SplitPlane {
-    padded: Vec<f32>,
+    /// The pairs the halves were zeroed for: only the image's own pixels are written while it
+    /// stays the same, so the border stays zero.
+    pairs_zeroed: usize,
     even: Vec<f32>,
     odd: Vec<f32>,
 }
@@ -258,33 +260,41 @@ impl SplitPlane {
         tiles(g).1 + 1
     }
 
+    /// `plane` ([H, W]) split straight from its rows (a row copy into a padded plane first
+    /// was a `memcpy` call per row).
     #[inline(always)]
     fn split(&mut self, g: &ConvGeometry, plane: &[f32]) {
-        let (th, tw) = tiles(g);
+        let (th, _) = tiles(g);
+        let pairs = Self::pairs(g);
         let (h, w, p) = (g.height, g.width, g.padding);
-        let cols = 2 * tw + 2;
-        let len = (2 * th + 2) * cols;
-        if self.padded.len() != len {
-            // Sized once per geometry; only the image's own pixels are written after this, so
-            // the border stays zero.
-            self.padded.clear();
-            self.padded.resize(len, 0.0);
+        let len = (2 * th + 2) * pairs;
+        if self.pairs_zeroed != len {
+            self.pairs_zeroed = len;
             // A lane group read at the last tiles may run past the last row: zeros.
-            self.even.resize(len / 2 + LANE, 0.0);
-            self.odd.resize(len / 2 + LANE, 0.0);
+            for half in [&mut self.even, &mut self.odd] {
+                half.clear();
+                half.resize(len + LANE, 0.0);
+            }
         }
+        // Image column ix is padded column ix + p: pixel pair k (columns 2k, 2k + 1) lands at
+        // k + p / 2 of one half and k + (p + 1) / 2 of the other.
+        let (first, second) = if p.is_multiple_of(2) {
+            (&mut self.even, &mut self.odd)
+        } else {
+            (&mut self.odd, &mut self.even)
+        };
         for (iy, row) in plane.chunks_exact(w).take(h).enumerate() {
-            let at = (iy + p) * cols + p;
-            self.padded[at..at + w].copy_from_slice(row);
-        }
-        for ((e, o), pair) in self
-            .even
-            .iter_mut()
-            .zip(self.odd.iter_mut())
-            .zip(self.padded.chunks_exact(2))
-        {
-            *e = pair[0];
-            *o = pair[1];
+            let at = (iy + p) * pairs;
+            let a = &mut first[at + p / 2..][..w.div_ceil(2)];
+            let b = &mut second[at + p.div_ceil(2)..][..w / 2];
+            let pixel_pairs = row.chunks_exact(2);
+            if let [last] = pixel_pairs.remainder() {
+                a[w / 2] = *last;
+            }
+            for ((a, b), pair) in a.iter_mut().zip(b.iter_mut()).zip(pixel_pairs) {
+                *a = pair[0];
+                *b = pair[1];
+            }
         }
     }
 
