@@ -3,7 +3,7 @@
 
 use candle_core::{Result, Tensor};
 use candle_nn::VarBuilder;
-use rand::RngCore;
+use rand_chacha::ChaCha8Rng;
 
 use super::init::{dropout, dropout_mask, torch_default};
 use super::Classifier;
@@ -184,7 +184,7 @@ impl Baseline {
     }
 
     /// `rng` is Some in training mode (dropout on), None in eval mode.
-    fn run(&self, x: &Tensor, mut rng: Option<&mut dyn RngCore>) -> Result<Tensor> {
+    fn run(&self, x: &Tensor, mut rng: Option<&mut ChaCha8Rng>) -> Result<Tensor> {
         let c1 = self.conv1.forward_relu(x)?;
         // The dropout after the pool is drawn here and applied inside the conv op.
         let mask = match rng.as_deref_mut() {
@@ -205,7 +205,7 @@ impl Classifier for Baseline {
         self.detached().run(x, None)
     }
 
-    fn forward_train(&self, x: &Tensor, rng: &mut dyn RngCore) -> Result<Tensor> {
+    fn forward_train(&self, x: &Tensor, rng: &mut ChaCha8Rng) -> Result<Tensor> {
         self.run(x, Some(rng))
     }
 

@@ -14,7 +14,7 @@ use std::path::Path;
 use anyhow::Context;
 use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::{VarBuilder, VarMap};
-use rand::{RngCore, SeedableRng};
+use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 
 pub use baseline::Baseline;
@@ -57,7 +57,7 @@ pub trait Classifier: Send + Sync {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor>;
     /// Training mode: dropout masks drawn from `rng`, batch norm uses batch statistics and
     /// updates its running statistics in place.
-    fn forward_train(&self, x: &Tensor, rng: &mut dyn RngCore) -> candle_core::Result<Tensor>;
+    fn forward_train(&self, x: &Tensor, rng: &mut ChaCha8Rng) -> candle_core::Result<Tensor>;
     /// The first convolution's weight, [Cout, 1, K, K].
     fn first_conv_weight(&self) -> &Tensor;
     /// Eval-mode activations of the first conv layer (after its ReLU) and of one deeper layer,

@@ -3,7 +3,7 @@
 
 use candle_core::{Result, Tensor, D};
 use candle_nn::VarBuilder;
-use rand::RngCore;
+use rand_chacha::ChaCha8Rng;
 
 use super::baseline::{linear, Conv, Linear};
 use super::batch_norm::BatchNorm;
@@ -182,7 +182,7 @@ impl Classifier for ResNet18 {
 
     /// No dropout in ResNet: the RNG is unused; batch norm uses batch statistics and updates
     /// its running statistics.
-    fn forward_train(&self, x: &Tensor, _rng: &mut dyn RngCore) -> Result<Tensor> {
+    fn forward_train(&self, x: &Tensor, _rng: &mut ChaCha8Rng) -> Result<Tensor> {
         self.run(x, true)
     }
 
