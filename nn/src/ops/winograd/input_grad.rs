@@ -129,21 +129,13 @@ fn input_image_generic(
         windows(&s.v, ci * row, cin * row, row, &mut s.pixels);
         // The padded plane's sums, its columns split by parity as the forward reads them.
         let sums = &mut s.sums;
-        sums.even.clear();
-        sums.even.resize((2 * th + 2) * pairs, 0.0);
-        sums.odd.clear();
-        sums.odd.resize((2 * th + 2) * pairs, 0.0);
+        sums.zero((2 * th + 2) * pairs);
         for ty in 0..th {
             for r in 0..4 {
                 let at = (2 * ty + r) * pairs;
                 for c in 0..4 {
-                    let half = if c % 2 == 0 {
-                        &mut sums.even
-                    } else {
-                        &mut sums.odd
-                    };
                     let src = &s.pixels[(4 * r + c) * row + ty * tw..][..tw];
-                    for (d, v) in half[at + c / 2..][..tw].iter_mut().zip(src) {
+                    for (d, v) in sums.half(c)[at + c / 2..][..tw].iter_mut().zip(src) {
                         *d += *v;
                     }
                 }
@@ -153,8 +145,7 @@ fn input_image_generic(
             let at = (iy + p) * pairs;
             for (ix, v) in out_row.iter_mut().enumerate() {
                 let x = ix + p;
-                let half = if x % 2 == 0 { &sums.even } else { &sums.odd };
-                *v = half[at + x / 2];
+                *v = sums.half(x)[at + x / 2];
             }
         }
     }
@@ -171,10 +162,10 @@ fn window_1d([y0, y1, y2, y3]: [Lanes; 4]) -> [Lanes; 4] {
 }
 
 /// B dV B^T of every tile of one input channel: `dv` holds its 16 points `point` apart from
-/// `base` (tiles along rows of `row`), `windows` gets the 16 pixels of each tile's 4x4 input
+/// `base` (tiles along rows of `row`), `out` gets the 16 pixels of each tile's 4x4 input
 /// window, `[pixel][tile]`.
 #[inline(always)]
-fn windows(dv: &[f32], base: usize, point: usize, row: usize, windows: &mut [f32]) {
+fn windows(dv: &[f32], base: usize, point: usize, row: usize, out: &mut [f32]) {
     for t in (0..row).step_by(LANE) {
         let at = base + t;
         // Along each row i of points, then down each column of the results.
@@ -185,7 +176,7 @@ fn windows(dv: &[f32], base: usize, point: usize, row: usize, windows: &mut [f32
         for c in 0..4 {
             for (r, lanes) in window_1d([r0[c], r1[c], r2[c], r3[c]]).iter().enumerate() {
                 let dst = (4 * r + c) * row + t;
-                windows[dst..dst + LANE].copy_from_slice(lanes);
+                out[dst..dst + LANE].copy_from_slice(lanes);
             }
         }
     }

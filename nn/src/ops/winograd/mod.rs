@@ -4,8 +4,8 @@
 //! transform can end in bias, ReLU and a 2x2/2 max pool, whose windows are exactly the 2x2
 //! output blocks, so the unpooled map is never stored. Both transforms work on 16 tiles per
 //! vector, the input one straight from the NCHW image.
-//! The weight and input gradients of a layer followed by that pool reuse it (`weight_grad`,
-//! `input_grad`).
+//! The weight and input gradients of a layer followed by that pool use its tiles (`weight_grad`
+//! reuses the input transform, `input_grad` runs the forward backwards).
 
 use super::conv_geometry::ConvGeometry;
 use super::simd::dispatch;
@@ -112,6 +112,8 @@ struct Scratch {
     grad_t: Vec<f32>,
     which: Vec<u32>,
     sums: SplitSums,
+    /// Whether an argmax seen so far lay outside its tile (the weight gradient then refuses).
+    outside: bool,
 }
 
 /// A padded plane's sums with its columns split by parity, as [`SplitPlane`] lays them.
@@ -119,6 +121,25 @@ struct Scratch {
 struct SplitSums {
     even: Vec<f32>,
     odd: Vec<f32>,
+}
+
+impl SplitSums {
+    /// Both halves `len` long, all zeros.
+    fn zero(&mut self, len: usize) {
+        for half in [&mut self.even, &mut self.odd] {
+            half.clear();
+            half.resize(len, 0.0);
+        }
+    }
+
+    /// The half that holds padded column `x` (at `x / 2` of each row).
+    fn half(&mut self, x: usize) -> &mut [f32] {
+        if x.is_multiple_of(2) {
+            &mut self.even
+        } else {
+            &mut self.odd
+        }
+    }
 }
 
 /// The gradient at a pooled output: values, each window's argmax in the conv output plane,
@@ -130,8 +151,8 @@ struct PooledGrad<'a> {
 }
 
 impl PooledGrad<'_> {
-    /// Which pixel of its tile each of image `n`'s values came from (`[co][tile]`, numbered as
-    /// [`pooled_pattern`] takes them); false if one lies outside its tile.
+    /// Which pixel of its tile each of image `n`'s values came from (`[co][tile]`, see
+    /// [`tile_pixel`]); false if one lies outside its tile.
     fn pixels(&self, g: &ConvGeometry, n: usize, which: &mut Vec<u32>) -> bool {
         let per_image = g.out_channels * self.corners.len();
         let idx = &self.indices[n * per_image..(n + 1) * per_image];
@@ -140,14 +161,23 @@ impl PooledGrad<'_> {
         let mut inside = true;
         for plane in idx.chunks_exact(self.corners.len()) {
             for (at, corner) in plane.iter().zip(self.corners) {
-                let offset = at.wrapping_sub(*corner);
-                let (dy, dx) = (u32::from(offset >= wo), offset % 2);
-                inside &= offset == dy * wo + dx;
-                which.push(2 * dy + dx);
+                let (q, ok) = tile_pixel(*at, *corner, wo);
+                inside &= ok;
+                which.push(q);
             }
         }
         inside
     }
+}
+
+/// Which pixel of its tile the argmax `at` is, `q = 2 * dy + dx` as [`pooled_pattern`] numbers
+/// them, for the tile whose top-left pixel is `corner` in an output plane `wo` wide (even);
+/// and whether `at` lies in that tile at all (pool indices from our forward always do).
+#[inline(always)]
+fn tile_pixel(at: u32, corner: u32, wo: u32) -> (u32, bool) {
+    let offset = at.wrapping_sub(corner);
+    let (dy, dx) = (u32::from(offset >= wo), offset % 2);
+    (2 * dy + dx, offset == dy * wo + dx)
 }
 
 /// A e A^T at transform point `point` for a tile whose output gradient `e` is a single 1, at
@@ -247,9 +277,9 @@ fn output_tiles(m: &[f32], base: usize, point: usize) -> [Lanes; 4] {
 /// consecutive values of `even` (j = 0, 2) or `odd` (j = 1, 3), j = 2 and 3 one further on.
 #[derive(Default)]
 struct SplitPlane {
-    /// The pairs the halves were zeroed for: only the image's own pixels are written while it
-    /// stays the same, so the border stays zero.
-    pairs_zeroed: usize,
+    /// The input plane (height, width, padding) the halves were zeroed for: only its own
+    /// pixels are written while it stays the same, so the border stays zero.
+    zeroed_for: Option<(usize, usize, usize)>,
     even: Vec<f32>,
     odd: Vec<f32>,
 }
@@ -268,8 +298,8 @@ impl SplitPlane {
         let pairs = Self::pairs(g);
         let (h, w, p) = (g.height, g.width, g.padding);
         let len = (2 * th + 2) * pairs;
-        if self.pairs_zeroed != len {
-            self.pairs_zeroed = len;
+        if self.zeroed_for != Some((h, w, p)) {
+            self.zeroed_for = Some((h, w, p));
             // A lane group read at the last tiles may run past the last row: zeros.
             for half in [&mut self.even, &mut self.odd] {
                 half.clear();

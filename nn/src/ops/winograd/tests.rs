@@ -10,12 +10,12 @@ use crate::test_support::pseudo_random;
 
 use crate::check::max_abs_diff as max_diff;
 
-/// A 3x3 layer `(batch, cin, cout, size, padding)` with pseudo-random input and weights
+/// A 3x3 layer `(batch, cin, cout, height, width, padding)` with pseudo-random input and weights
 /// (`seed`, `seed + 1`), the 2x2/2 max pool of its ReLU output, and a pseudo-random gradient
 /// at the pool (`seed + 2`): the layer, x, w, the pool, its argmax indices, the gradient.
 #[allow(clippy::type_complexity)]
 fn pooled_case(
-    (batch, cin, cout, h, p): (usize, usize, usize, usize, usize),
+    (batch, cin, cout, h, w, p): (usize, usize, usize, usize, usize, usize),
     seed: u64,
 ) -> (
     ConvGeometry,
@@ -25,8 +25,8 @@ fn pooled_case(
     Vec<u32>,
     Vec<f32>,
 ) {
-    let g = ConvGeometry::new((batch, cin, h, h), (cout, cin, 3, 3), 1, p).unwrap();
-    let x = pseudo_random(batch * cin * h * h, seed);
+    let g = ConvGeometry::new((batch, cin, h, w), (cout, cin, 3, 3), 1, p).unwrap();
+    let x = pseudo_random(batch * cin * h * w, seed);
     let wt = pseudo_random(cout * cin * 9, seed + 1);
     let conv = im2col_forward(&g, &x, &wt, None, true);
     let pool = PoolGeometry::new((batch, cout, g.out_height, g.out_width), 2, 2, 0).unwrap();
@@ -118,10 +118,15 @@ fn pooled_epilogue_matches_conv_then_pool_with_indices() {
 
 #[test]
 fn pooled_gradients_match_im2col() {
-    // (batch, cin, cout, size, padding): the baseline's conv2 (more images than groups),
-    // odd channel counts (12 output channels: the weight gradient's gemm fallback), padding
-    // 1 and 2.
-    for case in [(10, 32, 64, 26, 0), (3, 9, 12, 12, 1), (2, 8, 8, 8, 2)] {
+    // (batch, cin, cout, height, width, padding): the baseline's conv2 (more images than
+    // groups), odd channel counts (12 output channels: the weight gradient's gemm fallback),
+    // padding 1 and 2, a map wider than high (tile rows and columns not interchangeable).
+    for case in [
+        (10, 32, 64, 26, 26, 0),
+        (3, 9, 12, 12, 12, 1),
+        (2, 8, 8, 8, 8, 2),
+        (2, 8, 16, 10, 16, 1),
+    ] {
         let (g, x, wt, pool, indices, grad) = pooled_case(case, 11);
         let source = OutputGrad::Pooled {
             pool: &pool,
@@ -146,8 +151,40 @@ fn pooled_gradients_refuse_what_does_not_suit() {
     let (x, w) = (vec![0f32; 800], vec![0f32; 8 * 8 * 9]);
     assert!(weight_grad_pooled(&g, &x, &pool, &vec![0; n], &vec![0.0; n]).is_none());
     assert!(input_grad_pooled(&g, &w, &pool, &vec![0; n], &vec![0.0; n]).is_none());
-    // An index outside the conv output plane: no Winograd (im2col's path reports it).
+    // Indices outside their window: off the plane (im2col's path reports it), on the plane
+    // but in another tile, and before the tile's corner (the offset wraps): no Winograd for
+    // either gradient.
     let pool = PoolGeometry::new((1, 8, 10, 10), 2, 2, 0).unwrap();
     let n = 8 * pool.out_height * pool.out_width;
-    assert!(input_grad_pooled(&g, &w, &pool, &vec![100; n], &vec![0.0; n]).is_none());
+    let grad = vec![1.0; n];
+    let in_own_tile: Vec<u32> = (0..n as u32)
+        .map(|i| {
+            let t = i % 25;
+            2 * (t / 5) * 10 + 2 * (t % 5)
+        })
+        .collect();
+    assert!(input_grad_pooled(&g, &w, &pool, &in_own_tile, &grad).is_some());
+    assert!(weight_grad_pooled(&g, &x, &pool, &in_own_tile, &grad).is_some());
+    for (at, bad) in [(3, 100), (3, 0), (0, 0)] {
+        // Value `at` of the first plane gets index `bad`: tile 3's corner is pixel 6, so 0 is
+        // before it; tile 0 owns 0, so (0, 0) stays valid and must be accepted.
+        let mut indices = in_own_tile.clone();
+        indices[at] = bad;
+        let valid = (at, bad) == (0, 0);
+        let got_x = input_grad_pooled(&g, &w, &pool, &indices, &grad);
+        let got_w = weight_grad_pooled(&g, &x, &pool, &indices, &grad);
+        assert_eq!(
+            got_x.is_some(),
+            valid,
+            "input gradient, index {bad} at {at}"
+        );
+        assert_eq!(
+            got_w.is_some(),
+            valid,
+            "weight gradient, index {bad} at {at}"
+        );
+    }
+    let other_tile = in_own_tile.iter().map(|&i| i + 2).collect::<Vec<_>>();
+    assert!(input_grad_pooled(&g, &w, &pool, &other_tile, &grad).is_none());
+    assert!(weight_grad_pooled(&g, &x, &pool, &other_tile, &grad).is_none());
 }

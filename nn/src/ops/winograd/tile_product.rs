@@ -1,7 +1,8 @@
 //! The F(2x2) products, one per transform point: `out[r][j] (+)= sum over p of
 //! lhs[r][p] * rhs[p][j]`, read in place. The forward's is `m[co][tile]` from `u[co][ci]` and
 //! `v[ci][tile]`, the weight gradient's `m[ci][co]` from the transformed input `v[ci][tile]`
-//! and the transformed output gradient `z[tile][co]`. Each block of 6 rows by 16
+//! and the transformed output gradient `z[tile][co]`, the input gradient's `dv[ci][tile]` from
+//! the transposed filters `u[ci][co]` and the transformed output gradient `z[co][tile]`. Each block of 6 rows by 16
 //! columns keeps its sums in registers (12 AVX2 vectors) while p streams past: a row of `rhs`
 //! loaded once per block, an element of `lhs` broadcast. With k as short as 32 (the forward's
 //! input channels), the gemm crate spent about as long packing both operands and setting up

@@ -41,16 +41,22 @@ pub fn weight_grad_pooled(
         corners: &tile_corners(g),
     };
     let mut partials = vec![0f32; groups * part_len];
-    partials
+    let in_tiles = partials
         .par_chunks_mut(part_len)
         .enumerate()
-        .for_each(|(group, part)| {
+        .map(|(group, part)| {
             let mut s = Scratch::default();
             let images = group * per_group..((group + 1) * per_group).min(g.batch);
             for (k, n) in images.enumerate() {
                 weight_image(g, x, n, &pooled, part, k > 0, &mut s);
             }
-        });
+            !s.outside
+        })
+        .all(|ok| ok);
+    if !in_tiles {
+        // An argmax outside its tile: im2col's path takes any index.
+        return None;
+    }
     let mut total = partials[..part_len].to_vec();
     for part in partials.chunks(part_len).skip(1) {
         for (t, v) in total.iter_mut().zip(part) {
@@ -126,9 +132,10 @@ fn weight_image_generic(
         .enumerate()
     {
         for (t, ((gv, at), corner)) in g_co.iter().zip(i_co).zip(pooled.corners).enumerate() {
-            let offset = at.wrapping_sub(*corner);
+            let (q, inside) = tile_pixel(*at, *corner, wo);
             s.grad_t[t * cout + co] = *gv;
-            s.which[t * cout + co] = 2 * u32::from(offset >= wo) + offset % 2;
+            s.which[t * cout + co] = q;
+            s.outside |= !inside;
         }
     }
     // One point at a time, so the [tiles x Cout] operand stays in cache.
