@@ -8,8 +8,6 @@
 //! per channel pair and tile, on the forward's tiles, and the gradient is never expanded to
 //! the unpooled map.
 
-use super::super::conv_geometry::ConvGeometry;
-use super::super::pool::PoolGeometry;
 use super::*;
 
 /// The gradient at the input of the convolution `g`, from the gradient at the pooled output
@@ -23,16 +21,7 @@ pub fn input_grad_pooled(
     indices: &[u32],
     grad: &[f32],
 ) -> Option<Vec<f32>> {
-    let (th, tw) = tiles(g);
-    if !suits_pooled(g, pool.kernel, pool.stride, pool.padding)
-        || (pool.planes, pool.height, pool.width)
-            != (g.batch * g.out_channels, g.out_height, g.out_width)
-        || (pool.out_height, pool.out_width) != (th, tw)
-        || indices.len() != g.batch * g.out_channels * th * tw
-        || grad.len() != indices.len()
-    {
-        return None;
-    }
+    let pooled = PooledGrad::new(g, pool, indices, grad)?;
     let (cin, cout) = (g.in_channels, g.out_channels);
     // The filters in the transform domain with their channels swapped: `[point][ci][co]`.
     let u = transform_weight(g, w);
@@ -47,11 +36,6 @@ pub fn input_grad_pooled(
             }
         }
     }
-    let pooled = PooledGrad {
-        indices,
-        grad,
-        corners: &tile_corners(g),
-    };
     let image_len = g.in_image_len();
     let mut dx = zeroed(g.batch * image_len);
     let in_windows = dx

@@ -8,6 +8,7 @@
 //! reuses the input transform, `input_grad` runs the forward backwards).
 
 use super::conv_geometry::ConvGeometry;
+use super::pool::PoolGeometry;
 use super::simd::dispatch;
 use super::zeroed;
 use rayon::prelude::*;
@@ -147,10 +148,33 @@ impl SplitSums {
 struct PooledGrad<'a> {
     indices: &'a [u32],
     grad: &'a [f32],
-    corners: &'a [u32],
+    corners: Vec<u32>,
 }
 
-impl PooledGrad<'_> {
+impl<'a> PooledGrad<'a> {
+    /// The gradient at the pool after the layer `g`, when that pool is the 2x2/2 one of
+    /// [`suits_pooled`] and `pool`, `indices` and `grad` describe exactly the layer's tiles;
+    /// None otherwise.
+    fn new(
+        g: &ConvGeometry,
+        pool: &PoolGeometry,
+        indices: &'a [u32],
+        grad: &'a [f32],
+    ) -> Option<Self> {
+        let (th, tw) = tiles(g);
+        let fits = suits_pooled(g, pool.kernel, pool.stride, pool.padding)
+            && (pool.planes, pool.height, pool.width)
+                == (g.batch * g.out_channels, g.out_height, g.out_width)
+            && (pool.out_height, pool.out_width) == (th, tw)
+            && indices.len() == g.batch * g.out_channels * th * tw
+            && grad.len() == indices.len();
+        fits.then(|| PooledGrad {
+            indices,
+            grad,
+            corners: tile_corners(g),
+        })
+    }
+
     /// Which pixel of its tile each of image `n`'s values came from (`[co][tile]`, see
     /// [`tile_pixel`]); false if one lies outside its tile.
     fn pixels(&self, g: &ConvGeometry, n: usize, which: &mut Vec<u32>) -> bool {
@@ -160,7 +184,7 @@ impl PooledGrad<'_> {
         which.clear();
         let mut inside = true;
         for plane in idx.chunks_exact(self.corners.len()) {
-            for (at, corner) in plane.iter().zip(self.corners) {
+            for (at, corner) in plane.iter().zip(&self.corners) {
                 let (q, ok) = tile_pixel(*at, *corner, wo);
                 inside &= ok;
                 which.push(q);

@@ -1,9 +1,8 @@
 //! The Winograd weight gradient of a 3x3 stride-1 convolution followed by a 2x2/2 max pool:
 //! it reuses the forward's input transform and tile layout (the parent module's).
 
-use super::super::conv_geometry::{ConvGeometry, WEIGHT_GRAD_GROUPS};
+use super::super::conv_geometry::WEIGHT_GRAD_GROUPS;
 use super::super::gemm::{sgemm, MatRef};
-use super::super::pool::PoolGeometry;
 use super::tile_product::{self, tile_product, Operands};
 use super::*;
 
@@ -22,24 +21,11 @@ pub fn weight_grad_pooled(
     indices: &[u32],
     grad: &[f32],
 ) -> Option<Vec<f32>> {
-    let (th, tw) = tiles(g);
-    let tile_count = th * tw;
-    if !suits_pooled(g, pool.kernel, pool.stride, pool.padding)
-        || (pool.out_height, pool.out_width) != (th, tw)
-        || indices.len() != g.batch * g.out_channels * tile_count
-        || grad.len() != indices.len()
-    {
-        return None;
-    }
+    let pooled = PooledGrad::new(g, pool, indices, grad)?;
     let (cin, cout) = (g.in_channels, g.out_channels);
     let part_len = POINTS * cout * cin;
     let groups = g.batch.min(WEIGHT_GRAD_GROUPS);
     let per_group = g.batch.div_ceil(groups);
-    let pooled = PooledGrad {
-        indices,
-        grad,
-        corners: &tile_corners(g),
-    };
     let mut partials = vec![0f32; groups * part_len];
     let in_tiles = partials
         .par_chunks_mut(part_len)
@@ -131,7 +117,7 @@ fn weight_image_generic(
         .zip(idx.chunks_exact(tile_count))
         .enumerate()
     {
-        for (t, ((gv, at), corner)) in g_co.iter().zip(i_co).zip(pooled.corners).enumerate() {
+        for (t, ((gv, at), corner)) in g_co.iter().zip(i_co).zip(&pooled.corners).enumerate() {
             let (q, inside) = tile_pixel(*at, *corner, wo);
             s.grad_t[t * cout + co] = *gv;
             s.which[t * cout + co] = q;
